@@ -1,0 +1,1 @@
+"""Model-family adapters: one file per family, registered by config.model_type in vtc.registry."""

@@ -1,0 +1,224 @@
+"""LLaVA-1.5 (transformers' LlavaForConditionalGeneration / LlavaModel).
+
+Where things happen in the model (transformers 5.x):
+  vision_tower -> hidden_states[vision_feature_layer] (CLS dropped for strategy "default")
+  -> multi_modal_projector -> masked_scatter into inputs_embeds at the <image> placeholders
+  -> language_model(inputs_embeds=..., attention_mask=..., position_ids=..., past_key_values=...)
+
+Hooks (all removable, no transformers code copied or patched):
+  * LlavaModel pre-hook: records which positions hold image tokens (input_ids == image_token_id).
+  * vision attention pre-hooks (only if the method needs [CLS] attention): recompute the one [CLS]
+    query row from the layer's (already layer-normed) input, so any attention implementation works.
+  * projector forward hook: remembers each image's first projected token, to match vision-side
+    signals to images when generate() repeats images (beam search, num_return_sequences).
+  * language-model pre/post hooks (base class): drop tokens, keep decoding consistent.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.adapters.base import Adapter, Compression
+from vtc.methods.base import Budget, Method
+
+_CLS_SIGNALS = ("cls_attention", "cls_attention_layers")
+
+
+def cls_attention_row(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the first ([CLS]) query over all keys, mean over heads: [B, T, C] -> [B, T] fp32.
+
+    Equal to row 0 of the eager attention weights of a CLIP-style attention module (q_proj, k_proj,
+    num_heads, head_dim, scale), at O(T * C) cost instead of O(T^2 * C).
+    """
+    b, t, _ = hidden.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    query = attn.q_proj(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
+    keys = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
+    logits = query.float() @ keys.float().transpose(-1, -2) * attn.scale  # [B, H, 1, T]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+class LlavaAdapter(Adapter):
+    """Adapter for LLaVA-1.5-style models (config.model_type "llava")."""
+
+    model_types = ("llava",)
+
+    def __init__(self, model: nn.Module, method: Method, budget: Budget):
+        super().__init__(model, method, budget)
+        base = getattr(model, "model", model)
+        for name in ("vision_tower", "multi_modal_projector", "language_model"):
+            if not isinstance(getattr(base, name, None), nn.Module):
+                raise ValueError(
+                    f"{type(model).__name__} has no {name} module where a transformers LlavaForConditionalGeneration "
+                    "or LlavaModel has one; vtc supports transformers >= 5.0"
+                )
+        self.base = base
+        config = model.config
+        self.image_token_id = getattr(config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = config.image_token_index
+        vision = getattr(base.vision_tower, "vision_model", base.vision_tower)
+        self.vision_layers = vision.encoder.layers
+        vision_config = config.vision_config
+        side = vision_config.image_size // vision_config.patch_size
+        self.strategy = config.vision_feature_select_strategy
+        self.grid = (side, side) if self.strategy == "default" else None
+        self.tokens_per_image = side * side + (0 if self.strategy == "default" else 1)
+        self.feature_layer = self._feature_layer(config.vision_feature_layer, len(self.vision_layers))
+        self.vision_layers_used = None if self.feature_layer is None else self.feature_layer + 1
+        has_cls = hasattr(getattr(vision, "embeddings", None), "class_embedding")
+        self.provides = ("features",) + (_CLS_SIGNALS if has_cls and self.feature_layer is not None else ())
+        self._cls_layers = self._needed_vision_layers()
+        self._signature = inspect.signature(base.forward)
+        self._visual: torch.Tensor | None = None
+        self._cls_rows: dict[int, torch.Tensor] = {}
+        self._first_tokens: torch.Tensor | None = None
+
+    @staticmethod
+    def _feature_layer(vision_feature_layer: int | list[int], num_layers: int) -> int | None:
+        """Index of the vision layer whose output LLaVA uses (the deepest one for a list); None = embeddings."""
+        layers = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
+        # hidden_states[h] is the output of layer h - 1 (hidden_states[0] = embeddings).
+        outputs = [h if h >= 0 else num_layers + 1 + h for h in layers]
+        deepest = max(outputs) - 1
+        return deepest if deepest >= 0 else None
+
+    def _needed_vision_layers(self) -> list[int]:
+        if "cls_attention_layers" in self.method.requires:
+            return list(range(self.feature_layer + 1))
+        if "cls_attention" in self.method.requires:
+            return [self.feature_layer]
+        return []
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _register_hooks(self) -> None:
+        if self.model is not self.base:
+            self._hook(self.model, self._top_pre_hook, pre=True)
+        self._hook(self.base, self._model_pre_hook, pre=True)
+        if self._cls_layers:
+            self._hook(self.base.vision_tower, self._vision_pre_hook, pre=True)
+            for i in self._cls_layers:
+                self._hook(self.vision_layers[i].self_attn, self._cls_hook(i), pre=True)
+            self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
+        self._hook(self.base.language_model, self._language_pre_hook, pre=True)
+        self._hook(self.base.language_model, self._language_post_hook, pre=False)
+
+    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "vtc compression is for inference: the logits cover only the kept tokens, so labels cannot be "
+                "scored; call handle.remove() (or leave the `with` block) before computing a loss"
+            )
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        encoded = bound.get("mm_encoder_outputs") or {}
+        if bound.get("pixel_values") is None and encoded.get("image") is None:
+            self._visual = None
+            return
+        input_ids = bound.get("input_ids")
+        if input_ids is not None:
+            self._visual = input_ids == self.image_token_id
+        else:
+            embeds = bound["inputs_embeds"]
+            token = torch.tensor(self.image_token_id, device=embeds.device)
+            self._visual = (embeds == self.base.get_input_embeddings()(token)).all(-1)
+
+    def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._cls_rows = {}
+        self._first_tokens = None
+
+    def _cls_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            with torch.no_grad():
+                self._cls_rows[layer] = cls_attention_row(module, hidden)
+
+        return hook
+
+    def _projector_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._first_tokens = output[:, 0].detach()
+
+    def _continues_prefill(self, embeds: torch.Tensor) -> bool:
+        visual, self._visual = self._visual, None
+        return visual is not None and bool(visual.any())
+
+    # -- the plan ---------------------------------------------------------------------------------
+
+    def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        visual, self._visual = self._visual, None
+        b = embeds.shape[0]
+        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
+            empty = torch.empty(0, dtype=torch.long, device=embeds.device)
+            self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
+            return None
+        n = self.tokens_per_image
+        counts = visual.sum(dim=1).tolist()
+        if any(c % n for c in counts):
+            raise ValueError(
+                f"found {counts} image tokens per sample, not a multiple of the {n} tokens per image this model uses"
+            )
+        with torch.no_grad():
+            rows, cols = visual.nonzero(as_tuple=True)
+            image_rows = rows.view(-1, n)[:, 0]  # [I] sample of each image, in sequence order
+            image_cols = cols.view(-1, n)  # [I, N] positions of each image's tokens
+            features = embeds[visual].view(-1, n, embeds.shape[-1])  # [I, N, D]
+            signals: dict[str, Any] = {"features": features}
+            if self.grid is not None:
+                signals["grid"] = self.grid
+            if self._cls_layers:
+                signals.update(self._cls_signals(features))
+            plan = self.method.plan(signals, self.budget.tokens(n))
+
+            per_image = plan.kept.shape[1]
+            images = [c // n for c in counts]
+            kept, start = [], 0
+            for count in images:
+                offsets = torch.arange(count, device=embeds.device).unsqueeze(1) * n
+                kept.append((plan.kept[start : start + count] + offsets).flatten())
+                start += count
+            self.last = Compression(
+                kept, counts, [c * per_image for c in images], images, plan, self.method.requires
+            )
+            if plan.is_identity:
+                return None
+            keep = ~visual
+            kept_cols = image_cols.gather(1, plan.kept)  # [I, K]
+            keep[image_rows.unsqueeze(1).expand_as(kept_cols), kept_cols] = True
+            if plan.merge_into is not None:
+                embeds = embeds.clone()
+                embeds[image_rows.unsqueeze(1).expand_as(kept_cols), kept_cols] = plan.apply(features)
+        return keep, embeds
+
+    def _cls_signals(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[CLS] rows captured during the vision forward, matched to the images of this prefill."""
+        if not all(i in self._cls_rows for i in self._cls_layers):
+            raise ValueError(
+                f"method {self.method.name!r} needs the vision encoder's [CLS] attention, but the vision encoder "
+                "did not run while vtc was attached (were image features computed before vtc.compress?)"
+            )
+        rows = torch.stack([self._cls_rows[i] for i in self._cls_layers], dim=1)  # [I_vision, V, T]
+        if self.strategy == "default":
+            rows = rows[..., 1:]  # the [CLS] column is not a visual token
+        self._cls_rows = {}
+        if rows.shape[0] != features.shape[0]:
+            rows = rows[self._match_images(features)]
+        return {"cls_attention": rows[:, -1], "cls_attention_layers": rows}
+
+    def _match_images(self, features: torch.Tensor) -> torch.Tensor:
+        """Index of the vision-side image behind each image in the prefill (generate() may repeat images)."""
+        first = self._first_tokens
+        if first is None:
+            raise ValueError("vtc could not match vision signals to images: the projector did not run under vtc")
+        same = (features[:, 0].unsqueeze(1) == first.to(features.dtype).unsqueeze(0)).all(-1)  # [I, I_vision]
+        if not bool(same.any(dim=1).all()):
+            raise ValueError(
+                f"vtc could not match the {features.shape[0]} images in the prompt to the {first.shape[0]} images "
+                "the vision encoder saw"
+            )
+        return same.float().argmax(dim=1)

@@ -1,0 +1,165 @@
+"""The public entry points: compress(model, ...) and select(method, ...)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.adapters.base import Adapter
+from vtc.methods.base import Budget, Method, Plan, check_signals, num_tokens
+from vtc.registry import get_adapter_class, get_method
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, CompressionHandle] = weakref.WeakKeyDictionary()
+
+
+class CompressionHandle:
+    """A method attached to a model. Use as a context manager or call :meth:`remove`.
+
+    Attributes:
+        method: the :class:`~vtc.Method` in use.
+        budget: the :class:`~vtc.Budget` (keep or ratio per image).
+        last_kept: after each prefill, one sorted 1-D LongTensor per batch sample: indices, into that
+            sample's visual tokens in original order (images concatenated), of the tokens the language
+            model received. Empty tensors for samples without images; None before the first forward.
+        last_plan: the :class:`~vtc.Plan` of the last prefill, over all its images in sequence order.
+        stats: visual tokens before/after per sample for the last prefill, and the signals used.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter):
+        self.model = model
+        self.method = adapter.method
+        self.budget = adapter.budget
+        self._adapter: Adapter | None = adapter
+
+    @property
+    def active(self) -> bool:
+        return self._adapter is not None
+
+    @property
+    def last_kept(self) -> list[torch.Tensor] | None:
+        last = self._last()
+        return None if last is None else last.kept
+
+    @property
+    def last_plan(self) -> Plan | None:
+        last = self._last()
+        return None if last is None else last.plan
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        last = self._last()
+        if last is None:
+            return None
+        return {
+            "visual_tokens_before": list(last.tokens_before),
+            "visual_tokens_after": list(last.tokens_after),
+            "images": list(last.images),
+            "signals": list(last.signals_used),
+        }
+
+    def _last(self):
+        return self._last_record if self._adapter is None else self._adapter.last
+
+    def remove(self) -> None:
+        """Detach every hook; the model is exactly as before. Safe to call twice."""
+        if self._adapter is None:
+            return
+        self._last_record = self._adapter.last
+        self._adapter.detach()
+        self._adapter = None
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def __enter__(self) -> CompressionHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"CompressionHandle({self.method!r}, {self.budget}, {state})"
+
+
+def _resolve_method(method: str | Method, options: dict[str, Any]) -> Method:
+    if isinstance(method, Method):
+        if options:
+            raise ValueError(
+                f"options {sorted(options)} were given next to a {type(method).__name__} instance; "
+                "set them on the instance instead"
+            )
+        return method
+    if isinstance(method, str):
+        return get_method(method, **options)
+    raise TypeError(f"method must be a method name (see vtc.list_methods()) or a vtc.Method, got {type(method).__name__}")
+
+
+def compress(
+    model: nn.Module,
+    method: str | Method,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    **method_options: Any,
+) -> CompressionHandle:
+    """Attach a visual-token compression method to a Hugging Face VLM.
+
+    Args:
+        model: e.g. a ``LlavaForConditionalGeneration`` (see :func:`vtc.list_models`).
+        method: a name from :func:`vtc.list_methods` or a :class:`~vtc.Method` instance.
+        keep: visual tokens kept per image. Exactly one of ``keep`` / ``ratio``.
+        ratio: fraction of visual tokens kept per image, in (0, 1] (round(ratio * N), at least 1).
+        **method_options: the method's fields, e.g. ``merge=True`` for "dart".
+
+    Returns:
+        A :class:`CompressionHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
+
+    Every check runs before any hook is attached: on error the model is untouched.
+    """
+    resolved = _resolve_method(method, method_options)
+    budget = Budget(keep=keep, ratio=ratio)
+    adapter_class = get_adapter_class(model)
+    current = _ATTACHED.get(model)
+    if current is not None and current.active:
+        raise RuntimeError(
+            f"vtc is already attached to this model ({current!r}); call handle.remove() before attaching again"
+        )
+    adapter = adapter_class(model, resolved, budget)
+    adapter.check()
+    adapter.attach()
+    handle = CompressionHandle(model, adapter)
+    _ATTACHED[model] = handle
+    return handle
+
+
+def select(
+    method: str | Method,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    features: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | None = None,
+    **signals: Any,
+) -> torch.Tensor:
+    """Choose visual tokens from plain tensors, without a model.
+
+    Args:
+        method: a name from :func:`vtc.list_methods` or a :class:`~vtc.Method` instance (for options).
+        keep / ratio: tokens kept per image (exactly one).
+        features: [B, N, D] visual tokens as the language model would receive them.
+        cls_attention: [B, N] vision [CLS] attention over the visual tokens.
+        **signals: further signals by name (see ``vtc.SIGNALS``), e.g. ``cls_attention_layers``,
+            ``protected``, ``grid``.
+
+    Returns:
+        [B, K] LongTensor of kept indices into N, sorted. The same code path as :func:`compress`.
+    """
+    resolved = _resolve_method(method, {})
+    budget = Budget(keep=keep, ratio=ratio)
+    signals = {"features": features, "cls_attention": cls_attention, **signals}
+    signals = {name: value for name, value in signals.items() if value is not None}
+    signals = check_signals(resolved, signals)
+    return resolved.select(signals, budget.tokens(num_tokens(signals)))

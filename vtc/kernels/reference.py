@@ -1,0 +1,169 @@
+"""Pure-torch reference ops for the visual-token path.
+
+These are the CPU implementation and the oracle for any faster backend. All arithmetic is fp32:
+inputs of any floating dtype are upcast (bf16 matmuls on CPU are several times slower than fp32,
+and selection must not depend on the model's precision).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-12
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two token sets: [B, N, D] x [B, M, D] -> [B, N, M] (fp32)."""
+    xn = F.normalize(x.float(), dim=-1, eps=_EPS)
+    yn = xn if y is x else F.normalize(y.float(), dim=-1, eps=_EPS)
+    return torch.bmm(xn, yn.transpose(1, 2))
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Batched row gather: [B, N, D] x [B, K] -> [B, K, D], dtype of x."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def merge_rows(
+    x: torch.Tensor, kept: torch.Tensor, targets: torch.Tensor, sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Size-weighted merge of every token into its target kept token.
+
+    Args:
+        x: [B, N, D] token values.
+        kept: [B, K] indices of the kept tokens.
+        targets: [B, N] for each token, the slot in ``kept`` (0..K-1) it merges into; a kept token
+            targets its own slot.
+        sizes: [B, N] how many original tokens each input token already stands for (default 1).
+
+    Returns:
+        [B, K, D] in x's dtype: sum(x * size) / sum(size) over each kept token's group.
+    """
+    b, _, d = x.shape
+    k = kept.shape[1]
+    weight = torch.ones(targets.shape, dtype=torch.float32, device=x.device) if sizes is None else sizes.float()
+    sums = torch.zeros(b, k, d, dtype=torch.float32, device=x.device)
+    sums.scatter_add_(1, targets.unsqueeze(-1).expand(-1, -1, d), x.float() * weight.unsqueeze(-1))
+    total = torch.zeros(b, k, dtype=torch.float32, device=x.device).scatter_add_(1, targets, weight)
+    return (sums / total.unsqueeze(-1)).to(x.dtype)
+
+
+def mask_to_indices(chosen: torch.Tensor) -> torch.Tensor:
+    """[B, N] bool with the same count K in every row -> [B, K] sorted indices of the True entries."""
+    b, n = chosen.shape
+    k = int(chosen[0].sum())
+    order = torch.arange(n, device=chosen.device).expand(b, n).masked_fill(~chosen, n)
+    return order.sort(dim=1).values[:, :k]
+
+
+def fill_top(chosen: torch.Tensor, score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Add, per row, the ``counts[b]`` highest-scoring tokens not yet chosen.
+
+    Args:
+        chosen: [B, N] bool, tokens already chosen (kept as they are).
+        score: [B, N] fp32 scores.
+        counts: [B] int, how many more tokens each row takes.
+
+    Returns:
+        [B, N] bool, a new mask.
+    """
+    most = int(counts.max()) if counts.numel() else 0
+    if most == 0:
+        return chosen.clone()
+    top = score.masked_fill(chosen, float("-inf")).topk(most, dim=1).indices  # [B, most]
+    take = torch.arange(most, device=score.device).unsqueeze(0) < counts.unsqueeze(1)
+    return chosen.clone().scatter_(1, top, take | chosen.gather(1, top))
+
+
+def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min diversity selection (DivPrune) under cosine distance.
+
+    The first pick is the token farthest from its nearest neighbour; each next pick is the token
+    whose distance to its closest already-picked token is largest (ties: lowest index). The running
+    min-distance vector is updated with one row per pick, so a step costs O(N), not O(|S| N), and
+    nothing is read back to the host inside the loop.
+
+    Args:
+        x: [B, N, D] token features.
+        k: tokens to keep per row, 1 <= k <= N.
+        protected: optional [B, N] bool, tokens that are kept first; the greedy search continues
+            from them (their distances seed the min-distance vector).
+
+    Returns:
+        [B, k] sorted indices.
+    """
+    b, n, _ = x.shape
+    dist = 1.0 - cosine_similarity(x, x)  # [B, N, N]
+    rows = torch.arange(b, device=x.device)
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device) if protected is None else protected.clone()
+    has_seed = chosen.any(dim=1)  # [B]
+    remaining = k - chosen.sum(dim=1)  # [B]
+
+    nearest = dist.diagonal(dim1=1, dim2=2).clone()
+    dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    first_score = dist.amin(dim=2)  # nearest-neighbour distance, self excluded
+    dist.diagonal(dim1=1, dim2=2).copy_(nearest)
+    seed_min = dist.masked_fill(~chosen.unsqueeze(2), float("inf")).amin(dim=1)  # [B, N]
+    min_dist = torch.where(has_seed.unsqueeze(1), seed_min, first_score)
+
+    for step in range(int(remaining.max()) if b else 0):
+        pick = min_dist.masked_fill(chosen, float("-inf")).argmax(dim=1)  # [B]
+        active = remaining > step
+        chosen[rows, pick] |= active
+        row = dist[rows, pick]  # [B, N]
+        if step == 0:
+            # Without protected tokens the first pick used nearest-neighbour distances; from now on
+            # the score is the distance to the picked set only.
+            min_dist = torch.where(has_seed.unsqueeze(1), torch.minimum(min_dist, row), row)
+        else:
+            min_dist = torch.minimum(min_dist, row)
+    return mask_to_indices(chosen)
+
+
+def pivot_select(
+    x: torch.Tensor, pivots: torch.Tensor, k: int, protected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Duplication-aware selection (DART): keep the pivots, then the tokens least similar to them.
+
+    Pivots are visited in the order given; pivot j takes the not-yet-chosen tokens with the lowest
+    cosine similarity to it. The budget left after pivots and protected tokens is split evenly over
+    the pivots, the first ``rest % P`` pivots taking one more, so exactly ``k`` tokens are kept.
+
+    Args:
+        x: [B, N, D] token features.
+        pivots: [B, P] pivot indices (P >= 1, distinct, not protected).
+        k: tokens to keep per row, including pivots and protected tokens.
+        protected: optional [B, N] bool, tokens that are always kept.
+
+    Returns:
+        [B, k] sorted indices.
+    """
+    b, n, _ = x.shape
+    p = pivots.shape[1]
+    xn = F.normalize(x.float(), dim=-1, eps=_EPS)
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device) if protected is None else protected.clone()
+    chosen.scatter_(1, pivots, True)
+    rest = k - chosen.sum(dim=1)  # [B]
+    pivot_vecs = gather_rows(xn, pivots)  # [B, P, D]
+    for j in range(p):
+        counts = rest // p + (j < rest % p).long()
+        sim = torch.bmm(xn, pivot_vecs[:, j].unsqueeze(2)).squeeze(2)  # [B, N]
+        chosen = fill_top(chosen, -sim, counts)
+    return mask_to_indices(chosen)
+
+
+def nearest_kept(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """For every token, the slot (0..K-1) of the most cosine-similar kept token; kept tokens map to themselves.
+
+    Args:
+        x: [B, N, D] token features.
+        kept: [B, K] kept indices.
+
+    Returns:
+        [B, N] long.
+    """
+    sim = cosine_similarity(x, gather_rows(x, kept))  # [B, N, K]
+    targets = sim.argmax(dim=2)
+    slots = torch.arange(kept.shape[1], device=x.device).expand_as(kept)
+    return targets.scatter_(1, kept, slots)

@@ -1,0 +1,215 @@
+"""The contract every compression method follows.
+
+A method turns plain tensors ("signals") about the visual tokens of a batch of images into a
+:class:`Plan`: which tokens survive, and optionally which dropped token merges into which kept one.
+Methods import torch only; adapters obtain the signals from a model and apply the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from vtc.kernels import reference as ops
+
+# Signal name -> what it holds. Adapters provide a subset; methods declare what they require.
+SIGNALS: dict[str, str] = {
+    "features": "[B, N, D] visual tokens as the language model receives them (after the projector)",
+    "cls_attention": "[B, N] attention of the vision encoder's [CLS] query over the visual tokens at the "
+    "feature layer, mean over heads",
+    "cls_attention_layers": "[B, V, N] the same at every vision layer up to the feature layer (row i = layer i, "
+    "the feature layer is row V-1)",
+    "protected": "[B, N] bool, tokens that must be kept (optional)",
+    "grid": "(H, W) the token grid of one image, H * W == N (optional; square grids are inferred)",
+}
+OPTIONAL_SIGNALS = ("protected", "grid")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens to keep per image: an exact count ``keep`` or a fraction ``ratio``."""
+
+    keep: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.ratio is None):
+            raise ValueError(
+                f"give exactly one of keep= (tokens kept per image) or ratio= (fraction kept), "
+                f"got keep={self.keep!r}, ratio={self.ratio!r}"
+            )
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+            raise ValueError(f"keep must be an int >= 1 (visual tokens kept per image), got {self.keep!r}")
+        if self.ratio is not None and (
+            isinstance(self.ratio, bool)
+            or not isinstance(self.ratio, (int, float))
+            or not math.isfinite(self.ratio)
+            or not 0 < self.ratio <= 1
+        ):
+            raise ValueError(f"ratio must be a number in (0, 1] (fraction of visual tokens kept), got {self.ratio!r}")
+
+    def tokens(self, num_tokens: int) -> int:
+        """Kept count for an image of ``num_tokens`` visual tokens (ratio: round(ratio * N), at least 1)."""
+        if self.keep is not None:
+            if self.keep > num_tokens:
+                raise ValueError(f"keep={self.keep} exceeds the {num_tokens} visual tokens per image; use keep <= {num_tokens}")
+            return self.keep
+        return max(1, round(self.ratio * num_tokens))
+
+    def __str__(self) -> str:
+        return f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which of the N visual tokens of each image survive.
+
+    Attributes:
+        kept: [B, K] sorted indices of the kept tokens.
+        num_tokens: N, tokens per image before compression.
+        merge_into: [B, N] or None. When set, every token's value is size-weighted-averaged into the
+            kept token at slot ``merge_into[b, i]`` (0..K-1); kept tokens map to their own slot.
+    """
+
+    kept: torch.Tensor
+    num_tokens: int
+    merge_into: torch.Tensor | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kept.shape[1] == self.num_tokens
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """[B, K] how many original tokens each kept token stands for (sums to N per row)."""
+        if self.merge_into is None:
+            return torch.ones(self.kept.shape, dtype=torch.long, device=self.kept.device)
+        counts = torch.zeros(self.kept.shape, dtype=torch.long, device=self.kept.device)
+        return counts.scatter_add_(1, self.merge_into, torch.ones_like(self.merge_into))
+
+    def apply(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, K, D]: the kept tokens, merged groups averaged by size."""
+        if self.merge_into is None:
+            return ops.gather_rows(features, self.kept)
+        return ops.merge_rows(features, self.kept, self.merge_into)
+
+
+class Method(ABC):
+    """Base of all methods. Subclasses are dataclasses whose fields are the hyper-parameters.
+
+    Subclasses set ``name``, ``requires`` (signal names) and implement :meth:`_plan`. The public
+    :meth:`plan` validates signals, enforces keep-all as the identity and the protected-count bound.
+    """
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ("features",)
+    where: ClassVar[str] = "pre-LLM"
+
+    @abstractmethod
+    def _plan(self, signals: dict[str, Any], keep: int) -> Plan:
+        """Choose ``keep`` tokens (1 <= keep < N; signals validated and fp32)."""
+
+    def plan(self, signals: dict[str, Any], keep: int) -> Plan:
+        signals = check_signals(self, signals)
+        n = num_tokens(signals)
+        if not 1 <= keep <= n:
+            raise ValueError(f"keep must be in [1, {n}] for {n} visual tokens, got {keep}")
+        protected = signals.get("protected")
+        if protected is not None and int(protected.sum(dim=1).max()) > keep:
+            raise ValueError(
+                f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept"
+            )
+        if keep == n:
+            b = batch_size(signals)
+            device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
+            return Plan(torch.arange(n, device=device).expand(b, n).clone(), n)
+        return self._plan(signals, keep)
+
+    def check_geometry(self, num_tokens: int, vision_layers: int | None) -> None:
+        """Raise if the method's options cannot work with N tokens per image and ``vision_layers``
+        vision layers up to the feature layer (None if unknown). Called at attach time."""
+
+    def select(self, signals: dict[str, Any], keep: int) -> torch.Tensor:
+        """[B, keep] sorted kept indices."""
+        return self.plan(signals, keep).kept
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+
+class ScoredMethod(Method):
+    """Top-k pruning by a per-token score: implement :meth:`score`. Protected tokens always win."""
+
+    @abstractmethod
+    def score(self, signals: dict[str, Any], keep: int) -> torch.Tensor:
+        """[B, N] fp32, higher = more worth keeping."""
+
+    def _plan(self, signals: dict[str, Any], keep: int) -> Plan:
+        score = self.score(signals, keep)
+        chosen = protected_mask(signals, score.shape)
+        chosen = ops.fill_top(chosen, score, keep - chosen.sum(dim=1))
+        return Plan(ops.mask_to_indices(chosen), score.shape[1])
+
+
+def protected_mask(signals: dict[str, Any], shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
+    protected = signals.get("protected")
+    return torch.zeros(shape, dtype=torch.bool, device=device) if protected is None else protected.clone()
+
+
+def batch_size(signals: dict[str, Any]) -> int:
+    return next(v.shape[0] for k, v in signals.items() if isinstance(v, torch.Tensor))
+
+
+def num_tokens(signals: dict[str, Any]) -> int:
+    return next(v.shape[-1] if k != "features" else v.shape[1] for k, v in signals.items() if isinstance(v, torch.Tensor))
+
+
+_NDIM = {"features": 3, "cls_attention": 2, "cls_attention_layers": 3, "protected": 2}
+
+
+def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
+    """Validate names, ranks and shapes; return a copy with float signals in fp32."""
+    unknown = sorted(set(signals) - set(SIGNALS))
+    if unknown:
+        raise ValueError(
+            f"unknown signal(s) {unknown}; known signals: {sorted(SIGNALS)}. "
+            f"Method options go to the method: vtc.get_method({method.name!r}, option=...)"
+        )
+    missing = [name for name in method.requires if signals.get(name) is None]
+    if missing:
+        described = "; ".join(f"{name}: {SIGNALS[name]}" for name in missing)
+        raise ValueError(f"method {method.name!r} needs signal(s) {missing} ({described})")
+    out: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, value in signals.items():
+        if value is None:
+            continue
+        if name == "grid":
+            out[name] = tuple(int(v) for v in value)
+            continue
+        if not isinstance(value, torch.Tensor) or value.ndim != _NDIM[name]:
+            raise ValueError(f"signal {name!r} must be a {_NDIM[name]}-D tensor {SIGNALS[name].split(' ')[0]}")
+        if name == "protected":
+            value = value.bool()
+        elif not value.is_floating_point():
+            raise ValueError(f"signal {name!r} must be a floating-point tensor, got {value.dtype}")
+        else:
+            value = value.float()
+        out[name] = value
+        shapes[name] = (value.shape[0], value.shape[1] if name == "features" else value.shape[-1])
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"signals disagree on [batch, tokens]: {shapes}")
+    if not shapes:
+        raise ValueError(f"method {method.name!r} got no tensor signal; it needs {list(method.requires)}")
+    n = next(iter(shapes.values()))[1]
+    if n < 1:
+        raise ValueError("there are no visual tokens to select from (N == 0)")
+    if "grid" in out and math.prod(out["grid"]) != n:
+        raise ValueError(f"grid {out['grid']} does not cover the {n} visual tokens")
+    return out

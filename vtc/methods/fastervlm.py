@@ -1,0 +1,30 @@
+"""FasterVLM: keep the visual tokens the vision encoder's [CLS] token attends to most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vtc.methods.base import ScoredMethod
+
+
+@dataclass
+class FasterVLM(ScoredMethod):
+    """[CLS]-attention pruning before the language model.
+
+    Based on arXiv:2412.01818 (Theia-4869/FasterVLM). Score = attention of the [CLS] query over the
+    patch keys at the vision layer whose output the model uses (LLaVA-1.5: vision_feature_layer -2),
+    averaged over heads; the top ``keep`` tokens survive in their original order.
+
+    Differences from the original: none in the selection. vtc prunes after the projector (the
+    original projects all tokens and masks afterwards, which is equivalent because the projector
+    acts per token) and obtains the attention row without eager attention.
+    """
+
+    name = "fastervlm"
+    requires = ("cls_attention",)
+
+    def score(self, signals: dict[str, Any], keep: int) -> torch.Tensor:
+        return signals["cls_attention"]

@@ -1,0 +1,63 @@
+"""Name -> class registries for methods and model adapters (explicit, greppable)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from vtc.adapters.base import Adapter
+from vtc.adapters.llava import LlavaAdapter
+from vtc.methods.base import Method
+from vtc.methods.dart import DART
+from vtc.methods.divprune import DivPrune
+from vtc.methods.fastervlm import FasterVLM
+from vtc.methods.random import Random
+from vtc.methods.uniform import Uniform
+from vtc.methods.vtc_cls import VTCCLS
+
+METHODS: dict[str, type[Method]] = {
+    "fastervlm": FasterVLM,
+    "vtc_cls": VTCCLS,
+    "divprune": DivPrune,
+    "dart": DART,
+    "random": Random,
+    "uniform": Uniform,
+}
+
+# config.model_type -> adapter
+ADAPTERS: dict[str, type[Adapter]] = {
+    "llava": LlavaAdapter,
+}
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`vtc.compress` and :func:`vtc.select`."""
+    return sorted(METHODS)
+
+
+def list_models() -> list[str]:
+    """Supported ``model.config.model_type`` values."""
+    return sorted(ADAPTERS)
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Build a method by name, e.g. ``get_method("dart", merge=True)``."""
+    if not isinstance(name, str) or name not in METHODS:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}; known methods: {list_methods()}.{hint}")
+    cls = METHODS[name]
+    unknown = sorted(set(options) - set(cls.options()))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; its options: {cls.options() or 'none'}")
+    return cls(**options)
+
+
+def get_adapter_class(model: Any) -> type[Adapter]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"vtc does not support model_type {model_type!r} ({type(model).__name__}); "
+            f"supported model_types: {list_models()}"
+        )
+    return ADAPTERS[model_type]
