@@ -81,7 +81,7 @@ class CompressionHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"CompressionHandle({self.method!r}, {self.budget}, {state})"
+        return f"CompressionHandle({self.method.name}: {self.method!r}, {self.budget}, {state})"
 
 
 def _resolve_method(method: str | Method, options: dict[str, Any]) -> Method:

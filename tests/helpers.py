@@ -1,0 +1,36 @@
+"""Shared test helpers: tiny models and greedy references."""
+
+from __future__ import annotations
+
+import torch
+
+
+def count_hooks(model: torch.nn.Module) -> int:
+    """Forward (pre-)hooks registered anywhere in the model."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@torch.no_grad()
+def greedy_no_cache(model, inputs: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding that re-runs the whole prompt every step (no KV cache): [B, steps] new tokens.
+
+    Position ids follow the attention mask, as generate() computes them.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    new = []
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
+        logits = logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        new.append(token)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return torch.cat(new, dim=1)
+
+
+@torch.no_grad()
+def greedy_generate(model, inputs: dict, steps: int) -> torch.Tensor:
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    return out[:, -steps:]

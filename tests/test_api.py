@@ -1,0 +1,140 @@
+"""Public API: registries, handles and bad input (clear errors, raised before anything is attached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import vtc
+from tests.helpers import count_hooks
+from vtc.tiny import tiny_llava, tiny_llava_inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    return tiny_llava_inputs(model)
+
+
+def test_registries():
+    assert vtc.list_methods() == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
+    assert vtc.list_models() == ["llava"]
+    for name in vtc.list_methods():
+        method = vtc.get_method(name)
+        assert method.name == name
+        assert set(method.requires) <= set(vtc.SIGNALS)
+
+
+BAD_CALLS = [
+    ({"method": "fastervlm", "keep": 577}, ValueError, r"keep=577 exceeds the 576 visual tokens"),
+    ({"method": "fastervlm", "keep": 0}, ValueError, r"keep must be an int >= 1"),
+    ({"method": "fastervlm", "keep": -3}, ValueError, r"keep must be an int >= 1"),
+    ({"method": "fastervlm", "keep": 6.0}, ValueError, r"keep must be an int >= 1"),
+    ({"method": "fastervlm", "ratio": 0.0}, ValueError, r"ratio must be a number in \(0, 1\]"),
+    ({"method": "fastervlm", "ratio": 1.5}, ValueError, r"ratio must be a number in \(0, 1\]"),
+    ({"method": "fastervlm", "ratio": float("nan")}, ValueError, r"ratio must be a number in \(0, 1\]"),
+    ({"method": "fastervlm", "keep": 64, "ratio": 0.1}, ValueError, r"exactly one of keep="),
+    ({"method": "fastervlm"}, ValueError, r"exactly one of keep="),
+    ({"method": "fastv", "keep": 64}, ValueError, r"unknown method 'fastv'; known methods: \['dart', 'divprune'"),
+    ({"method": "dartt", "keep": 64}, ValueError, r"Did you mean 'dart'"),
+    ({"method": "dart", "keep": 64, "pivots": 3}, ValueError, r"unknown option\(s\) \['pivots'\] for method 'dart'"),
+    ({"method": "dart", "keep": 64, "num_pivots": 0}, ValueError, r"num_pivots must be an int >= 1"),
+    ({"method": "vtc_cls", "keep": 64, "start_layer": 9}, ValueError, r"start_layer=9 is outside the 2 vision layers"),
+    ({"method": vtc.get_method("dart"), "keep": 64, "merge": True}, ValueError, r"set them on the instance"),
+    ({"method": 3, "keep": 64}, TypeError, r"method must be a method name"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_CALLS, ids=lambda v: str(v)[:40] if isinstance(v, dict) else "")
+def test_bad_input_raises_before_attaching(model, inputs, call, error, message):
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hooks = count_hooks(model)
+    call = dict(call)
+    with pytest.raises(error, match=message):
+        vtc.compress(model, call.pop("method"), **call)
+    assert count_hooks(model) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_unsupported_model_names_its_type_and_the_supported_ones():
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['llava'\]"):
+        vtc.compress(llama, "dart", keep=8)
+    assert count_hooks(llama) == 0
+
+
+def test_method_needing_a_missing_signal_is_refused_at_attach():
+    # vision_feature_layer 0 is the embedding output: there is no attention to read a [CLS] row from.
+    model = tiny_llava(vision_feature_layer=0)
+    with pytest.raises(ValueError, match=r"needs signal\(s\) \['cls_attention'\].*methods that work here: \['dart'"):
+        vtc.compress(model, "fastervlm", keep=8)
+    assert count_hooks(model) == 0
+
+
+def test_attaching_twice_is_refused_and_reattaching_after_remove_works(model, inputs):
+    handle = vtc.compress(model, "random", keep=8)
+    hooks = count_hooks(model)
+    try:
+        with pytest.raises(RuntimeError, match="already attached"):
+            vtc.compress(model, "dart", keep=8)
+        assert count_hooks(model) == hooks
+    finally:
+        handle.remove()
+    with vtc.compress(model, "dart", keep=8) as again, torch.no_grad():
+        model(**inputs)
+    assert again.stats["visual_tokens_after"] == [8]
+    assert not again.active
+    assert again.last_kept[0].shape == (8,)  # results stay readable after removal
+
+
+def test_ratio_budget(model, inputs):
+    with vtc.compress(model, "divprune", ratio=0.098) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats["visual_tokens_after"] == [56]  # DivPrune's default: round(0.098 * 576)
+
+
+def test_method_instance_and_handle_repr(model, inputs):
+    with vtc.compress(model, vtc.get_method("random", seed=3), keep=10) as handle, torch.no_grad():
+        model(**inputs)
+        assert "random" in repr(handle) and "keep=10" in repr(handle) and "active" in repr(handle)
+    expected = vtc.select(vtc.get_method("random", seed=3), keep=10, features=torch.zeros(1, 576, 4))
+    assert torch.equal(handle.last_kept[0], expected[0])
+
+
+def test_select_is_the_same_implementation_as_compress(model, inputs):
+    features = {}
+
+    def spy(module, args, kwargs):
+        features.setdefault("x", kwargs["inputs_embeds"])
+
+    hook = model.model.language_model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with vtc.compress(model, "divprune", keep=20) as handle, torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    visual = inputs["input_ids"] == model.config.image_token_id
+    picked = vtc.select("divprune", keep=20, features=features["x"][visual].view(1, 576, -1))
+    assert torch.equal(picked[0], handle.last_kept[0])
+
+
+def test_select_errors():
+    x = torch.randn(2, 16, 8)
+    with pytest.raises(ValueError, match=r"needs signal\(s\) \['cls_attention'\]"):
+        vtc.select("fastervlm", keep=4, features=x)
+    with pytest.raises(ValueError, match=r"unknown signal\(s\) \['seed'\].*vtc.get_method\('random'"):
+        vtc.select("random", keep=4, features=x, seed=1)
+    with pytest.raises(ValueError, match="disagree"):
+        vtc.select("fastervlm", keep=4, features=x, cls_attention=torch.rand(2, 15))
+    with pytest.raises(ValueError, match="keep=17 exceeds the 16"):
+        vtc.select("dart", keep=17, features=x)
+    with pytest.raises(ValueError, match="no tensor signal"):
+        vtc.select("uniform", keep=4)
