@@ -64,9 +64,12 @@ def test_bad_input_raises_before_attaching(model, inputs, call, error, message):
 
 
 def test_unsupported_model_names_its_type_and_the_supported_ones():
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=64))
-    with pytest.raises(ValueError, match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['llava'\]"):
+    llama = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
+    with pytest.raises(
+        ValueError, match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['llava'\]"
+    ):
         vtc.compress(llama, "dart", keep=8)
     assert count_hooks(llama) == 0
 

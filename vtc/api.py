@@ -94,7 +94,9 @@ def _resolve_method(method: str | Method, options: dict[str, Any]) -> Method:
         return method
     if isinstance(method, str):
         return get_method(method, **options)
-    raise TypeError(f"method must be a method name (see vtc.list_methods()) or a vtc.Method, got {type(method).__name__}")
+    raise TypeError(
+        f"method must be a method name (see vtc.list_methods()) or a vtc.Method, got {type(method).__name__}"
+    )
 
 
 def compress(

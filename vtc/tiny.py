@@ -116,3 +116,52 @@ def tiny_llava_inputs(
     pixel_values = torch.randn(total_images, 3, vision.image_size, vision.image_size, generator=generator)
     dtype = next(model.parameters()).dtype
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values.to(dtype)}
+
+
+_WORDS = (  # noqa: SIM905 - a sentence reads better than 37 quoted words
+    "<pad> <s> </s> <image> <unk> USER: ASSISTANT: what is in the image ? describe it briefly . "
+    "a an of on and red green blue yellow circle square triangle cat dog how many left right yes no"
+).split()
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}USER: {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} {% endif %}{% endfor %}{% endfor %}"
+    "ASSISTANT:"
+)
+
+
+def save_tiny_llava(directory: str, seed: int = 0, **config_options) -> str:
+    """Save a tiny LLaVA and a real LlavaProcessor (word-level tokenizer, CLIP image processor, chat
+    template) to ``directory``, loadable offline with ``from_pretrained`` / ``AutoProcessor``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(_WORDS)}
+    assert vocab["<image>"] == IMAGE_TOKEN_ID and vocab["<pad>"] == PAD_TOKEN_ID and vocab["<s>"] == BOS_TOKEN_ID
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    config_options.setdefault("vocab_size", 64)
+    model = tiny_llava(seed=seed, **config_options)
+    vision = model.config.vision_config
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

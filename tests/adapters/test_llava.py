@@ -178,7 +178,7 @@ def test_sdpa_and_eager_agree():
     # compare the real tokens, which are the last 64 + text of every row.
     torch.testing.assert_close(results[0][0][:, -70:], results[1][0][:, -70:], rtol=1e-4, atol=1e-4)
     assert torch.equal(results[0][1], results[1][1])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
 
 
 def test_cls_attention_row_equals_eager_attention_weights():

@@ -182,9 +182,7 @@ class LlavaAdapter(Adapter):
                 offsets = torch.arange(count, device=embeds.device).unsqueeze(1) * n
                 kept.append((plan.kept[start : start + count] + offsets).flatten())
                 start += count
-            self.last = Compression(
-                kept, counts, [c * per_image for c in images], images, plan, self.method.requires
-            )
+            self.last = Compression(kept, counts, [c * per_image for c in images], images, plan, self.method.requires)
             if plan.is_identity:
                 return None
             keep = ~visual

@@ -121,9 +121,7 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
     return mask_to_indices(chosen)
 
 
-def pivot_select(
-    x: torch.Tensor, pivots: torch.Tensor, k: int, protected: torch.Tensor | None = None
-) -> torch.Tensor:
+def pivot_select(x: torch.Tensor, pivots: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
     """Duplication-aware selection (DART): keep the pivots, then the tokens least similar to them.
 
     Pivots are visited in the order given; pivot j takes the not-yet-chosen tokens with the lowest

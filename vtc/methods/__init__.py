@@ -8,4 +8,16 @@ from vtc.methods.random import Random
 from vtc.methods.uniform import Uniform
 from vtc.methods.vtc_cls import VTCCLS
 
-__all__ = ["SIGNALS", "Budget", "Method", "Plan", "ScoredMethod", "DART", "DivPrune", "FasterVLM", "Random", "Uniform", "VTCCLS"]
+__all__ = [
+    "SIGNALS",
+    "Budget",
+    "Method",
+    "Plan",
+    "ScoredMethod",
+    "DART",
+    "DivPrune",
+    "FasterVLM",
+    "Random",
+    "Uniform",
+    "VTCCLS",
+]

@@ -56,7 +56,9 @@ class Budget:
         """Kept count for an image of ``num_tokens`` visual tokens (ratio: round(ratio * N), at least 1)."""
         if self.keep is not None:
             if self.keep > num_tokens:
-                raise ValueError(f"keep={self.keep} exceeds the {num_tokens} visual tokens per image; use keep <= {num_tokens}")
+                raise ValueError(
+                    f"keep={self.keep} exceeds the {num_tokens} visual tokens per image; use keep <= {num_tokens}"
+                )
             return self.keep
         return max(1, round(self.ratio * num_tokens))
 
@@ -120,16 +122,14 @@ class Method(ABC):
             raise ValueError(f"keep must be in [1, {n}] for {n} visual tokens, got {keep}")
         protected = signals.get("protected")
         if protected is not None and int(protected.sum(dim=1).max()) > keep:
-            raise ValueError(
-                f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept"
-            )
+            raise ValueError(f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept")
         if keep == n:
             b = batch_size(signals)
             device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
             return Plan(torch.arange(n, device=device).expand(b, n).clone(), n)
         return self._plan(signals, keep)
 
-    def check_geometry(self, num_tokens: int, vision_layers: int | None) -> None:
+    def check_geometry(self, num_tokens: int, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
         """Raise if the method's options cannot work with N tokens per image and ``vision_layers``
         vision layers up to the feature layer (None if unknown). Called at attach time."""
 
@@ -167,7 +167,9 @@ def batch_size(signals: dict[str, Any]) -> int:
 
 
 def num_tokens(signals: dict[str, Any]) -> int:
-    return next(v.shape[-1] if k != "features" else v.shape[1] for k, v in signals.items() if isinstance(v, torch.Tensor))
+    return next(
+        v.shape[-1] if k != "features" else v.shape[1] for k, v in signals.items() if isinstance(v, torch.Tensor)
+    )
 
 
 _NDIM = {"features": 3, "cls_attention": 2, "cls_attention_layers": 3, "protected": 2}

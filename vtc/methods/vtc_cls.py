@@ -33,7 +33,9 @@ class VTCCLS(ScoredMethod):
     requires = ("cls_attention_layers",)
 
     def __post_init__(self) -> None:
-        if self.start_layer is not None and (isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int)):
+        if self.start_layer is not None and (
+            isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int)
+        ):
             raise ValueError(f"start_layer must be an int or None, got {self.start_layer!r}")
 
     def first_layer(self, vision_layers: int) -> int:

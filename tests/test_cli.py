@@ -1,0 +1,49 @@
+"""``python -m vtc``: the README's main command, offline, and the real-model path on a local checkpoint."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from vtc.__main__ import main
+from vtc.tiny import save_tiny_llava
+
+
+def rows(output: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in output.splitlines() if re.match(r"^\w+ +\d+ -> \d+", line)}
+
+
+def test_offline_default_runs_every_method(capsys):
+    assert main(["--repeats", "1", "--max-new-tokens", "2"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert set(table) == {"none", "dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"}
+    assert "576 -> 576" in table["none"]
+    assert all("576 -> 64" in line for name, line in table.items() if name != "none")
+
+
+def test_local_checkpoint_with_processor(tmp_path, capsys):
+    save_tiny_llava(str(tmp_path / "model"))
+    Image.new("RGB", (500, 380), (200, 30, 30)).save(tmp_path / "red.png")
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--image",
+        str(tmp_path / "red.png"),
+        "--methods",
+        "fastervlm,dart",
+        "--keep",
+        "32",
+        "--repeats",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--prompt",
+        "what is in the image ?",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert set(table) == {"none", "fastervlm", "dart"}
+    assert "576 -> 32" in table["fastervlm"] and "576 -> 32" in table["dart"]
+    assert "LlavaForConditionalGeneration" in out
