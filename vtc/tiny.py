@@ -146,6 +146,7 @@ def save_tiny_llava(directory: str, seed: int = 0, **config_options) -> str:
         pad_token="<pad>",
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
+        model_input_names=["input_ids", "attention_mask"],
     )
     config_options.setdefault("vocab_size", 64)
     model = tiny_llava(seed=seed, **config_options)

@@ -170,6 +170,8 @@ class Adapter(ABC):
         # Always explicit: gapped position ids without a mask are read as packed sequences.
         out["attention_mask"] = new_mask
         out["position_ids"] = new_positions
+        if kwargs.get("cache_position") is not None:  # transformers 4.x indexes the cache with it
+            out["cache_position"] = torch.arange(source.shape[1], device=embeds.device)
         cache = kwargs.get("past_key_values")
         self._dropped = _Dropped(source, new_mask, length, weakref.ref(cache) if cache is not None else None)
         return out
@@ -194,6 +196,8 @@ class Adapter(ABC):
             valid = dropped.source >= 0
             prefix = mask.gather(1, dropped.source.clamp(min=0)) * valid.to(mask.dtype)
             out["attention_mask"] = torch.cat([prefix, mask[:, dropped.original_length :]], dim=1)
+        if kwargs.get("cache_position") is not None:  # transformers 4.x: slots in the shortened cache
+            out["cache_position"] = torch.arange(past, past + q_len, device=dropped.source.device)
         if kwargs.get("position_ids") is None:
             # What the uncompressed model would use: continue after the ORIGINAL prompt length.
             start = dropped.original_length + past - short

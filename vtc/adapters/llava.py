@@ -1,6 +1,6 @@
 """LLaVA-1.5 (transformers' LlavaForConditionalGeneration / LlavaModel).
 
-Where things happen in the model (transformers 5.x):
+Where things happen in the model (transformers 4.57 and 5.x):
   vision_tower -> hidden_states[vision_feature_layer] (CLS dropped for strategy "default")
   -> multi_modal_projector -> masked_scatter into inputs_embeds at the <image> placeholders
   -> language_model(inputs_embeds=..., attention_mask=..., position_ids=..., past_key_values=...)
@@ -54,7 +54,7 @@ class LlavaAdapter(Adapter):
             if not isinstance(getattr(base, name, None), nn.Module):
                 raise ValueError(
                     f"{type(model).__name__} has no {name} module where a transformers LlavaForConditionalGeneration "
-                    "or LlavaModel has one; vtc supports transformers >= 5.0"
+                    "or LlavaModel has one; vtc supports transformers >= 4.57"
                 )
         self.base = base
         config = model.config
