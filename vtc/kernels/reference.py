@@ -121,31 +121,41 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
     return mask_to_indices(chosen)
 
 
-def pivot_select(x: torch.Tensor, pivots: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+def pivot_select(
+    x: torch.Tensor,
+    pivots: torch.Tensor,
+    k: int,
+    protected: torch.Tensor | None = None,
+    num_pivots: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Duplication-aware selection (DART): keep the pivots, then the tokens least similar to them.
 
     Pivots are visited in the order given; pivot j takes the not-yet-chosen tokens with the lowest
     cosine similarity to it. The budget left after pivots and protected tokens is split evenly over
-    the pivots, the first ``rest % P`` pivots taking one more, so exactly ``k`` tokens are kept.
+    a row's pivots, the first ``rest % P`` pivots taking one more, so exactly ``k`` tokens are kept.
 
     Args:
         x: [B, N, D] token features.
-        pivots: [B, P] pivot indices (P >= 1, distinct, not protected).
+        pivots: [B, P] pivot indices (distinct, not protected).
         k: tokens to keep per row, including pivots and protected tokens.
         protected: optional [B, N] bool, tokens that are always kept.
+        num_pivots: optional [B], how many of the P pivots each row uses (the first ones; default P).
 
     Returns:
         [B, k] sorted indices.
     """
     b, n, _ = x.shape
     p = pivots.shape[1]
+    used = torch.full((b,), p, device=x.device) if num_pivots is None else num_pivots.to(x.device)
     xn = F.normalize(x.float(), dim=-1, eps=_EPS)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device) if protected is None else protected.clone()
-    chosen.scatter_(1, pivots, True)
+    is_used = torch.arange(p, device=x.device).unsqueeze(0) < used.unsqueeze(1)  # [B, P]
+    chosen.scatter_(1, pivots, is_used | chosen.gather(1, pivots))
     rest = k - chosen.sum(dim=1)  # [B]
+    share, extra = rest // used.clamp(min=1), rest % used.clamp(min=1)
     pivot_vecs = gather_rows(xn, pivots)  # [B, P, D]
     for j in range(p):
-        counts = rest // p + (j < rest % p).long()
+        counts = (share + (j < extra).long()) * is_used[:, j]
         sim = torch.bmm(xn, pivot_vecs[:, j].unsqueeze(2)).squeeze(2)  # [B, N]
         chosen = fill_top(chosen, -sim, counts)
     return mask_to_indices(chosen)

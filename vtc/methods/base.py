@@ -208,7 +208,10 @@ def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
     if len(set(shapes.values())) > 1:
         raise ValueError(f"signals disagree on [batch, tokens]: {shapes}")
     if not shapes:
-        raise ValueError(f"method {method.name!r} got no tensor signal; it needs {list(method.requires)}")
+        raise ValueError(
+            f"method {method.name!r} got no tensor signal: pass at least one (e.g. features [B, N, D]) so that "
+            "the batch size and token count are known"
+        )
     n = next(iter(shapes.values()))[1]
     if n < 1:
         raise ValueError("there are no visual tokens to select from (N == 0)")

@@ -46,12 +46,9 @@ class DART(Method):
         features = signals["features"]
         protected = protected_mask(signals, features.shape[:2])
         pivot_score = features.abs().sum(dim=-1)  # [B, N] L1 norm
-        num_pivots = min(self.num_pivots, keep - int(protected.sum(dim=1).max()))
-        if num_pivots == 0:
-            chosen = ops.fill_top(protected, pivot_score, keep - protected.sum(dim=1))
-            kept = ops.mask_to_indices(chosen)
-        else:
-            pivots = pivot_score.masked_fill(protected, float("-inf")).topk(num_pivots, dim=1).indices
-            kept = ops.pivot_select(features, pivots, keep, protected)
+        # Protected tokens take budget first; each row uses as many pivots as its remaining budget allows.
+        per_row = (keep - protected.sum(dim=1)).clamp(max=self.num_pivots)  # [B]
+        pivots = pivot_score.masked_fill(protected, float("-inf")).topk(min(self.num_pivots, keep), dim=1).indices
+        kept = ops.pivot_select(features, pivots, keep, protected, num_pivots=per_row)
         merge_into = ops.nearest_kept(features, kept) if self.merge else None
         return Plan(kept, features.shape[1], merge_into)

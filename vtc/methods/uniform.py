@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from vtc.methods.base import ScoredMethod, batch_size, num_tokens
+from vtc.methods.base import ScoredMethod, batch_size, num_tokens, protected_mask
 
 
 def lattice(height: int, width: int, keep: int) -> torch.Tensor:
@@ -27,13 +27,24 @@ def lattice(height: int, width: int, keep: int) -> torch.Tensor:
     return points[pick]
 
 
+def bit_reversed_order(n: int) -> torch.Tensor:
+    """[n] distinct values in [0, 1): the van der Corput sequence of each index (spread, deterministic)."""
+    bits = max(1, (n - 1).bit_length())
+    index = torch.arange(n)
+    reversed_bits = torch.zeros(n, dtype=torch.long)
+    for bit in range(bits):
+        reversed_bits |= ((index >> bit) & 1) << (bits - 1 - bit)
+    return reversed_bits.float() / (1 << bits)
+
+
 @dataclass
 class Uniform(ScoredMethod):
     """Keep ``keep`` tokens spread evenly over the image's token grid (no signal needed).
 
     The grid comes from the adapter (e.g. 24 x 24 for LLaVA-1.5); a square N is taken as sqrt(N) x
-    sqrt(N) and any other N as one row. Protected tokens are kept first and the rest filled from
-    the lattice.
+    sqrt(N) and any other N as one row. With protected tokens, a row's remaining budget m is spread
+    as an m-point lattice; lattice points that are protected are made up by the next tokens in a
+    fixed bit-reversed raster order, so every row's choice depends on that row alone.
     """
 
     name = "uniform"
@@ -43,7 +54,11 @@ class Uniform(ScoredMethod):
         n = num_tokens(signals)
         side = math.isqrt(n)
         height, width = signals.get("grid") or ((side, side) if side * side == n else (1, n))
-        score = torch.zeros(n)
-        score[lattice(height, width, keep)] = 1.0
+        remaining = keep - protected_mask(signals, (batch_size(signals), n)).sum(dim=1).cpu()  # [B]
+        score = bit_reversed_order(n).expand(len(remaining), n).clone()  # ties broken, never equal
+        for m in remaining.unique().tolist():
+            if m > 0:
+                rows = (remaining == m).nonzero().squeeze(1)
+                score[rows.unsqueeze(1), lattice(height, width, m).unsqueeze(0)] += 2.0
         device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
-        return score.to(device).expand(batch_size(signals), n)
+        return score.to(device)
