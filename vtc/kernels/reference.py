@@ -100,12 +100,14 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
     has_seed = chosen.any(dim=1)  # [B]
     remaining = k - chosen.sum(dim=1)  # [B]
 
-    nearest = dist.diagonal(dim1=1, dim2=2).clone()
+    # Scores are column-wise like the paper's: score[j] = min over (picked) rows i of dist[i, j].
+    self_dist = dist.diagonal(dim1=1, dim2=2).clone()
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    first_score = dist.amin(dim=2)  # nearest-neighbour distance, self excluded
-    dist.diagonal(dim1=1, dim2=2).copy_(nearest)
-    seed_min = dist.masked_fill(~chosen.unsqueeze(2), float("inf")).amin(dim=1)  # [B, N]
-    min_dist = torch.where(has_seed.unsqueeze(1), seed_min, first_score)
+    min_dist = dist.amin(dim=1)  # nearest-neighbour distance, self excluded
+    dist.diagonal(dim1=1, dim2=2).copy_(self_dist)
+    if bool(has_seed.any()):
+        seed_min = dist.masked_fill(~chosen.unsqueeze(2), float("inf")).amin(dim=1)  # [B, N]
+        min_dist = torch.where(has_seed.unsqueeze(1), seed_min, min_dist)
 
     for step in range(int(remaining.max()) if b else 0):
         pick = min_dist.masked_fill(chosen, float("-inf")).argmax(dim=1)  # [B]
