@@ -94,7 +94,7 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
         [B, k] sorted indices.
     """
     b, n, _ = x.shape
-    dist = 1.0 - cosine_similarity(x, x)  # [B, N, N]
+    dist = cosine_similarity(x, x).neg_().add_(1.0)  # [B, N, N], 1 - cos rounded as the paper's 1.0 - sim
     rows = torch.arange(b, device=x.device)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device) if protected is None else protected.clone()
     has_seed = chosen.any(dim=1)  # [B]
@@ -108,18 +108,21 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
     if bool(has_seed.any()):
         seed_min = dist.masked_fill(~chosen.unsqueeze(2), float("inf")).amin(dim=1)  # [B, N]
         min_dist = torch.where(has_seed.unsqueeze(1), seed_min, min_dist)
+    # A picked token's score is -inf; minimum() keeps it there, so no per-step masking is needed.
+    min_dist.masked_fill_(chosen, float("-inf"))
 
     for step in range(int(remaining.max()) if b else 0):
-        pick = min_dist.masked_fill(chosen, float("-inf")).argmax(dim=1)  # [B]
-        active = remaining > step
-        chosen[rows, pick] |= active
+        pick = min_dist.argmax(dim=1)  # [B]
+        chosen[rows, pick] |= remaining > step
         row = dist[rows, pick]  # [B, N]
         if step == 0:
             # Without protected tokens the first pick used nearest-neighbour distances; from now on
             # the score is the distance to the picked set only.
             min_dist = torch.where(has_seed.unsqueeze(1), torch.minimum(min_dist, row), row)
+            min_dist.masked_fill_(chosen, float("-inf"))
         else:
             min_dist = torch.minimum(min_dist, row)
+        min_dist[rows, pick] = float("-inf")
     return mask_to_indices(chosen)
 
 

@@ -151,6 +151,8 @@ class ScoredMethod(Method):
 
     def _plan(self, signals: dict[str, Any], keep: int) -> Plan:
         score = self.score(signals, keep)
+        if signals.get("protected") is None:
+            return Plan(score.topk(keep, dim=1).indices.sort(dim=1).values, score.shape[1])
         chosen = protected_mask(signals, score.shape)
         chosen = ops.fill_top(chosen, score, keep - chosen.sum(dim=1))
         return Plan(ops.mask_to_indices(chosen), score.shape[1])
