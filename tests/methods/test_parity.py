@@ -1,6 +1,6 @@
 """Parity of every method with an independent, straightforward implementation of its paper's algorithm.
 
-The references below are written from /work/shared/METHODS.md and the method docstrings, one image at a
+The references below are written from the papers (as summarised in the method docstrings), one image at a
 time with plain loops, and share no code with vtc. Inputs are random continuous values, so ties do not
 occur and kept indices must agree exactly.
 """
