@@ -61,7 +61,7 @@ QUICK = {
     "text_lengths": (35, 20),
     "keeps": (192, 64),
 }
-PREFILL_METHODS = ("fastervlm", "dart")
+PREFILL_METHODS = tuple(vtc.list_methods())
 
 
 # -- paper forms: written the way the original repositories write them, batch of one image -----------------
@@ -285,6 +285,10 @@ def bench_prefill(cfg: dict[str, Any], device: torch.device, repeats: int, warmu
     signals = {
         "features": captured["features"],  # this model's real projected tokens [1, N, hidden]
         "cls_attention": torch.randn(1, tokens, generator=generator).softmax(dim=-1).to(device),
+        # one row per vision layer up to the feature layer (vision_feature_layer -2)
+        "cls_attention_layers": torch.randn(1, vision.num_hidden_layers - 1, tokens, generator=generator)
+        .softmax(dim=-1)
+        .to(device),
     }
 
     def forward() -> None:
@@ -304,8 +308,7 @@ def bench_prefill(cfg: dict[str, Any], device: torch.device, repeats: int, warmu
     for method in PREFILL_METHODS:
         instance = vtc.get_method(method)
         for keep in cfg["keeps"]:
-            wanted = {k: signals[k] for k in ("features", "cls_attention")}
-            selection_candidates[f"{method}@{keep}"] = lambda m=instance, k=keep, s=wanted: m.plan(s, k)
+            selection_candidates[f"{method}@{keep}"] = lambda m=instance, k=keep: m.plan(signals, k)
     with torch.no_grad():
         selection = time_interleaved(selection_candidates, repeats, warmup, device)
 
