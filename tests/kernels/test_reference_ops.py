@@ -282,3 +282,15 @@ def test_nearest_kept(b, n, d, dtype, k):
         for i in range(n):
             if i not in kept_set:
                 assert int(got[row, i]) == int(sims[row, i].argmax()), (row, i)
+
+
+def test_maxmin_select_rows_that_run_out_of_candidates():
+    """A row whose budget is mostly protected stops picking while the others continue; its idle
+    steps must not disturb what it kept (regression: idle picks can repeat an index)."""
+    x = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(0))
+    protected = torch.zeros(2, 10, dtype=torch.bool)
+    protected[1, 1:] = True
+    for _ in range(20):
+        out = ops.maxmin_select(x, 9, protected)
+        assert torch.equal(out[1], torch.arange(1, 10))
+        assert out[0].unique().numel() == 9

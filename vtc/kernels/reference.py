@@ -111,9 +111,11 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
     # A picked token's score is -inf; minimum() keeps it there, so no per-step masking is needed.
     min_dist.masked_fill_(chosen, float("-inf"))
 
-    for step in range(int(remaining.max()) if b else 0):
+    steps = int(remaining.max()) if b else 0
+    picks = torch.empty(b, steps, dtype=torch.long, device=x.device)
+    for step in range(steps):
         pick = min_dist.argmax(dim=1)  # [B]
-        chosen[rows, pick] |= remaining > step
+        picks[:, step] = pick
         row = dist[rows, pick]  # [B, N]
         if step == 0:
             # Without protected tokens the first pick used nearest-neighbour distances; from now on
@@ -121,8 +123,11 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
             min_dist = torch.where(has_seed.unsqueeze(1), torch.minimum(min_dist, row), row)
             min_dist.masked_fill_(chosen, float("-inf"))
         else:
-            min_dist = torch.minimum(min_dist, row)
+            torch.minimum(min_dist, row, out=min_dist)
         min_dist[rows, pick] = float("-inf")
+    # Rows with protected tokens need fewer picks; their extra picks are ignored (and may repeat indices).
+    taken = torch.arange(steps, device=x.device).unsqueeze(0) < remaining.unsqueeze(1)
+    chosen[rows.unsqueeze(1).expand_as(picks)[taken], picks[taken]] = True
     return mask_to_indices(chosen)
 
 
