@@ -109,7 +109,6 @@ class Method(ABC):
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ("features",)
-    where: ClassVar[str] = "pre-LLM"
 
     @abstractmethod
     def _plan(self, signals: dict[str, Any], keep: int) -> Plan:
@@ -124,9 +123,7 @@ class Method(ABC):
         if protected is not None and int(protected.sum(dim=1).max()) > keep:
             raise ValueError(f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept")
         if keep == n:
-            b = batch_size(signals)
-            device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
-            return Plan(torch.arange(n, device=device).expand(b, n).clone(), n)
+            return Plan(torch.arange(n, device=signal_device(signals)).expand(batch_size(signals), n).clone(), n)
         return self._plan(signals, keep)
 
     def check_geometry(self, num_tokens: int, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
@@ -159,9 +156,14 @@ class ScoredMethod(Method):
 
 
 def protected_mask(signals: dict[str, Any], shape: torch.Size | tuple[int, int]) -> torch.Tensor:
-    device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
     protected = signals.get("protected")
-    return torch.zeros(shape, dtype=torch.bool, device=device) if protected is None else protected.clone()
+    if protected is None:
+        return torch.zeros(shape, dtype=torch.bool, device=signal_device(signals))
+    return protected.clone()
+
+
+def signal_device(signals: dict[str, Any]) -> torch.device:
+    return next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
 
 
 def batch_size(signals: dict[str, Any]) -> int:

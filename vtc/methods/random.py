@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vtc.methods.base import ScoredMethod, batch_size, num_tokens
+from vtc.methods.base import ScoredMethod, batch_size, num_tokens, signal_device
 
 
 @dataclass
@@ -29,5 +29,4 @@ class Random(ScoredMethod):
 
     def score(self, signals: dict[str, Any], keep: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)
-        device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
-        return torch.rand(batch_size(signals), num_tokens(signals), generator=generator).to(device)
+        return torch.rand(batch_size(signals), num_tokens(signals), generator=generator).to(signal_device(signals))

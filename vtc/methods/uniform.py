@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from vtc.methods.base import ScoredMethod, batch_size, num_tokens, protected_mask
+from vtc.methods.base import ScoredMethod, batch_size, num_tokens, protected_mask, signal_device
 
 
 def lattice(height: int, width: int, keep: int) -> torch.Tensor:
@@ -60,5 +60,4 @@ class Uniform(ScoredMethod):
             if m > 0:
                 rows = (remaining == m).nonzero().squeeze(1)
                 score[rows.unsqueeze(1), lattice(height, width, m).unsqueeze(0)] += 2.0
-        device = next(v.device for v in signals.values() if isinstance(v, torch.Tensor))
-        return score.to(device)
+        return score.to(signal_device(signals))
