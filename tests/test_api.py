@@ -141,3 +141,11 @@ def test_select_errors():
         vtc.select("dart", keep=17, features=x)
     with pytest.raises(ValueError, match="no tensor signal"):
         vtc.select("uniform", keep=4)
+
+
+def test_a_model_without_llava_modules_is_refused():
+    class NotLlava(torch.nn.Module):
+        config = type("Config", (), {"model_type": "llava"})()
+
+    with pytest.raises(ValueError, match="NotLlava has no vision_tower module"):
+        vtc.compress(NotLlava(), "dart", keep=8)

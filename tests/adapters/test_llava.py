@@ -281,3 +281,30 @@ def test_features_computed_before_attach_are_refused_for_cls_methods(model, batc
     with vtc.compress(model, "divprune", keep=16) as handle:
         model(**inputs, mm_encoder_outputs=encoded)
     assert [len(k) for k in handle.last_kept] == [16, 16]
+
+
+def test_malformed_inputs_get_clear_errors_before_the_language_model_runs(model, batch):
+    length = batch["input_ids"].shape[1]
+    ran = []
+    spy = model.model.language_model.layers[0].register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        with vtc.compress(model, "dart", keep=16), torch.no_grad():
+            four_d = torch.ones(2, 1, length, length)
+            with pytest.raises(ValueError, match="needs a 2-D attention_mask"):
+                model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=four_d)
+            # 2 images' worth of tokens split 300 / 852 between samples: transformers only checks the total.
+            ids = torch.full((2, 860), 7)
+            ids[0, 4:304] = IMAGE_TOKEN_ID
+            ids[1, 4:856] = IMAGE_TOKEN_ID
+            with pytest.raises(ValueError, match="not a multiple of the 576 tokens per image"):
+                model(input_ids=ids, pixel_values=batch["pixel_values"])
+            assert not ran
+            cache = model(**batch, use_cache=True).past_key_values
+            ran.clear()
+            with pytest.raises(ValueError, match="full 2-D attention_mask of length"):
+                model(input_ids=batch["input_ids"][:, -1:], attention_mask=torch.ones(2, 20), past_key_values=cache)
+            with pytest.raises(ValueError, match="continues an existing KV cache"):
+                model(**batch, past_key_values=cache)
+            assert not ran
+    finally:
+        spy.remove()
