@@ -149,3 +149,15 @@ def test_a_model_without_llava_modules_is_refused():
 
     with pytest.raises(ValueError, match="NotLlava has no vision_tower module"):
         vtc.compress(NotLlava(), "dart", keep=8)
+
+
+def test_a_model_whose_handle_is_dropped_can_be_freed():
+    import gc
+    import weakref
+
+    model = tiny_llava()
+    ref = weakref.ref(model)
+    vtc.compress(model, "dart", keep=8)  # handle dropped without remove()
+    del model
+    gc.collect()
+    assert ref() is None

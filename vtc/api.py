@@ -12,7 +12,9 @@ from vtc.adapters.base import Adapter
 from vtc.methods.base import Budget, Method, Plan, check_signals, num_tokens
 from vtc.registry import get_adapter_class, get_method
 
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, CompressionHandle] = weakref.WeakKeyDictionary()
+# model -> description of what is attached. The value must not reference the model, or the entry would keep
+# its own weak key alive.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 class CompressionHandle:
@@ -32,25 +34,22 @@ class CompressionHandle:
         self.model = model
         self.method = adapter.method
         self.budget = adapter.budget
-        self._adapter: Adapter | None = adapter
-
-    @property
-    def active(self) -> bool:
-        return self._adapter is not None
+        self.active = True
+        self._adapter = adapter
 
     @property
     def last_kept(self) -> list[torch.Tensor] | None:
-        last = self._last()
+        last = self._adapter.last
         return None if last is None else last.kept
 
     @property
     def last_plan(self) -> Plan | None:
-        last = self._last()
+        last = self._adapter.last
         return None if last is None else last.plan
 
     @property
     def stats(self) -> dict[str, Any] | None:
-        last = self._last()
+        last = self._adapter.last
         if last is None:
             return None
         return {
@@ -60,18 +59,13 @@ class CompressionHandle:
             "signals": list(last.signals_used),
         }
 
-    def _last(self):
-        return self._last_record if self._adapter is None else self._adapter.last
-
     def remove(self) -> None:
-        """Detach every hook; the model is exactly as before. Safe to call twice."""
-        if self._adapter is None:
+        """Detach every hook; the model is exactly as before. Results stay readable. Safe to call twice."""
+        if not self.active:
             return
-        self._last_record = self._adapter.last
         self._adapter.detach()
-        self._adapter = None
-        if _ATTACHED.get(self.model) is self:
-            del _ATTACHED[self.model]
+        self.active = False
+        _ATTACHED.pop(self.model, None)
 
     def __enter__(self) -> CompressionHandle:
         return self
@@ -124,16 +118,15 @@ def compress(
     resolved = _resolve_method(method, method_options)
     budget = Budget(keep=keep, ratio=ratio)
     adapter_class = get_adapter_class(model)
-    current = _ATTACHED.get(model)
-    if current is not None and current.active:
+    if model in _ATTACHED:
         raise RuntimeError(
-            f"vtc is already attached to this model ({current!r}); call handle.remove() before attaching again"
+            f"vtc is already attached to this model ({_ATTACHED[model]}); call handle.remove() before attaching again"
         )
     adapter = adapter_class(model, resolved, budget)
     adapter.check()
     adapter.attach()
     handle = CompressionHandle(model, adapter)
-    _ATTACHED[model] = handle
+    _ATTACHED[model] = f"{resolved.name} {budget}"
     return handle
 
 
