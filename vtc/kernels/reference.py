@@ -121,7 +121,6 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
             # Without protected tokens the first pick used nearest-neighbour distances; from now on
             # the score is the distance to the picked set only.
             min_dist = torch.where(has_seed.unsqueeze(1), torch.minimum(min_dist, row), row)
-            min_dist.masked_fill_(chosen, float("-inf"))
         else:
             torch.minimum(min_dist, row, out=min_dist)
         min_dist[rows, pick] = float("-inf")
@@ -163,11 +162,10 @@ def pivot_select(
     chosen.scatter_(1, pivots, is_used | chosen.gather(1, pivots))
     rest = k - chosen.sum(dim=1)  # [B]
     share, extra = rest // used.clamp(min=1), rest % used.clamp(min=1)
-    pivot_vecs = gather_rows(xn, pivots)  # [B, P, D]
+    sim = torch.bmm(xn, gather_rows(xn, pivots).transpose(1, 2))  # [B, N, P], one pass over x
     for j in range(p):
         counts = (share + (j < extra).long()) * is_used[:, j]
-        sim = torch.bmm(xn, pivot_vecs[:, j].unsqueeze(2)).squeeze(2)  # [B, N]
-        chosen = fill_top(chosen, -sim, counts)
+        chosen = fill_top(chosen, -sim[:, :, j], counts)
     return mask_to_indices(chosen)
 
 
