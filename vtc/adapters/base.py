@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,8 +30,24 @@ class Compression:
     tokens_before: list[int]
     tokens_after: list[int]
     images: list[int]
-    plan: Plan | None  # over all images of the batch, in sequence order
+    plan: Plan | None  # over all units of the batch in sequence order, when they share one shape
     signals_used: tuple[str, ...]
+    signal_sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Unit:
+    """A set of visual tokens that one method call plans over: an image, or one AnyRes crop of it.
+
+    ``signals`` holds the vision-side signals of these tokens without the batch dimension
+    (``cls_attention`` [n], ``cls_attention_layers`` [V, n], ...); features come from the prefill.
+    """
+
+    sample: int  # batch row
+    positions: torch.Tensor  # [n] sequence positions of the tokens in that row
+    keep: int  # tokens to keep, 0..n
+    grid: tuple[int, int] | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +73,7 @@ class Adapter(ABC):
         self.provides: tuple[str, ...] = ()
         self.tokens_per_image: int | None = None
         self.vision_layers_used: int | None = None  # vision layers up to the feature layer, if known
+        self.signal_sources: dict[str, str] = {}  # signal name -> where it comes from, for handle.stats
         self.last: Compression | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._dropped: _Dropped | None = None
@@ -137,6 +154,67 @@ class Adapter(ABC):
             cache = getattr(output, "past_key_values", None)
             if cache is not None:
                 self._dropped.cache = weakref.ref(cache)
+
+    def _plan_units(
+        self, embeds: torch.Tensor, visual: torch.Tensor, units: list[Unit]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], Plan | None]:
+        """Run the method on every unit; units of one shape and budget share a batched call.
+
+        Returns (keep [B, L] bool: non-visual tokens and kept visual ones, embeds with merged values
+        written at kept positions, kept index per unit into its ``positions``, the single Plan when
+        all units formed one call else None).
+        """
+        keep = ~visual
+        kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.long, device=embeds.device)] * len(units)
+        groups: dict[tuple, list[int]] = {}
+        for i, unit in enumerate(units):
+            groups.setdefault((unit.positions.numel(), unit.keep, unit.grid), []).append(i)
+        plans = []
+        for (_, count, grid), members in groups.items():
+            if count == 0:
+                continue
+            rows = torch.tensor([units[i].sample for i in members], device=embeds.device).unsqueeze(1)
+            cols = torch.stack([units[i].positions for i in members])  # [U, n]
+            features = embeds[rows, cols]  # [U, n, D]
+            signals: dict[str, Any] = {"features": features}
+            for name in self.method.requires:
+                if name != "features":
+                    signals[name] = torch.stack([units[i].signals[name] for i in members])
+            if grid is not None:
+                signals["grid"] = grid
+            plan = self.method.plan(signals, count)
+            plans.append(plan)
+            kept_cols = cols.gather(1, plan.kept)
+            keep[rows.expand_as(kept_cols), kept_cols] = True
+            if plan.merge_into is not None and not plan.is_identity:
+                embeds = embeds.clone()
+                embeds[rows.expand_as(kept_cols), kept_cols] = plan.apply(features)
+            for row, i in enumerate(members):
+                kept[i] = plan.kept[row]
+        single = plans[0] if len(groups) == 1 and len(plans) == 1 else None
+        return keep, embeds, kept, single
+
+    def _compression(
+        self, visual: torch.Tensor, keep: torch.Tensor, images: list[int], plan: Plan | None
+    ) -> Compression:
+        """What the handle reports: per sample, the indices (among its visual tokens) that survive."""
+        rank = visual.long().cumsum(dim=1) - 1
+        survives = keep & visual
+        kept = [rank[b][survives[b]] for b in range(visual.shape[0])]
+        return Compression(
+            kept,
+            visual.sum(dim=1).tolist(),
+            survives.sum(dim=1).tolist(),
+            images,
+            plan,
+            tuple(self.method.requires),
+            dict(self.signal_sources),
+        )
+
+    def _no_images(self, embeds: torch.Tensor) -> None:
+        b = embeds.shape[0]
+        empty = torch.empty(0, dtype=torch.long, device=embeds.device)
+        self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
 
     def _continues_prefill(self, embeds: torch.Tensor) -> bool:
         """True when a forward over a non-empty cache carries visual tokens (subclasses know)."""

@@ -17,12 +17,11 @@ Hooks (all removable, no transformers code copied or patched):
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import torch
 from torch import nn
 
-from vtc.adapters.base import Adapter, Compression
+from vtc.adapters.base import Adapter, Unit
 from vtc.methods.base import Budget, Method
 
 _CLS_SIGNALS = ("cls_attention", "cls_attention_layers")
@@ -152,71 +151,90 @@ class LlavaAdapter(Adapter):
 
     def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         visual, self._visual = self._visual, None
-        b = embeds.shape[0]
         if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
-            empty = torch.empty(0, dtype=torch.long, device=embeds.device)
-            self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
+            self._no_images(embeds)
             return None
-        n = self.tokens_per_image
-        counts = visual.sum(dim=1).tolist()
-        if any(c % n for c in counts):
-            raise ValueError(
-                f"found {counts} image tokens per sample, not a multiple of the {n} tokens per image this model uses"
-            )
         with torch.no_grad():
-            rows, cols = visual.nonzero(as_tuple=True)
-            image_rows = rows.view(-1, n)[:, 0]  # [I] sample of each image, in sequence order
-            image_cols = cols.view(-1, n)  # [I, N] positions of each image's tokens
-            features = embeds[visual].view(-1, n, embeds.shape[-1])  # [I, N, D]
-            signals: dict[str, Any] = {"features": features}
-            if self.grid is not None:
-                signals["grid"] = self.grid
-            if self._cls_layers:
-                signals.update(self._cls_signals(features))
-            plan = self.method.plan(signals, self.budget.tokens(n))
-
-            per_image = plan.kept.shape[1]
-            images = [c // n for c in counts]
-            kept, start = [], 0
-            for count in images:
-                offsets = torch.arange(count, device=embeds.device).unsqueeze(1) * n
-                kept.append((plan.kept[start : start + count] + offsets).flatten())
-                start += count
-            self.last = Compression(kept, counts, [c * per_image for c in images], images, plan, self.method.requires)
-            if plan.is_identity:
-                return None
-            keep = ~visual
-            kept_cols = image_cols.gather(1, plan.kept)  # [I, K]
-            keep[image_rows.unsqueeze(1).expand_as(kept_cols), kept_cols] = True
-            if plan.merge_into is not None:
-                embeds = embeds.clone()
-                embeds[image_rows.unsqueeze(1).expand_as(kept_cols), kept_cols] = plan.apply(features)
+            images = self._locate_images(visual)
+            units = self._units(embeds, images)
+            keep, embeds, _, plan = self._plan_units(embeds, visual, units)
+            keep = self._complete_keep(keep, images)
+            per_sample = torch.bincount(torch.tensor([b for b, _ in images]), minlength=visual.shape[0]).tolist()
+            self.last = self._compression(visual, keep, per_sample, plan)
+        if bool(keep.all()):
+            return None
         return keep, embeds
 
-    def _cls_signals(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[CLS] rows captured during the vision forward, matched to the images of this prefill."""
+    def _image_length(self, image: int) -> int:
+        """Visual tokens of the image-th image of the prefill (sequence order over the batch)."""
+        return self.tokens_per_image
+
+    def _locate_images(self, visual: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(sample, sequence positions [n]) of each image of the prefill, in sequence order."""
+        images: list[tuple[int, torch.Tensor]] = []
+        for b in range(visual.shape[0]):
+            cols = visual[b].nonzero().squeeze(1)
+            start = 0
+            while start < cols.numel():
+                length = self._image_length(len(images))
+                if start + length > cols.numel():
+                    counts = visual.sum(dim=1).tolist()
+                    raise ValueError(self._bad_token_count_message(counts))
+                images.append((b, cols[start : start + length]))
+                start += length
+        return images
+
+    def _bad_token_count_message(self, counts: list[int]) -> str:
+        return (
+            f"found {counts} image tokens per sample, not a multiple of the {self.tokens_per_image} tokens per "
+            "image this model uses"
+        )
+
+    def _units(self, embeds: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> list[Unit]:
+        n = self.tokens_per_image
+        count = self.budget.tokens(n)
+        rows = self._cls_rows_per_image(embeds, images) if self._cls_layers else None
+        units = []
+        for i, (b, positions) in enumerate(images):
+            signals = {} if rows is None else {"cls_attention": rows[i, -1], "cls_attention_layers": rows[i]}
+            units.append(Unit(b, positions, count, self.grid, signals))
+        return units
+
+    def _complete_keep(self, keep: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Adjust the kept set after planning (LLaVA-NeXT keeps newline tokens with their rows)."""
+        return keep
+
+    def _cls_rows_per_image(self, embeds: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """[I, V, N] [CLS] rows captured during the vision forward, matched to the images of this prefill."""
+        rows = self._take_cls_rows()
+        if self.strategy == "default":
+            rows = rows[..., 1:]  # the [CLS] column is not a visual token
+        if rows.shape[0] != len(images):
+            first = torch.stack([embeds[b, positions[0]] for b, positions in images])
+            rows = rows[self._match_images(first)]
+        return rows
+
+    def _take_cls_rows(self) -> torch.Tensor:
+        """[I_vision, V, T] the [CLS] rows of the last vision forward, one row per layer used."""
         if not all(i in self._cls_rows for i in self._cls_layers):
             raise ValueError(
                 f"method {self.method.name!r} needs the vision encoder's [CLS] attention, but the vision encoder "
                 "did not run while vtc was attached (were image features computed before vtc.compress?)"
             )
-        rows = torch.stack([self._cls_rows[i] for i in self._cls_layers], dim=1)  # [I_vision, V, T]
-        if self.strategy == "default":
-            rows = rows[..., 1:]  # the [CLS] column is not a visual token
+        rows = torch.stack([self._cls_rows[i] for i in self._cls_layers], dim=1)
         self._cls_rows = {}
-        if rows.shape[0] != features.shape[0]:
-            rows = rows[self._match_images(features)]
-        return {"cls_attention": rows[:, -1], "cls_attention_layers": rows}
+        return rows
 
-    def _match_images(self, features: torch.Tensor) -> torch.Tensor:
-        """Index of the vision-side image behind each image in the prefill (generate() may repeat images)."""
-        first = self._first_tokens
-        if first is None:
+    def _match_images(self, first: torch.Tensor) -> torch.Tensor:
+        """Index of the vision-side image behind each prefill image, by its first projected token
+        (generate() may repeat images for beams)."""
+        seen = self._first_tokens
+        if seen is None:
             raise ValueError("vtc could not match vision signals to images: the projector did not run under vtc")
-        same = (features[:, 0].unsqueeze(1) == first.to(features.dtype).unsqueeze(0)).all(-1)  # [I, I_vision]
+        same = (first.unsqueeze(1) == seen.to(first.dtype).unsqueeze(0)).all(-1)  # [I, I_vision]
         if not bool(same.any(dim=1).all()):
             raise ValueError(
-                f"vtc could not match the {features.shape[0]} images in the prompt to the {first.shape[0]} images "
+                f"vtc could not match the {first.shape[0]} images in the prompt to the {seen.shape[0]} images "
                 "the vision encoder saw"
             )
         return same.float().argmax(dim=1)
