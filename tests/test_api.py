@@ -23,7 +23,7 @@ def inputs(model):
 
 def test_registries():
     assert vtc.list_methods() == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
-    assert vtc.list_models() == ["llava"]
+    assert vtc.list_models() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
     for name in vtc.list_methods():
         method = vtc.get_method(name)
         assert method.name == name
@@ -47,6 +47,13 @@ BAD_CALLS = [
     ({"method": "vtc_cls", "keep": 64, "start_layer": 9}, ValueError, r"start_layer=9 is outside the 2 vision layers"),
     ({"method": vtc.get_method("dart"), "keep": 64, "merge": True}, ValueError, r"set them on the instance"),
     ({"method": 3, "keep": 64}, TypeError, r"method must be a method name"),
+    ({"method": "fastervlm", "keep": 64, "signal": "cls"}, ValueError, r"signal must be one of \['cls_attention'"),
+    (
+        {"method": "fastervlm", "keep": 64, "budget": "global"},
+        ValueError,
+        r"\['budget'\] do not apply to Llava.*budget=",
+    ),
+    ({"method": "random", "keep": 64, "cls_model": "ViT-B-16"}, ValueError, r"cls_model= applies to model_types"),
 ]
 
 
@@ -68,7 +75,7 @@ def test_unsupported_model_names_its_type_and_the_supported_ones():
         LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     )
     with pytest.raises(
-        ValueError, match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['llava'\]"
+        ValueError, match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['llava', 'llava_next'"
     ):
         vtc.compress(llama, "dart", keep=8)
     assert count_hooks(llama) == 0

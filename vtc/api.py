@@ -57,6 +57,9 @@ class CompressionHandle:
             "visual_tokens_after": list(last.tokens_after),
             "images": list(last.images),
             "signals": list(last.signals_used),
+            "signal_sources": {
+                name: last.signal_sources[name] for name in last.signals_used if name in last.signal_sources
+            },
         }
 
     def remove(self) -> None:
@@ -99,6 +102,8 @@ def compress(
     *,
     keep: int | None = None,
     ratio: float | None = None,
+    budget: str | None = None,
+    cls_model: Any = None,
     **method_options: Any,
 ) -> CompressionHandle:
     """Attach a visual-token compression method to a Hugging Face VLM.
@@ -108,6 +113,11 @@ def compress(
         method: a name from :func:`vtc.list_methods` or a :class:`~vtc.Method` instance.
         keep: visual tokens kept per image. Exactly one of ``keep`` / ``ratio``.
         ratio: fraction of visual tokens kept per image, in (0, 1] (round(ratio * N), at least 1).
+        budget: LLaVA-NeXT only: how ``keep`` is shared by an image's base and AnyRes crops, "global"
+            (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`).
+        cls_model: Qwen2-VL / Qwen2.5-VL only: an auxiliary open_clip CLIP (a model name such as
+            "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
+            resampled onto the visual-token grid, for methods that need ``cls_attention``.
         **method_options: the method's fields, e.g. ``merge=True`` for "dart".
 
     Returns:
@@ -116,17 +126,18 @@ def compress(
     Every check runs before any hook is attached: on error the model is untouched.
     """
     resolved = _resolve_method(method, method_options)
-    budget = Budget(keep=keep, ratio=ratio)
+    token_budget = Budget(keep=keep, ratio=ratio)
     adapter_class = get_adapter_class(model)
     if model in _ATTACHED:
         raise RuntimeError(
             f"vtc is already attached to this model ({_ATTACHED[model]}); call handle.remove() before attaching again"
         )
-    adapter = adapter_class(model, resolved, budget)
+    options = {name: value for name, value in (("budget", budget), ("cls_model", cls_model)) if value is not None}
+    adapter = adapter_class(model, resolved, token_budget, options)
     adapter.check()
     adapter.attach()
     handle = CompressionHandle(model, adapter)
-    _ATTACHED[model] = f"{resolved.name} {budget}"
+    _ATTACHED[model] = f"{resolved.name} {token_budget}"
     return handle
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from vtc.adapters.base import Adapter
 from vtc.adapters.llava import LlavaAdapter
+from vtc.adapters.llava_next import LlavaNextAdapter
+from vtc.adapters.qwen2_vl import Qwen2VLAdapter
 from vtc.methods.base import Method
 from vtc.methods.dart import DART
 from vtc.methods.divprune import DivPrune
@@ -27,6 +29,9 @@ METHODS: dict[str, type[Method]] = {
 # config.model_type -> adapter
 ADAPTERS: dict[str, type[Adapter]] = {
     "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,
 }
 
 
@@ -38,6 +43,15 @@ def list_methods() -> list[str]:
 def list_models() -> list[str]:
     """Supported ``model.config.model_type`` values."""
     return sorted(ADAPTERS)
+
+
+def adapter_options() -> dict[str, list[str]]:
+    """Adapter option name -> the model_types that accept it."""
+    options: dict[str, list[str]] = {}
+    for model_type, adapter in ADAPTERS.items():
+        for name in adapter.options:
+            options.setdefault(name, []).append(model_type)
+    return options
 
 
 def get_method(name: str, **options: Any) -> Method:

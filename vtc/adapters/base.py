@@ -65,8 +65,17 @@ class Adapter(ABC):
     implement :meth:`_plan_prefill`; the base drops tokens and keeps decoding consistent."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[str, ...]] = ()  # adapter options accepted by vtc.compress (e.g. "budget")
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget):
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict[str, Any] | None = None):
+        unknown = sorted(set(options or {}) - set(self.options))
+        if unknown:
+            from vtc.registry import adapter_options
+
+            raise ValueError(
+                f"option(s) {unknown} do not apply to {type(model).__name__}; "
+                + "; ".join(f"{name}= applies to model_types {types}" for name, types in adapter_options().items())
+            )
         self.model = model
         self.method = method
         self.budget = budget
@@ -123,6 +132,13 @@ class Adapter(ABC):
     def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a prefill's ``inputs_embeds`` [B, L, D]: None when it holds no visual tokens, else
         (keep [B, L] bool, embeds with merged values written at kept positions). Sets ``self.last``."""
+
+    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "vtc compression is for inference: the logits cover only the kept tokens, so labels cannot be "
+                "scored; call handle.remove() (or leave the `with` block) before computing a loss"
+            )
 
     # -- the language-model hooks -----------------------------------------------------------------
 

@@ -45,9 +45,10 @@ class LlavaAdapter(Adapter):
     """Adapter for LLaVA-1.5-style models (config.model_type "llava")."""
 
     model_types = ("llava",)
+    watches_projector = False  # hook the projector even when no [CLS] signal is needed
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget):
-        super().__init__(model, method, budget)
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None):
+        super().__init__(model, method, budget, options)
         base = getattr(model, "model", model)
         for name in ("vision_tower", "multi_modal_projector", "language_model"):
             if not isinstance(getattr(base, name, None), nn.Module):
@@ -71,6 +72,11 @@ class LlavaAdapter(Adapter):
         self.vision_layers_used = None if self.feature_layer is None else self.feature_layer + 1
         has_cls = hasattr(getattr(vision, "embeddings", None), "class_embedding")
         self.provides = ("features",) + (_CLS_SIGNALS if has_cls and self.feature_layer is not None else ())
+        if "cls_attention" in self.provides:
+            self.signal_sources = {
+                "cls_attention": f"vision layer {self.feature_layer} ([CLS] query row)",
+                "cls_attention_layers": f"vision layers 0..{self.feature_layer} ([CLS] query rows)",
+            }
         self._cls_layers = self._needed_vision_layers()
         self._signature = inspect.signature(base.forward)
         self._visual: torch.Tensor | None = None
@@ -99,20 +105,13 @@ class LlavaAdapter(Adapter):
         if self.model is not self.base:
             self._hook(self.model, self._top_pre_hook, pre=True)
         self._hook(self.base, self._model_pre_hook, pre=True)
-        if self._cls_layers:
+        if self._cls_layers or self.watches_projector:
             self._hook(self.base.vision_tower, self._vision_pre_hook, pre=True)
             for i in self._cls_layers:
                 self._hook(self.vision_layers[i].self_attn, self._cls_hook(i), pre=True)
             self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
         self._hook(self.base.language_model, self._language_pre_hook, pre=True)
         self._hook(self.base.language_model, self._language_post_hook, pre=False)
-
-    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("labels") is not None:
-            raise ValueError(
-                "vtc compression is for inference: the logits cover only the kept tokens, so labels cannot be "
-                "scored; call handle.remove() (or leave the `with` block) before computing a loss"
-            )
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -155,7 +154,7 @@ class LlavaAdapter(Adapter):
             self._no_images(embeds)
             return None
         with torch.no_grad():
-            images = self._locate_images(visual)
+            images = self._locate_images(visual, embeds)
             units = self._units(embeds, images)
             keep, embeds, _, plan = self._plan_units(embeds, visual, units)
             keep = self._complete_keep(keep, images)
@@ -169,7 +168,7 @@ class LlavaAdapter(Adapter):
         """Visual tokens of the image-th image of the prefill (sequence order over the batch)."""
         return self.tokens_per_image
 
-    def _locate_images(self, visual: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """(sample, sequence positions [n]) of each image of the prefill, in sequence order."""
         images: list[tuple[int, torch.Tensor]] = []
         for b in range(visual.shape[0]):

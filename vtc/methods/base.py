@@ -23,6 +23,8 @@ SIGNALS: dict[str, str] = {
     "feature layer, mean over heads",
     "cls_attention_layers": "[B, V, N] the same at every vision layer up to the feature layer (row i = layer i, "
     "the feature layer is row V-1)",
+    "attention_received": "[B, N] mean attention each visual token receives from all patch queries at a late "
+    "full-attention vision block, mean over heads (towers without [CLS], e.g. Qwen2-VL)",
     "protected": "[B, N] bool, tokens that must be kept (optional)",
     "grid": "(H, W) the token grid of one image, H * W == N (optional; square grids are inferred)",
 }
@@ -176,7 +178,7 @@ def num_tokens(signals: dict[str, Any]) -> int:
     )
 
 
-_NDIM = {"features": 3, "cls_attention": 2, "cls_attention_layers": 3, "protected": 2}
+_NDIM = {"features": 3, "cls_attention": 2, "cls_attention_layers": 3, "attention_received": 2, "protected": 2}
 
 
 def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,303 @@
+"""Qwen2-VL and Qwen2.5-VL (transformers' Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration).
+
+Where things happen in the model (transformers 4.57 and 5.x):
+  visual(pixel_values, grid_thw): patch embedding, vision blocks (Qwen2.5-VL: window attention, with
+  the patches permuted into window order, except in ``fullatt_block_indexes``), then the PatchMerger
+  merges each 2 x 2 group of patches into one token (Qwen2.5-VL undoes the window order after it)
+  -> masked_scatter at the <|image_pad|> placeholders -> 3-D (M-RoPE) position ids -> language_model.
+
+Each image is one run of <|image_pad|> tokens of (h / 2) x (w / 2) tokens, so images in a batch
+differ in size. ``keep`` is a per-image cap: an image with fewer tokens is kept whole.
+
+Signals: these towers have no [CLS] token. vtc provides ``attention_received``: the mean attention
+each patch receives (column mean of the softmax over all queries of its image, mean over heads) at the
+last full-attention vision block, averaged over each 2 x 2 merge group (as in EffiVLM-Bench's
+VisionZip port); for Qwen2.5-VL the window permutation is undone first. It is recomputed in a hook
+from the block's input, so no eager attention is needed. Methods that need ``cls_attention`` are
+refused unless the user opts in to a substitute: ``fastervlm`` with ``signal="attention_received"``,
+or an auxiliary open_clip CLIP passed as ``cls_model=...`` whose [CLS] attention is resampled onto
+each image's token grid. ``handle.stats["signal_sources"]`` says where each signal came from.
+
+Video inputs (pixel_values_videos / <|video_pad|> tokens) are refused with a clear error for now.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.adapters.base import Adapter, Unit
+from vtc.methods.base import Budget, Method
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image processor normalisation
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def attention_received(attn: nn.Module, hidden: torch.Tensor, cos_sin: tuple, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[seq] mean softmax attention each patch receives from the queries of its own chunk (image), mean
+    over heads, for a Qwen2-VL / Qwen2.5-VL vision attention module (qkv, num_heads, scaling) and its
+    input ``hidden`` [seq, C] (already normed) and rotary ``cos_sin``. fp32; O(n^2) per chunk, computed
+    in blocks of queries so memory stays O(block * n)."""
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    seq = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rotate(q, k, *cos_sin)
+    q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, seq, d]
+    received = torch.zeros(seq, dtype=torch.float32, device=hidden.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        n = end - start
+        block = max(1, (1 << 24) // max(1, attn.num_heads * n))
+        keys = k[:, start:end]
+        for first in range(start, end, block):
+            last = min(end, first + block)
+            probs = (q[:, first:last] @ keys.transpose(1, 2) * attn.scaling).softmax(dim=-1)  # [H, b, n]
+            received[start:end] += probs.sum(dim=(0, 1))
+        received[start:end] /= n * attn.num_heads
+    return received
+
+
+class Qwen2VLAdapter(Adapter):
+    """Adapter for Qwen2-VL and Qwen2.5-VL (config.model_type "qwen2_vl" / "qwen2_5_vl")."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    options = ("cls_model",)
+
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None):
+        super().__init__(model, method, budget, options)
+        base = getattr(model, "model", model)
+        for name in ("visual", "language_model"):
+            if not isinstance(getattr(base, name, None), nn.Module):
+                raise ValueError(
+                    f"{type(model).__name__} has no {name} module where a transformers Qwen2-VL model has one; "
+                    "vtc supports transformers >= 4.57"
+                )
+        self.base = base
+        config = model.config
+        self.image_token_id = config.image_token_id
+        vision = config.vision_config
+        self.merge = vision.spatial_merge_size
+        blocks = base.visual.blocks
+        full = getattr(vision, "fullatt_block_indexes", None)
+        self.signal_block = max(full) if full else len(blocks) - 1  # the last full-attention block
+        self.windowed = bool(full)
+        self.aux = None
+        cls_model = (options or {}).get("cls_model")
+        if cls_model is not None:
+            from vtc.aux_clip import AuxiliaryCLIP
+
+            self.aux = AuxiliaryCLIP.create(cls_model)
+        self.provides = ("features", "attention_received") + (
+            ("cls_attention", "cls_attention_layers") if self.aux is not None else ()
+        )
+        self.signal_sources = {"features": "merged visual tokens (language-model input)"}
+        if "attention_received" in method.requires:
+            self.signal_sources["attention_received"] = f"vision block {self.signal_block} (full attention)"
+        if self.aux is not None:
+            self.signal_sources["cls_attention"] = f"auxiliary open_clip {self.aux.name}, last block"
+            self.signal_sources["cls_attention_layers"] = f"auxiliary open_clip {self.aux.name}, every block"
+        self._signature = inspect.signature(base.forward)
+        self._visual: torch.Tensor | None = None
+        self._vision: list[dict[str, Any]] | None = None
+        self._received: torch.Tensor | None = None
+        self._window_index: torch.Tensor | None = None
+
+    def check(self) -> None:
+        if "cls_attention" in self.method.requires and self.aux is None:
+            raise ValueError(
+                f"method {self.method.name!r} needs [CLS] attention, but {type(self.model).__name__}'s vision tower "
+                "has no [CLS] token. Choose a substitute explicitly: vtc.compress(model, 'fastervlm', "
+                "signal='attention_received', ...) ranks tokens by the attention they receive in the vision "
+                "tower, or cls_model='ViT-B-16' (any open_clip ViT) adds an auxiliary CLIP [CLS] attention map"
+            )
+        super().check()
+
+    @property
+    def _needs_received(self) -> bool:
+        return "attention_received" in self.method.requires
+
+    @property
+    def _needs_cls(self) -> bool:
+        return self.aux is not None and bool({"cls_attention", "cls_attention_layers"} & set(self.method.requires))
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _register_hooks(self) -> None:
+        if self.model is not self.base:
+            self._hook(self.model, self._top_pre_hook, pre=True)
+        self._hook(self.base, self._model_pre_hook, pre=True)
+        self._hook(self.base.visual, self._vision_pre_hook, pre=True)
+        self._hook(self.base.visual, self._vision_post_hook, pre=False)
+        if self._needs_received:
+            self._hook(self.base.visual.blocks[self.signal_block].attn, self._attention_hook, pre=True)
+        self._hook(self.base.language_model, self._language_pre_hook, pre=True)
+        self._hook(self.base.language_model, self._language_post_hook, pre=False)
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        encoded = bound.get("mm_encoder_outputs") or {}
+        if bound.get("pixel_values_videos") is not None or encoded.get("video") is not None:
+            raise ValueError(
+                "vtc does not compress video inputs yet (pixel_values_videos / <|video_pad|> tokens); "
+                "call handle.remove() to run video prompts uncompressed"
+            )
+        if bound.get("pixel_values") is None and encoded.get("image") is None:
+            self._visual = None
+            return
+        input_ids = bound.get("input_ids")
+        if input_ids is not None:
+            self._visual = input_ids == self.image_token_id
+        else:
+            embeds = bound["inputs_embeds"]
+            token = torch.tensor(self.image_token_id, device=embeds.device)
+            self._visual = (embeds == self.base.get_input_embeddings()(token)).all(-1)
+
+    def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        grid_thw = bound["grid_thw"]
+        self._vision = None
+        self._received = None
+        self._grid_thw = grid_thw
+        self._window_index = self._windows(module, grid_thw) if self._needs_received and self.windowed else None
+        self._aux_rows = self._aux_cls(bound["hidden_states"], grid_thw) if self._needs_cls else None
+
+    def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        with torch.no_grad():
+            self._received = attention_received(module, hidden, kwargs["position_embeddings"], kwargs["cu_seqlens"])
+
+    def _vision_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        merged = getattr(output, "pooler_output", output)  # [tokens, D] in original order
+        grid_thw = self._grid_thw
+        tokens = (grid_thw.prod(-1) // self.merge**2).tolist()
+        received = None
+        if self._received is not None:
+            received = self._received.view(-1, self.merge**2).mean(dim=1)  # per merged token, block order
+            if self._window_index is not None:
+                received = received[torch.argsort(self._window_index.to(received.device))]
+            received = received.split(tokens)
+        self._vision = []
+        for i, (count, (t, h, w)) in enumerate(zip(tokens, grid_thw.tolist(), strict=True)):
+            info: dict[str, Any] = {"grid": (h // self.merge, w // self.merge) if t == 1 else None, "length": count}
+            info["first"] = merged[sum(tokens[:i])].detach()
+            if received is not None:
+                info["attention_received"] = received[i]
+            if self._aux_rows is not None:
+                info["cls_attention"] = self._aux_rows[i][-1]
+                info["cls_attention_layers"] = self._aux_rows[i]
+            self._vision.append(info)
+
+    def _windows(self, visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's window order of the merged groups (transformers 4.57 method, 5.x function)."""
+        if hasattr(visual, "get_window_index"):
+            return visual.get_window_index(grid_thw)[0]
+        from transformers.vision_utils import get_vision_window_index
+
+        return get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+            kwargs={},
+        )[0]
+
+    def _aux_cls(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, [V, n] auxiliary-CLIP [CLS] attention resampled onto the image's token grid."""
+        from vtc.aux_clip import images_from_qwen_patches
+
+        vision = self.model.config.vision_config
+        images = images_from_qwen_patches(
+            pixel_values.float(),
+            grid_thw,
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=self.merge,
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
+        )
+        rows = []
+        for image, (_, h, w) in zip(images, grid_thw.tolist(), strict=True):
+            maps = self.aux.cls_attention(image.unsqueeze(0))  # [1, V, gh, gw]
+            rows.append(self.aux.resample(maps, (h // self.merge, w // self.merge))[0].to(pixel_values.device))
+        return rows
+
+    def _continues_prefill(self, embeds: torch.Tensor) -> bool:
+        visual, self._visual = self._visual, None
+        return visual is not None and bool(visual.any())
+
+    # -- the plan ---------------------------------------------------------------------------------
+
+    def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        visual, self._visual = self._visual, None
+        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
+            self._no_images(embeds)
+            return None
+        with torch.no_grad():
+            images = self._locate_images(visual, embeds)
+            self._vision = None  # used once: a later prefill must not reuse another forward's signals
+            units = [self._unit(b, positions, info) for b, positions, info in images]
+            keep, embeds, _, plan = self._plan_units(embeds, visual, units)
+            per_sample = torch.bincount(torch.tensor([b for b, _, _ in images]), minlength=visual.shape[0]).tolist()
+            self.last = self._compression(visual, keep, per_sample, plan)
+        if bool(keep.all()):
+            return None
+        return keep, embeds
+
+    def _unit(self, b: int, positions: torch.Tensor, info: dict[str, Any]) -> Unit:
+        n = positions.numel()
+        keep = min(self.budget.keep, n) if self.budget.keep is not None else self.budget.tokens(n)
+        signals = {name: info[name] for name in self.method.requires if name != "features"}
+        return Unit(b, positions, keep, info.get("grid"), signals)
+
+    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[tuple[int, torch.Tensor, dict]]:
+        """(sample, positions, vision-side info) per image in sequence order. Images are the runs of
+        <|image_pad|> tokens; they are matched to the images the vision tower saw in order, or by their
+        first token when generate() repeated them (beams)."""
+        runs = []
+        for b in range(visual.shape[0]):
+            cols = visual[b].nonzero().squeeze(1)
+            breaks = ((cols[1:] - cols[:-1]) != 1).nonzero().squeeze(1) + 1
+            runs += [(b, run) for run in torch.tensor_split(cols, breaks.tolist())]
+        needs_vision = set(self.method.requires) - {"features"}
+        if self._vision is None:
+            if needs_vision:
+                raise ValueError(
+                    f"method {self.method.name!r} needs vision-side signals {sorted(needs_vision)}, but the vision "
+                    "encoder did not run while vtc was attached (were image features computed before vtc.compress?)"
+                )
+            return [(b, run, {}) for b, run in runs]
+        lengths = [info["length"] for info in self._vision]
+        if sum(run.numel() for _, run in runs) == sum(lengths):
+            return self._split_runs(runs, lengths)
+        # generate() repeated the images (beam search): match each run to a vision-side image.
+        seen = torch.stack([info["first"] for info in self._vision])
+        images = []
+        for b, run in runs:
+            same = (embeds[b, run[0]].unsqueeze(0) == seen.to(embeds.dtype)).all(-1)
+            match = [i for i in same.nonzero().squeeze(1).tolist() if lengths[i] == run.numel()]
+            if not match:
+                raise ValueError(
+                    f"vtc could not match an image of {run.numel()} tokens to the images the vision encoder saw "
+                    f"({lengths} tokens)"
+                )
+            images.append((b, run, self._vision[match[0]]))
+        return images
+
+    def _split_runs(self, runs: list, lengths: list[int]) -> list[tuple[int, torch.Tensor, dict]]:
+        images, image = [], 0
+        for b, run in runs:
+            start = 0
+            while start < run.numel():
+                length = lengths[image]
+                if start + length > run.numel():
+                    raise ValueError(
+                        f"the <|image_pad|> runs of the prompt do not split into whole images of {lengths} tokens"
+                    )
+                images.append((b, run[start : start + length], self._vision[image]))
+                start += length
+                image += 1
+        return images
