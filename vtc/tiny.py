@@ -1,18 +1,41 @@
 """Tiny random-weight models built from configs: offline, seconds on a CPU, real transformers classes.
 
-Used by the tests, the benchmarks and ``python -m vtc``. They have the real token geometry
-(a 336 px CLIP-style tower with 14 px patches gives LLaVA-1.5's 576 visual tokens per image) but
-random weights, so they exercise every code path without downloading anything.
+LLaVA-1.5, LLaVA-NeXT (AnyRes), Qwen2-VL and Qwen2.5-VL. Used by the tests, the benchmarks and ``python -m vtc``.
+They have the real token geometry (a 336 px CLIP-style tower with 14 px patches gives LLaVA-1.5's 576 visual
+tokens per image) but random weights, so they exercise every code path without downloading anything.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLTextConfig,
+)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
+EOS_TOKEN_ID = 2
+# Qwen2-VL / Qwen2.5-VL special tokens (pad, bos and eos as above); text tokens are drawn from QWEN_FIRST_TEXT_ID on.
+QWEN_IMAGE_TOKEN_ID = 3
+QWEN_VIDEO_TOKEN_ID = 4
+QWEN_VISION_START_TOKEN_ID = 5
+QWEN_VISION_END_TOKEN_ID = 6
+QWEN_FIRST_TEXT_ID = 7
+_QwenModel = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration
 
 
 def tiny_llava_config(
@@ -49,7 +72,7 @@ def tiny_llava_config(
         max_position_embeddings=4096,
         pad_token_id=PAD_TOKEN_ID,
         bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=2,
+        eos_token_id=EOS_TOKEN_ID,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -106,16 +129,363 @@ def tiny_llava_inputs(
             ids += [IMAGE_TOKEN_ID] * n + torch.randint(4, vocab, (2,), generator=generator).tolist()
         ids += torch.randint(4, vocab, (after,), generator=generator).tolist()
         rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, ids in enumerate(rows):
-        input_ids[b, length - len(ids) :] = torch.tensor(ids)
-        attention_mask[b, length - len(ids) :] = 1
+    input_ids, attention_mask = _left_pad(rows)
     total_images = sum(images_per_sample)
     pixel_values = torch.randn(total_images, 3, vision.image_size, vision.image_size, generator=generator)
     dtype = next(model.parameters()).dtype
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values.to(dtype)}
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids / attention_mask for token lists, left-padded with PAD_TOKEN_ID like a real processor."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, ids in enumerate(rows):
+        input_ids[b, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT
+
+
+def tiny_llava_next_config(
+    *,
+    hidden_size: int = 64,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    image_size: int = 56,
+    patch_size: int = 14,
+    vocab_size: int = 256,
+    vision_feature_layer: int = -2,
+    attn_implementation: str = "sdpa",
+    intermediate_size: int | None = None,
+    heads: int = 4,
+    image_grid_pinpoints: list[list[int]] | None = None,
+) -> LlavaNextConfig:
+    """A LLaVA-NeXT-shaped config: AnyRes crops of ``image_size`` px (CLS dropped), unpadding and image_newline.
+
+    The default pinpoints are LLaVA-1.6's (1x2, 2x1, 2x2, 1x3, 3x1 crops) scaled to ``image_size``.
+    """
+    base = tiny_llava_config(
+        hidden_size=hidden_size,
+        vision_layers=vision_layers,
+        text_layers=text_layers,
+        image_size=image_size,
+        patch_size=patch_size,
+        vocab_size=vocab_size,
+        vision_feature_layer=vision_feature_layer,
+        intermediate_size=intermediate_size,
+        heads=heads,
+    )
+    if image_grid_pinpoints is None:
+        crops = [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]
+        image_grid_pinpoints = [[rows * image_size, cols * image_size] for rows, cols in crops]
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=image_grid_pinpoints,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_next(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> LlavaNextForConditionalGeneration:
+    """A random-weight LlavaNextForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
+    config = tiny_llava_next_config(attn_implementation=attn_implementation, **config_options)
+    torch.manual_seed(seed)
+    config.text_config.initializer_range = 0.2
+    config.vision_config.initializer_factor = 4.0
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight[: IMAGE_TOKEN_ID + 1] = 0  # greedy never emits pad / bos / eos / <image>
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def _llava_next_patches(model: LlavaNextForConditionalGeneration, height: int, width: int) -> int:
+    """Crops (base image included) the AnyRes preprocessing makes of a ``height`` x ``width`` image."""
+    config = model.config
+    return image_size_to_num_patches((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def llava_next_image_tokens(model: LlavaNextForConditionalGeneration, height: int, width: int) -> int:
+    """Visual tokens (base + unpadded crops + newlines) the model makes of a ``height`` x ``width`` px image.
+
+    Asks the model itself: packs dummy features of the right crop count with ``pack_image_features``.
+    """
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    features = [torch.zeros(_llava_next_patches(model, height, width), side * side, 1)]
+    _, lengths = model.model.pack_image_features(
+        features,
+        torch.tensor([[height, width]]),
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        image_newline=torch.zeros(1),
+    )
+    return int(lengths[0])
+
+
+def tiny_llava_next_inputs(
+    model: LlavaNextForConditionalGeneration,
+    *,
+    image_sizes: tuple[tuple[tuple[int, int], ...], ...] = (((56, 112),),),
+    text_lengths: tuple[tuple[int, int], ...] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / pixel_values / image_sizes for a batch, laid out like LlavaNextProcessor's.
+
+    ``image_sizes[b]`` lists the (height, width) in pixels of each image of sample b (any number, any sizes).
+    Sample b is ``<bos> text [<image>xN_i text text]... text``, left-padded, N_i from ``llava_next_image_tokens``.
+    pixel_values is [num_images, max_crops, 3, S, S], zero past each image's crop count (the processor's
+    padding); pixel_values and image_sizes are left out when the batch has no image.
+    """
+    vision = model.config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    rows = []
+    for b, sizes in enumerate(image_sizes):
+        before, after = text_lengths[b] if text_lengths else (3 + 2 * b, 5 + b)
+        ids = [BOS_TOKEN_ID] + torch.randint(4, vocab, (before,), generator=generator).tolist()
+        for height, width in sizes:
+            n = llava_next_image_tokens(model, height, width)
+            ids += [IMAGE_TOKEN_ID] * n + torch.randint(4, vocab, (2,), generator=generator).tolist()
+        ids += torch.randint(4, vocab, (after,), generator=generator).tolist()
+        rows.append(ids)
+    input_ids, attention_mask = _left_pad(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    flat = [size for sizes in image_sizes for size in sizes]
+    if flat:
+        crops = [_llava_next_patches(model, height, width) for height, width in flat]
+        side = vision.image_size
+        pixel_values = torch.zeros(len(flat), max(crops), 3, side, side)
+        for i, count in enumerate(crops):
+            pixel_values[i, :count] = torch.randn(count, 3, side, side, generator=generator)
+        inputs["pixel_values"] = pixel_values.to(next(model.parameters()).dtype)
+        inputs["image_sizes"] = torch.tensor(flat, dtype=torch.long)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL
+
+
+def _qwen_text_config(
+    hidden_size: int, text_layers: int, heads: int, vocab_size: int, intermediate: int, mrope_section: list[int] | None
+) -> dict:
+    """Text-config kwargs shared by Qwen2-VL and Qwen2.5-VL (M-RoPE sections summing to head_dim / 2)."""
+    half = hidden_size // heads // 2
+    if mrope_section is None:  # the real models split 64 = 16 + 24 + 24 (t, h, w)
+        temporal = half // 4
+        mrope_section = [temporal, (half - temporal) // 2, half - temporal - (half - temporal) // 2]
+    if sum(mrope_section) != half:
+        raise ValueError(f"sum(mrope_section) must be head_dim / 2 = {half}, got {mrope_section}")
+    rope = {"rope_type": "default", "mrope_section": list(mrope_section)}
+    # transformers 5.x reads rope_parameters, 4.x rope_scaling.
+    rope_key = (
+        "rope_parameters" if "rope_parameters" in inspect.signature(Qwen2VLTextConfig).parameters else "rope_scaling"
+    )
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "pad_token_id": PAD_TOKEN_ID,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "initializer_range": 0.2,  # random tokens distinguishable, no greedy ties
+        rope_key: rope,
+    }
+
+
+def _qwen_special_tokens() -> dict[str, int]:
+    return {
+        "image_token_id": QWEN_IMAGE_TOKEN_ID,
+        "video_token_id": QWEN_VIDEO_TOKEN_ID,
+        "vision_start_token_id": QWEN_VISION_START_TOKEN_ID,
+        "vision_end_token_id": QWEN_VISION_END_TOKEN_ID,
+    }
+
+
+def tiny_qwen2_vl_config(
+    *,
+    hidden_size: int = 64,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 256,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    spatial_merge_size: int = 2,
+    intermediate_size: int | None = None,
+    mrope_section: list[int] | None = None,
+    attn_implementation: str = "sdpa",
+) -> Qwen2VLConfig:
+    """A Qwen2-VL-shaped config: 14 px patches, 2x2 patch merger (h * w / 4 tokens per image), M-RoPE."""
+    intermediate = intermediate_size or 2 * hidden_size
+    vision = {
+        "depth": vision_layers,
+        "embed_dim": hidden_size,
+        "hidden_size": hidden_size,  # the merger's output size = the text hidden size
+        "mlp_ratio": max(1, intermediate // hidden_size),
+        "num_heads": heads,
+        "patch_size": patch_size,
+        "temporal_patch_size": temporal_patch_size,
+        "spatial_merge_size": spatial_merge_size,
+        "initializer_range": 0.2,
+    }
+    text = _qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, **_qwen_special_tokens())
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_qwen2_5_vl_config(
+    *,
+    hidden_size: int = 64,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 256,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    spatial_merge_size: int = 2,
+    window_size: int = 56,
+    fullatt_block_indexes: list[int] | None = None,
+    intermediate_size: int | None = None,
+    mrope_section: list[int] | None = None,
+    attn_implementation: str = "sdpa",
+) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL-shaped config: as Qwen2-VL plus window attention in the vision tower.
+
+    ``window_size`` is in pixels: 56 = 2x2 merged tokens (4x4 patches) per window, so images of 8x8
+    patches or more really get several windows; only the last block attends globally by default.
+    """
+    intermediate = intermediate_size or 2 * hidden_size
+    vision = {
+        "depth": vision_layers,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate,
+        "out_hidden_size": hidden_size,
+        "num_heads": heads,
+        "patch_size": patch_size,
+        "temporal_patch_size": temporal_patch_size,
+        "spatial_merge_size": spatial_merge_size,
+        "window_size": window_size,
+        "fullatt_block_indexes": [vision_layers - 1] if fullatt_block_indexes is None else list(fullatt_block_indexes),
+        "initializer_range": 0.2,
+    }
+    text = _qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_qwen_special_tokens())
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _finish_qwen(model: _QwenModel) -> _QwenModel:
+    """Eval mode, special-token logits zeroed so greedy decoding never emits them, pad id for generate()."""
+    model.eval()
+    with torch.no_grad():
+        model.lm_head.weight[:QWEN_FIRST_TEXT_ID] = 0
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_qwen2_vl(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> Qwen2VLForConditionalGeneration:
+    """A random-weight Qwen2VLForConditionalGeneration in eval mode (weights depend only on ``seed``).
+
+    No-cache greedy reference equal to ``generate()`` (4.57 and 5.x): each step call the model on the full
+    sequence with the full attention_mask, the inputs' pixel_values / image_grid_thw (and mm_token_type_ids
+    right-padded with 0 for the new tokens, 5.x), ``use_cache=False`` and no position_ids: without a cache
+    it recomputes M-RoPE positions and rope_deltas itself, no reset of ``model.model.rope_deltas`` needed.
+    """
+    config = tiny_qwen2_vl_config(attn_implementation=attn_implementation, **config_options)
+    torch.manual_seed(seed)
+    return _finish_qwen(Qwen2VLForConditionalGeneration(config).to(dtype))
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A random-weight Qwen2_5_VLForConditionalGeneration in eval mode (see ``tiny_qwen2_vl``)."""
+    config = tiny_qwen2_5_vl_config(attn_implementation=attn_implementation, **config_options)
+    torch.manual_seed(seed)
+    return _finish_qwen(Qwen2_5_VLForConditionalGeneration(config).to(dtype))
+
+
+def tiny_qwen_inputs(
+    model: _QwenModel,
+    *,
+    image_grids: tuple[tuple[tuple[int, int], ...], ...] = (((8, 12),),),
+    text_lengths: tuple[tuple[int, int], ...] | None = None,
+    seed: int = 0,
+    video_grids: tuple[tuple[tuple[int, int, int], ...], ...] | None = None,
+) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / pixel_values / image_grid_thw for a Qwen2(.5)-VL batch, like its processor.
+
+    ``image_grids[b]`` lists the (h, w) in patches (even numbers) of each image of sample b. Sample b is
+    ``<bos> text [<|vision_start|> <|image_pad|>x(h*w/4) <|vision_end|> text text]... text``, left-padded.
+    ``video_grids[b]`` optionally lists (t, h, w) grids of videos (t = frames / temporal_patch_size), placed
+    after the images the same way with <|video_pad|>, giving pixel_values_videos and video_grid_thw.
+    ``mm_token_type_ids`` (1 image, 2 video, 0 text) is returned only where the model's forward takes it (5.x).
+    """
+    vision = model.config.vision_config
+    merge = vision.spatial_merge_size**2
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    vocab = model.config.text_config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    video_grids = video_grids or tuple(() for _ in image_grids)
+    if len(video_grids) != len(image_grids):
+        raise ValueError("video_grids needs one entry per sample")
+
+    def text(n: int) -> list[int]:
+        return torch.randint(QWEN_FIRST_TEXT_ID, vocab, (n,), generator=generator).tolist()
+
+    def block(pad_id: int, grid: tuple[int, ...]) -> list[int]:
+        t, h, w = grid
+        if h % vision.spatial_merge_size or w % vision.spatial_merge_size:
+            raise ValueError(f"grid {grid}: h and w must be multiples of {vision.spatial_merge_size}")
+        return [QWEN_VISION_START_TOKEN_ID] + [pad_id] * (t * h * w // merge) + [QWEN_VISION_END_TOKEN_ID] + text(2)
+
+    rows = []
+    for b, grids in enumerate(image_grids):
+        before, after = text_lengths[b] if text_lengths else (3 + 2 * b, 5 + b)
+        ids = [BOS_TOKEN_ID] + text(before)
+        for h, w in grids:
+            ids += block(QWEN_IMAGE_TOKEN_ID, (1, h, w))
+        for grid in video_grids[b]:
+            ids += block(QWEN_VIDEO_TOKEN_ID, grid)
+        rows.append(ids + text(after))
+    input_ids, attention_mask = _left_pad(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    dtype = next(model.parameters()).dtype
+    images = [(1, h, w) for grids in image_grids for h, w in grids]
+    if images:
+        inputs["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in images), patch_dim, generator=generator)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs["image_grid_thw"] = torch.tensor(images, dtype=torch.long)
+    videos = [tuple(grid) for grids in video_grids for grid in grids]
+    if videos:
+        pixels = torch.randn(sum(t * h * w for t, h, w in videos), patch_dim, generator=generator)
+        inputs["pixel_values_videos"] = pixels.to(dtype)
+        inputs["video_grid_thw"] = torch.tensor(videos, dtype=torch.long)
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        types = torch.zeros_like(input_ids)
+        types[input_ids == QWEN_IMAGE_TOKEN_ID] = 1
+        types[input_ids == QWEN_VIDEO_TOKEN_ID] = 2
+        inputs["mm_token_type_ids"] = types
+    return inputs
 
 
 _WORDS = (  # noqa: SIM905 - a sentence reads better than 37 quoted words
