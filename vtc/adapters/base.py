@@ -86,6 +86,7 @@ class Adapter(ABC):
         self.last: Compression | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._dropped: _Dropped | None = None
+        self._visual: torch.Tensor | None = None  # [B, L] image placeholders of the forward in progress
 
     # -- attach / detach --------------------------------------------------------------------------
 
@@ -232,9 +233,30 @@ class Adapter(ABC):
         empty = torch.empty(0, dtype=torch.long, device=embeds.device)
         self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
 
+    def _record_placeholders(self, bound: dict[str, Any], has_images: bool) -> None:
+        """Called by the family's model pre-hook: remember where the image placeholders of this forward are
+        (from input_ids, or by comparing inputs_embeds with the placeholder's embedding)."""
+        if not has_images:
+            self._visual = None
+            return
+        input_ids = bound.get("input_ids")
+        if input_ids is not None:
+            self._visual = input_ids == self.image_token_id
+            return
+        embeds = bound["inputs_embeds"]
+        token = torch.tensor(self.image_token_id, device=embeds.device)
+        self._visual = (embeds == self.base.get_input_embeddings()(token)).all(-1)
+
+    def _take_placeholders(self, embeds: torch.Tensor) -> torch.Tensor | None:
+        """The placeholder mask of this forward, once (None if it holds no image tokens)."""
+        visual, self._visual = self._visual, None
+        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
+            return None
+        return visual
+
     def _continues_prefill(self, embeds: torch.Tensor) -> bool:
-        """True when a forward over a non-empty cache carries visual tokens (subclasses know)."""
-        return False
+        """True when a forward over a non-empty cache carries visual tokens."""
+        return self._take_placeholders(embeds) is not None
 
     def _drop(self, kwargs: dict, embeds: torch.Tensor, keep: torch.Tensor) -> dict:
         """Remove the tokens where ``keep`` is False; re-pad on the left when rows keep different counts."""

@@ -79,7 +79,6 @@ class LlavaAdapter(Adapter):
             }
         self._cls_layers = self._needed_vision_layers()
         self._signature = inspect.signature(base.forward)
-        self._visual: torch.Tensor | None = None
         self._cls_rows: dict[int, torch.Tensor] = {}
         self._first_tokens: torch.Tensor | None = None
 
@@ -116,16 +115,7 @@ class LlavaAdapter(Adapter):
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         encoded = bound.get("mm_encoder_outputs") or {}
-        if bound.get("pixel_values") is None and encoded.get("image") is None:
-            self._visual = None
-            return
-        input_ids = bound.get("input_ids")
-        if input_ids is not None:
-            self._visual = input_ids == self.image_token_id
-        else:
-            embeds = bound["inputs_embeds"]
-            token = torch.tensor(self.image_token_id, device=embeds.device)
-            self._visual = (embeds == self.base.get_input_embeddings()(token)).all(-1)
+        self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._cls_rows = {}
@@ -142,15 +132,11 @@ class LlavaAdapter(Adapter):
     def _projector_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._first_tokens = output[:, 0].detach()
 
-    def _continues_prefill(self, embeds: torch.Tensor) -> bool:
-        visual, self._visual = self._visual, None
-        return visual is not None and bool(visual.any())
-
     # -- the plan ---------------------------------------------------------------------------------
 
     def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        visual, self._visual = self._visual, None
-        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
+        visual = self._take_placeholders(embeds)
+        if visual is None:
             self._no_images(embeds)
             return None
         with torch.no_grad():

@@ -84,7 +84,7 @@ class Qwen2VLAdapter(Adapter):
         blocks = base.visual.blocks
         full = getattr(vision, "fullatt_block_indexes", None)
         self.signal_block = max(full) if full else len(blocks) - 1  # the last full-attention block
-        self.windowed = bool(full)
+        self.windowed = full is not None  # Qwen2.5-VL: patches run in window order through the blocks
         self.aux = None
         cls_model = (options or {}).get("cls_model")
         if cls_model is not None:
@@ -96,18 +96,19 @@ class Qwen2VLAdapter(Adapter):
         )
         self.signal_sources = {"features": "merged visual tokens (language-model input)"}
         if "attention_received" in method.requires:
-            self.signal_sources["attention_received"] = f"vision block {self.signal_block} (full attention)"
+            scope = "full attention" if not self.windowed or full else "window attention: no full-attention block"
+            self.signal_sources["attention_received"] = f"vision block {self.signal_block} ({scope})"
         if self.aux is not None:
             self.signal_sources["cls_attention"] = f"auxiliary open_clip {self.aux.name}, last block"
             self.signal_sources["cls_attention_layers"] = f"auxiliary open_clip {self.aux.name}, every block"
         self._signature = inspect.signature(base.forward)
-        self._visual: torch.Tensor | None = None
+        self._vision_signature = inspect.signature(base.visual.forward)
         self._vision: list[dict[str, Any]] | None = None
         self._received: torch.Tensor | None = None
         self._window_index: torch.Tensor | None = None
 
     def check(self) -> None:
-        if "cls_attention" in self.method.requires and self.aux is None:
+        if {"cls_attention", "cls_attention_layers"} & set(self.method.requires) and self.aux is None:
             raise ValueError(
                 f"method {self.method.name!r} needs [CLS] attention, but {type(self.model).__name__}'s vision tower "
                 "has no [CLS] token. Choose a substitute explicitly: vtc.compress(model, 'fastervlm', "
@@ -145,19 +146,10 @@ class Qwen2VLAdapter(Adapter):
                 "vtc does not compress video inputs yet (pixel_values_videos / <|video_pad|> tokens); "
                 "call handle.remove() to run video prompts uncompressed"
             )
-        if bound.get("pixel_values") is None and encoded.get("image") is None:
-            self._visual = None
-            return
-        input_ids = bound.get("input_ids")
-        if input_ids is not None:
-            self._visual = input_ids == self.image_token_id
-        else:
-            embeds = bound["inputs_embeds"]
-            token = torch.tensor(self.image_token_id, device=embeds.device)
-            self._visual = (embeds == self.base.get_input_embeddings()(token)).all(-1)
+        self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        bound = self._vision_signature.bind_partial(*args, **kwargs).arguments
         grid_thw = bound["grid_thw"]
         self._vision = None
         self._received = None
@@ -225,15 +217,11 @@ class Qwen2VLAdapter(Adapter):
             rows.append(self.aux.resample(maps, (h // self.merge, w // self.merge))[0].to(pixel_values.device))
         return rows
 
-    def _continues_prefill(self, embeds: torch.Tensor) -> bool:
-        visual, self._visual = self._visual, None
-        return visual is not None and bool(visual.any())
-
     # -- the plan ---------------------------------------------------------------------------------
 
     def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        visual, self._visual = self._visual, None
-        if visual is None or visual.shape != embeds.shape[:2] or not bool(visual.any()):
+        visual = self._take_placeholders(embeds)
+        if visual is None:
             self._no_images(embeds)
             return None
         with torch.no_grad():
