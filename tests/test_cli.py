@@ -47,3 +47,17 @@ def test_local_checkpoint_with_processor(tmp_path, capsys):
     assert set(table) == {"none", "fastervlm", "dart"}
     assert "576 -> 32" in table["fastervlm"] and "576 -> 32" in table["dart"]
     assert "LlavaForConditionalGeneration" in out
+
+
+def test_other_tiny_families_and_methods_they_cannot_run(capsys):
+    assert (
+        main(["--model", "tiny-qwen2-vl", "--methods", "dart,fastervlm", "--repeats", "1", "--max-new-tokens", "2"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "384 -> 64" in rows(out)["dart"]
+    assert "skipped fastervlm: method 'fastervlm' needs [CLS] attention" in out
+    argv = ["--model", "tiny-llava-next", "--methods", "uniform", "--budget", "per_crop", "--keep", "96"]
+    assert main([*argv, "--repeats", "1", "--max-new-tokens", "2"]) == 0
+    kept = int(re.search(r"uniform +2928 -> (\d+)", capsys.readouterr().out).group(1))
+    assert 96 < kept <= 96 + 48  # 96 content tokens + the newlines of their rows (48 rows of 2 x 2 crops)

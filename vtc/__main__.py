@@ -1,7 +1,8 @@
 """``python -m vtc``: compress a VLM with every method and show what changes.
 
 Offline by default: a LLaVA-1.5-shaped model (576 visual tokens per image) with random weights is
-built from a config, so nothing is downloaded. With ``--model DIR_OR_HUB_ID --image PATH`` the same
+built from a config, so nothing is downloaded (``--model tiny-llava-next`` / ``tiny-qwen2-vl`` /
+``tiny-qwen2.5-vl`` do the same for the other supported families). With ``--model DIR_OR_HUB_ID --image PATH`` the same
 run uses a real model through from_pretrained + AutoProcessor and prints its answers.
 """
 
@@ -29,12 +30,28 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _load(args: argparse.Namespace):
-    if args.model == "tiny":
-        from vtc.tiny import tiny_llava, tiny_llava_inputs
+TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 
-        model = tiny_llava(hidden_size=256, text_layers=4, vision_layers=6, heads=8, vocab_size=1024)
-        return model, tiny_llava_inputs(model, seed=args.seed), None
+
+def _tiny(name: str, seed: int):
+    """A random-weight model of a supported family, with one image-sized prompt (offline)."""
+    from vtc import tiny
+
+    shape = {"hidden_size": 256, "text_layers": 4, "vision_layers": 6, "heads": 8, "vocab_size": 1024}
+    if name == "tiny":
+        model = tiny.tiny_llava(**shape)
+        return model, tiny.tiny_llava_inputs(model, seed=seed)
+    if name == "tiny-llava-next":  # 336 px crops of 24 x 24 tokens, a 672 x 672 image: 2928 visual tokens
+        model = tiny.tiny_llava_next(image_size=336, **shape)
+        return model, tiny.tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
+    build = tiny.tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny.tiny_qwen2_5_vl
+    model = build(**shape)  # a 448 x 672 image: 32 x 48 patches, 384 visual tokens
+    return model, tiny.tiny_qwen_inputs(model, image_grids=(((32, 48),),), seed=seed)
+
+
+def _load(args: argparse.Namespace):
+    if args.model in TINY_MODELS:
+        return *_tiny(args.model, args.seed), None
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -50,9 +67,12 @@ def _load(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtc", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="'tiny' (offline, random weights), a local dir or a hub id")
+    parser.add_argument(
+        "--model", default="tiny", help=f"one of {TINY_MODELS} (offline, random weights), a local dir or a hub id"
+    )
     parser.add_argument("--methods", default=",".join(vtc.list_methods()), help="comma-separated method names")
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
+    parser.add_argument("--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail")
     parser.add_argument("--image", help="image file (real models)")
     parser.add_argument("--prompt", default="Describe the image briefly.", help="question (real models)")
     parser.add_argument("--max-new-tokens", type=int, default=12)
@@ -80,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline_ms = _median_ms(prefill, args.repeats)
     rows = [("none", n_tokens, n_tokens, baseline_ms, 1.0, answer())]
+    skipped = []
     for name in methods:
-        with vtc.compress(model, name, keep=args.keep) as handle:
+        try:
+            handle = vtc.compress(model, name, keep=args.keep, budget=args.budget)
+        except ValueError as error:  # e.g. a [CLS] method on a tower without [CLS]
+            skipped.append(f"{name}: {error}")
+            continue
+        with handle:
             ms = _median_ms(prefill, args.repeats)
             text = answer()
         before, after = sum(handle.stats["visual_tokens_before"]), sum(handle.stats["visual_tokens_after"])
@@ -92,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for name, before, after, ms, speedup, text in rows:
         print(f"{name:<10} {before:>6} -> {after:<5} {ms:>11.1f} {speedup:>8.2f}x  {text}")
+    for line in skipped:
+        print(f"skipped {line}")
     if processor is None:
         print("(random weights: the output is token ids, shown to prove generate() runs with a compressed cache)")
     return 0

@@ -103,7 +103,7 @@ class Adapter(ABC):
             )
         if self.tokens_per_image is not None:
             self.budget.tokens(self.tokens_per_image)  # raises if keep > N
-            self.method.check_geometry(self.tokens_per_image, self.vision_layers_used)
+        self.method.check_geometry(self.tokens_per_image, self.vision_layers_used)
 
     def attach(self) -> None:
         try:

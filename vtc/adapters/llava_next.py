@@ -152,12 +152,12 @@ class LlavaNextAdapter(LlavaAdapter):
                 "run while vtc is attached"
             )
         flat = table.flatten(0, 1)  # [R * T, D]
-        probe = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        keys = flat.double() @ probe.to(flat.device)
+        tokens = tokens.to(flat.dtype)
+        keys = _bit_keys(flat)
         order = keys.argsort()
-        found = torch.searchsorted(keys[order], tokens.double() @ probe.to(tokens.device)).clamp(max=len(order) - 1)
+        found = torch.searchsorted(keys[order], _bit_keys(tokens)).clamp(max=len(order) - 1)
         candidate = order[found]
-        exact = (flat[candidate] == tokens.to(flat.dtype)).all(-1)
+        exact = (flat[candidate] == tokens).all(-1)
         newline = (tokens == self.base.image_newline.to(tokens.dtype)).all(-1)
         if not bool((exact | newline).all()):
             raise ValueError("vtc could not match the packed image tokens to the vision encoder's output")
@@ -268,9 +268,19 @@ class LlavaNextAdapter(LlavaAdapter):
         return keep
 
 
+def _bit_keys(rows: torch.Tensor) -> torch.Tensor:
+    """[R, D] -> [R] int64 hash of each row's exact bits. Integer arithmetic, so equal rows get equal keys
+    whatever the shapes (a float mat-vec may round the same row differently in differently shaped calls)."""
+    bits = rows.contiguous().view(torch.int16 if rows.element_size() == 2 else torch.int32).long()
+    weights = torch.randint(1, 1 << 16, (bits.shape[-1],), generator=torch.Generator().manual_seed(0))
+    return (bits * weights.to(bits.device)).sum(-1)  # |bits * weights| < 2**47: no overflow below 2**16 columns
+
+
 def distribute(total: int, weights: list[float], caps: list[int]) -> list[int]:
     """Split ``total`` into integer parts proportional to ``weights``, part i at most ``caps[i]``, summing
     to ``total`` (at most sum(caps)). Largest remainder; what a capped part cannot take goes to the others."""
+    if total > sum(caps):
+        raise ValueError(f"cannot split {total} into parts capped at {caps} (at most {sum(caps)} in all)")
     counts = [0] * len(weights)
     while total - sum(counts) > 0:
         remaining = total - sum(counts)

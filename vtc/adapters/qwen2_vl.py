@@ -91,6 +91,7 @@ class Qwen2VLAdapter(Adapter):
             from vtc.aux_clip import AuxiliaryCLIP
 
             self.aux = AuxiliaryCLIP.create(cls_model)
+            self.vision_layers_used = self.aux.num_layers  # the [CLS] rows come from the auxiliary tower
         self.provides = ("features", "attention_received") + (
             ("cls_attention", "cls_attention_layers") if self.aux is not None else ()
         )

@@ -128,9 +128,9 @@ class Method(ABC):
             return Plan(torch.arange(n, device=signal_device(signals)).expand(batch_size(signals), n).clone(), n)
         return self._plan(signals, keep)
 
-    def check_geometry(self, num_tokens: int, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
+    def check_geometry(self, num_tokens: int | None, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
         """Raise if the method's options cannot work with N tokens per image and ``vision_layers``
-        vision layers up to the feature layer (None if unknown). Called at attach time."""
+        vision layers up to the feature layer (each None if unknown or varying). Called at attach time."""
 
     def select(self, signals: dict[str, Any], keep: int) -> torch.Tensor:
         """[B, keep] sorted kept indices."""

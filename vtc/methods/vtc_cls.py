@@ -51,7 +51,7 @@ class VTCCLS(ScoredMethod):
             )
         return start
 
-    def check_geometry(self, num_tokens: int, vision_layers: int | None) -> None:
+    def check_geometry(self, num_tokens: int | None, vision_layers: int | None) -> None:
         if vision_layers is not None:
             self.first_layer(vision_layers)
 
