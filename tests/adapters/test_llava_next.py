@@ -681,3 +681,24 @@ def test_distribute_examples(total, weights, caps, expected):
 def test_distribute_refuses_a_total_above_the_caps():
     with pytest.raises(ValueError, match=r"cannot split 5 into parts capped at \[2, 2\]"):
         distribute(5, [1, 1], [2, 2])  # used to loop forever
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize(
+    "pinpoints,size",
+    [([[56, 168]], (100, 60)), ([[56, 168]], (300, 60)), (None, (400, 20))],
+    ids=["middle-crop-only", "no-crop-tokens", "empty-rows"],
+)
+def test_unpadding_that_removes_whole_crops_or_rows(pinpoints, size, budget):
+    """Unpadding can remove whole crops (a narrow image on a 1 x 3 canvas keeps only the middle one) or leave
+    rows without tokens: budgets still sum to keep, and a newline is kept only when its row keeps a token."""
+    options = {} if pinpoints is None else {"image_grid_pinpoints": pinpoints}
+    model = tiny_llava_next(**options)
+    inputs = tiny_llava_next_inputs(model, image_sizes=((size,),))
+    with vtc.compress(model, "uniform", keep=6, budget=budget) as handle, torch.no_grad():
+        model(**inputs)
+    source = handle._adapter.packing(size).tolist()
+    kept = set(handle.last_kept[0].tolist())
+    assert sum(source[j] >= 0 for j in kept) == 6
+    for newline, members in rows_of(source):
+        assert (newline in kept) == any(j in kept for j in members)

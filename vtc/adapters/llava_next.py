@@ -182,15 +182,17 @@ class LlavaNextAdapter(LlavaAdapter):
         if self.crop_budget == "global":
             return [self._unit(b, positions, content, keep, None, signals)]
         crops = int(crop.max()) + 1
-        masks = [crop == c for c in range(crops)]
+        present = [c for c in range(crops) if bool((crop == c).any())]  # unpadding can remove whole crops
+        masks = [crop == c for c in present]
         sizes = [int(m.sum()) for m in masks]
         grids = [self.grid] + [self._crop_grid(source, m) for m in masks[1:]]
-        if self.crop_budget == "per_crop" or crops == 1:
+        if self.crop_budget == "per_crop" or len(present) == 1:
             counts = distribute(keep, sizes, sizes)
         else:
             base_count = distribute(keep, sizes, sizes)[0]
-            share = self._thumbnail_share(source, crop, signals["cls_attention"])  # [crops - 1]
-            weights = [size * (1 + s - 1 / len(share)) for size, s in zip(sizes[1:], share.tolist(), strict=True)]
+            mass = self._thumbnail_share(source, crop, signals["cls_attention"])  # [crops - 1], crop c at c - 1
+            share = [float(mass[c - 1]) for c in present[1:]]
+            weights = [size * (1 + s - 1 / len(share)) for size, s in zip(sizes[1:], share, strict=True)]
             counts = [base_count] + distribute(keep - base_count, weights, sizes[1:])
         return [
             self._unit(b, positions, mask, count, grid, signals)
@@ -260,7 +262,9 @@ class LlavaNextAdapter(LlavaAdapter):
             if not bool(newline.any()):
                 continue
             row = newline.long().cumsum(0) - newline.long()  # row of each token; a newline ends its row
-            members = (source >= self.patch_tokens) if bool((source >= self.patch_tokens).any()) else (source >= 0)
+            # Rows are made of crop tokens; only an image without crops has its newline after the base.
+            crops = int(source.max()) >= self.patch_tokens or int(newline.sum()) > 1
+            members = (source >= self.patch_tokens) if crops else (source >= 0)
             kept = keep[b, positions] & members
             row_kept = torch.zeros(int(newline.sum()), dtype=torch.bool, device=keep.device)
             row_kept[row[kept]] = True
