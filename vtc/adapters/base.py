@@ -174,15 +174,13 @@ class Adapter(ABC):
 
     def _plan_units(
         self, embeds: torch.Tensor, visual: torch.Tensor, units: list[Unit]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], Plan | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Plan | None]:
         """Run the method on every unit; units of one shape and budget share a batched call.
 
         Returns (keep [B, L] bool: non-visual tokens and kept visual ones, embeds with merged values
-        written at kept positions, kept index per unit into its ``positions``, the single Plan when
-        all units formed one call else None).
+        written at kept positions, the Plan when all units formed one call else None).
         """
         keep = ~visual
-        kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.long, device=embeds.device)] * len(units)
         groups: dict[tuple, list[int]] = {}
         for i, unit in enumerate(units):
             groups.setdefault((unit.positions.numel(), unit.keep, unit.grid), []).append(i)
@@ -206,10 +204,8 @@ class Adapter(ABC):
             if plan.merge_into is not None and not plan.is_identity:
                 embeds = embeds.clone()
                 embeds[rows.expand_as(kept_cols), kept_cols] = plan.apply(features)
-            for row, i in enumerate(members):
-                kept[i] = plan.kept[row]
         single = plans[0] if len(groups) == 1 and len(plans) == 1 else None
-        return keep, embeds, kept, single
+        return keep, embeds, single
 
     def _compression(
         self, visual: torch.Tensor, keep: torch.Tensor, images: list[int], plan: Plan | None

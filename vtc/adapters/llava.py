@@ -142,7 +142,7 @@ class LlavaAdapter(Adapter):
         with torch.no_grad():
             images = self._locate_images(visual, embeds)
             units = self._units(embeds, images)
-            keep, embeds, _, plan = self._plan_units(embeds, visual, units)
+            keep, embeds, plan = self._plan_units(embeds, visual, units)
             keep = self._complete_keep(keep, images)
             per_sample = torch.bincount(torch.tensor([b for b, _ in images]), minlength=visual.shape[0]).tolist()
             self.last = self._compression(visual, keep, per_sample, plan)

@@ -129,6 +129,7 @@ class LlavaNextAdapter(LlavaAdapter):
             self._layout = [(self.packing(size), None) for size in self._image_sizes[: len(images)]]
         else:
             self._layout = [self._match_tokens(embeds[b, positions]) for b, positions in images]
+        self._projected = None  # used once; do not hold the crops' features past the prefill
         return images
 
     def _image_length(self, image: int) -> int:

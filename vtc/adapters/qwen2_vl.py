@@ -229,7 +229,7 @@ class Qwen2VLAdapter(Adapter):
             images = self._locate_images(visual, embeds)
             self._vision = None  # used once: a later prefill must not reuse another forward's signals
             units = [self._unit(b, positions, info) for b, positions, info in images]
-            keep, embeds, _, plan = self._plan_units(embeds, visual, units)
+            keep, embeds, plan = self._plan_units(embeds, visual, units)
             per_sample = torch.bincount(torch.tensor([b for b, _, _ in images]), minlength=visual.shape[0]).tolist()
             self.last = self._compression(visual, keep, per_sample, plan)
         if bool(keep.all()):
