@@ -313,3 +313,12 @@ def test_uniform_non_square_n_without_grid_is_one_row():
     kept = vtc.select("uniform", keep=10, features=torch.zeros(1, 100 - 1, 4))[0]
     gaps = kept.diff()
     assert int(gaps.max()) - int(gaps.min()) <= 1  # evenly spaced along the single row
+
+
+def test_fastervlm_on_attention_received_is_its_top_k_and_never_falls_back_to_cls():
+    scores = torch.rand(3, 50, generator=torch.Generator().manual_seed(4))
+    method = vtc.get_method("fastervlm", signal="attention_received")
+    kept = vtc.select(method, keep=7, attention_received=scores)
+    assert torch.equal(kept, scores.topk(7, dim=1).indices.sort(dim=1).values)
+    with pytest.raises(ValueError, match=r"needs signal\(s\) \['attention_received'\]"):
+        vtc.select(method, keep=7, cls_attention=scores)
