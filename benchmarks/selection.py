@@ -61,7 +61,7 @@ QUICK = {
     "text_lengths": (35, 20),
     "keeps": (192, 64),
 }
-PREFILL_METHODS = tuple(vtc.list_methods())
+PREFILL_METHODS = tuple(vtc.list_methods("pre"))
 
 
 # -- paper forms: written the way the original repositories write them, batch of one image -----------------
@@ -202,7 +202,7 @@ def bench_selection(cfg: dict[str, Any], device: torch.device, repeats: int, war
     keep = sel["keep"]
     signals = selection_signals(sel["tokens"], sel["dim"], sel["vision_layers"], device)
 
-    methods = {name: vtc.get_method(name) for name in vtc.list_methods()}
+    methods = {name: vtc.get_method(name) for name in vtc.list_methods("pre")}
     methods["dart(merge=True)"] = vtc.get_method("dart", merge=True)
     paper = {
         "divprune": lambda: divprune_paper(signals["features"], keep),

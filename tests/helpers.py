@@ -34,3 +34,32 @@ def greedy_no_cache(model, inputs: dict, steps: int) -> torch.Tensor:
 def greedy_generate(model, inputs: dict, steps: int) -> torch.Tensor:
     out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     return out[:, -steps:]
+
+
+class Replay:
+    """Makes an in-LLM method repeat, on every later forward, the choices it made on the first one.
+
+    Last-token methods (FastV, PDrop) choose from the prompt's last token, so a no-cache reference that
+    re-runs prompt + generated tokens would choose again from another token. Replaying the prefill's
+    choices gives the no-cache run exactly what generate() keeps in its cache.
+    """
+
+    def __init__(self, method):
+        self.method = method
+        self.calls: list[torch.Tensor] = []
+        self.replaying = False
+        self._next = 0
+        self._choose = type(method).choose
+        method.choose = self._call
+
+    def _call(self, stage):
+        if not self.replaying:
+            chosen = self._choose(self.method, stage)
+            self.calls.append(chosen)
+            return chosen
+        chosen = self.calls[self._next % len(self.calls)]
+        self._next += 1
+        return chosen
+
+    def replay(self) -> None:
+        self.replaying, self._next = True, 0

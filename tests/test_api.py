@@ -22,9 +22,11 @@ def inputs(model):
 
 
 def test_registries():
-    assert vtc.list_methods() == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
+    assert vtc.list_methods("pre") == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
+    assert vtc.list_methods("llm") == ["adaptive", "dart_llm", "fastv", "pdrop"]
+    assert vtc.list_methods() == sorted(vtc.list_methods("pre") + vtc.list_methods("llm"))
     assert vtc.list_models() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
-    for name in vtc.list_methods():
+    for name in vtc.list_methods("pre"):
         method = vtc.get_method(name)
         assert method.name == name
         assert set(method.requires) <= set(vtc.SIGNALS)
@@ -40,7 +42,12 @@ BAD_CALLS = [
     ({"method": "fastervlm", "ratio": float("nan")}, ValueError, r"ratio must be a number in \(0, 1\]"),
     ({"method": "fastervlm", "keep": 64, "ratio": 0.1}, ValueError, r"exactly one of keep="),
     ({"method": "fastervlm"}, ValueError, r"exactly one of keep="),
-    ({"method": "fastv", "keep": 64}, ValueError, r"unknown method 'fastv'; known methods: \['dart', 'divprune'"),
+    ({"method": "fastvv", "keep": 64}, ValueError, r"unknown method 'fastvv'; known methods: \['adaptive', 'dart'"),
+    ({"method": "fastv", "keep": 64, "layer": 4}, ValueError, r"fastv: drop layers \[4\] must be .* within 1..1"),
+    ({"method": ["fastv", "divprune"], "keep": [64, 32]}, ValueError, r"a method list is \[pre-LLM method, in-LLM"),
+    ({"method": ["divprune", "fastv"], "keep": 64}, ValueError, r"keep must be a list of 2"),
+    ({"method": ["divprune", "fastv", "pdrop"], "keep": [1, 2, 3]}, ValueError, r"got 3 entries"),
+    ({"method": ["divprune", "fastv"], "keep": [64, 32], "merge": True}, ValueError, r"ambiguous with a method list"),
     ({"method": "dartt", "keep": 64}, ValueError, r"Did you mean 'dart'"),
     ({"method": "dart", "keep": 64, "pivots": 3}, ValueError, r"unknown option\(s\) \['pivots'\] for method 'dart'"),
     ({"method": "dart", "keep": 64, "num_pivots": 0}, ValueError, r"num_pivots must be an int >= 1"),

@@ -6,6 +6,7 @@ import re
 
 from PIL import Image
 
+import vtc
 from vtc.__main__ import main
 from vtc.tiny import save_tiny_llava
 
@@ -17,9 +18,10 @@ def rows(output: str) -> dict[str, str]:
 def test_offline_default_runs_every_method(capsys):
     assert main(["--repeats", "1", "--max-new-tokens", "2"]) == 0
     table = rows(capsys.readouterr().out)
-    assert set(table) == {"none", "dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"}
+    assert set(table) == {"none", *vtc.list_methods()}
     assert "576 -> 576" in table["none"]
-    assert all("576 -> 64" in line for name, line in table.items() if name != "none")
+    assert all("576 -> 64 " in line for name, line in table.items() if name not in ("none", "adaptive"))
+    assert int(re.search(r"576 -> (\d+)", table["adaptive"]).group(1)) >= 64  # adaptive: keep is the floor
 
 
 def test_local_checkpoint_with_processor(tmp_path, capsys):

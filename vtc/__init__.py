@@ -9,6 +9,7 @@ Importing vtc patches nothing.
 
 from vtc.api import CompressionHandle, compress, select
 from vtc.methods.base import SIGNALS, Budget, Method, Plan
+from vtc.methods.layerwise import LayerwiseMethod
 from vtc.registry import get_method, list_methods, list_models
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "SIGNALS",
     "Budget",
     "CompressionHandle",
+    "LayerwiseMethod",
     "Method",
     "Plan",
     "compress",

@@ -10,7 +10,9 @@ from torch import nn
 
 from vtc.adapters.base import Adapter
 from vtc.methods.base import Budget, Method, Plan, check_signals, num_tokens
-from vtc.registry import get_adapter_class, get_method
+from vtc.methods.keep_all import KeepAll
+from vtc.methods.layerwise import LayerwiseMethod
+from vtc.registry import get_adapter_class, get_method, list_methods
 
 # model -> description of what is attached. The value must not reference the model, or the entry would keep
 # its own weak key alive.
@@ -21,19 +23,25 @@ class CompressionHandle:
     """A method attached to a model. Use as a context manager or call :meth:`remove`.
 
     Attributes:
-        method: the :class:`~vtc.Method` in use.
-        budget: the :class:`~vtc.Budget` (keep or ratio per image).
+        methods / budgets: the methods in use (pre-LLM and/or in-LLM) and their budgets; ``method`` /
+            ``budget`` are the first of them.
         last_kept: after each prefill, one sorted 1-D LongTensor per batch sample: indices, into that
-            sample's visual tokens in original order (images concatenated), of the tokens the language
-            model received. Empty tensors for samples without images; None before the first forward.
-        last_plan: the :class:`~vtc.Plan` of the last prefill, over all its images in sequence order.
-        stats: visual tokens before/after per sample for the last prefill, and the signals used.
+            sample's visual tokens in original order (images concatenated), of the tokens that reach the
+            language model's last layer. Empty tensors for samples without images; None before the
+            first forward.
+        last_plan: the pre-LLM :class:`~vtc.Plan` of the last prefill when all images shared one call.
+        stats: per sample, visual tokens before / after, images, visual tokens at the input of every
+            language-model layer (``visual_tokens_per_layer``), an estimate of the language model's
+            prefill FLOPs compressed vs uncompressed (``prefill_flops``), and the signals used.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter):
         self.model = model
-        self.method = adapter.method
-        self.budget = adapter.budget
+        stages = [(adapter.method, adapter.budget), (adapter.layerwise, adapter.layer_budget)]
+        stages = [(m, b) for m, b in stages if m is not None and not isinstance(m, KeepAll)]
+        self.methods = tuple(m for m, _ in stages)
+        self.budgets = tuple(b for _, b in stages)
+        self.method, self.budget = stages[0]
         self.active = True
         self._adapter = adapter
 
@@ -60,6 +68,8 @@ class CompressionHandle:
             "signal_sources": {
                 name: last.signal_sources[name] for name in last.signals_used if name in last.signal_sources
             },
+            "visual_tokens_per_layer": last.visual_per_layer,
+            "prefill_flops": last.flops,
         }
 
     def remove(self) -> None:
@@ -78,11 +88,12 @@ class CompressionHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"CompressionHandle({self.method.name}: {self.method!r}, {self.budget}, {state})"
+        stages = ", ".join(f"{m.name}: {m!r}, {b}" for m, b in zip(self.methods, self.budgets, strict=True))
+        return f"CompressionHandle({stages}, {state})"
 
 
-def _resolve_method(method: str | Method, options: dict[str, Any]) -> Method:
-    if isinstance(method, Method):
+def _resolve_method(method: str | Method | LayerwiseMethod, options: dict[str, Any]) -> Method | LayerwiseMethod:
+    if isinstance(method, (Method, LayerwiseMethod)):
         if options:
             raise ValueError(
                 f"options {sorted(options)} were given next to a {type(method).__name__} instance; "
@@ -96,12 +107,40 @@ def _resolve_method(method: str | Method, options: dict[str, Any]) -> Method:
     )
 
 
+def _stages(
+    method: Any, keep: Any, ratio: Any, options: dict[str, Any]
+) -> tuple[Method, Budget, LayerwiseMethod | None, Budget | None]:
+    """(pre-LLM method, its budget, in-LLM method or None, its budget) for compress()'s arguments."""
+    if not isinstance(method, (list, tuple)):
+        resolved = _resolve_method(method, options)
+        if isinstance(resolved, LayerwiseMethod):
+            return KeepAll(), Budget(ratio=1.0), resolved, Budget(keep=keep, ratio=ratio)
+        return resolved, Budget(keep=keep, ratio=ratio), None, None
+    if len(method) != 2:
+        raise ValueError(f"a method list holds a pre-LLM method then an in-LLM method, got {len(method)} entries")
+    if options:
+        raise ValueError(f"options {sorted(options)} are ambiguous with a method list; pass method instances instead")
+    pre, llm = (_resolve_method(m, {}) for m in method)
+    if not isinstance(pre, Method) or not isinstance(llm, LayerwiseMethod):
+        raise ValueError(
+            f"a method list is [pre-LLM method, in-LLM method], e.g. ['divprune', 'fastv']; got "
+            f"[{pre.name!r}, {llm.name!r}] (pre-LLM: {list_methods('pre')}, in-LLM: {list_methods('llm')})"
+        )
+    budgets = []
+    for name, value in (("keep", keep), ("ratio", ratio)):
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 2):
+            raise ValueError(f"with a method list, {name} must be a list of 2 (one per method), got {value!r}")
+    for i in range(2):
+        budgets.append(Budget(keep=None if keep is None else keep[i], ratio=None if ratio is None else ratio[i]))
+    return pre, budgets[0], llm, budgets[1]
+
+
 def compress(
     model: nn.Module,
-    method: str | Method,
+    method: str | Method | LayerwiseMethod | list,
     *,
-    keep: int | None = None,
-    ratio: float | None = None,
+    keep: int | list[int] | None = None,
+    ratio: float | list[float] | None = None,
     budget: str | None = None,
     cls_model: Any = None,
     **method_options: Any,
@@ -110,8 +149,12 @@ def compress(
 
     Args:
         model: e.g. a ``LlavaForConditionalGeneration`` (see :func:`vtc.list_models`).
-        method: a name from :func:`vtc.list_methods` or a :class:`~vtc.Method` instance.
-        keep: visual tokens kept per image. Exactly one of ``keep`` / ``ratio``.
+        method: a name from :func:`vtc.list_methods` or a method instance; or a list
+            ``[pre-LLM method, in-LLM method]`` (e.g. ``["divprune", "fastv"]``), then ``keep`` / ``ratio``
+            are lists with one budget per method (``keep=[192, 64]``: 192 tokens per image reach the
+            language model, 64 go on after the in-LLM method's drop layer).
+        keep: visual tokens kept per image. Exactly one of ``keep`` / ``ratio``. In-LLM methods: the count
+            after their (last) drop layer; for "adaptive" the floor.
         ratio: fraction of visual tokens kept per image, in (0, 1] (round(ratio * N), at least 1).
         budget: LLaVA-NeXT only: how ``keep`` is shared by an image's base and AnyRes crops, "global"
             (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`).
@@ -125,19 +168,18 @@ def compress(
 
     Every check runs before any hook is attached: on error the model is untouched.
     """
-    resolved = _resolve_method(method, method_options)
-    token_budget = Budget(keep=keep, ratio=ratio)
+    pre, pre_budget, llm, llm_budget = _stages(method, keep, ratio, method_options)
     adapter_class = get_adapter_class(model)
     if model in _ATTACHED:
         raise RuntimeError(
             f"vtc is already attached to this model ({_ATTACHED[model]}); call handle.remove() before attaching again"
         )
     options = {name: value for name, value in (("budget", budget), ("cls_model", cls_model)) if value is not None}
-    adapter = adapter_class(model, resolved, token_budget, options)
+    adapter = adapter_class(model, pre, pre_budget, options, layerwise=llm, layer_budget=llm_budget)
     adapter.check()
     adapter.attach()
     handle = CompressionHandle(model, adapter)
-    _ATTACHED[model] = f"{resolved.name} {token_budget}"
+    _ATTACHED[model] = repr(handle)
     return handle
 
 

@@ -13,6 +13,7 @@ from vtc.methods.base import Method
 from vtc.methods.dart import DART
 from vtc.methods.divprune import DivPrune
 from vtc.methods.fastervlm import FasterVLM
+from vtc.methods.layerwise import DARTLLM, Adaptive, FastV, LayerwiseMethod, PDrop
 from vtc.methods.random import Random
 from vtc.methods.uniform import Uniform
 from vtc.methods.vtc_cls import VTCCLS
@@ -26,6 +27,14 @@ METHODS: dict[str, type[Method]] = {
     "uniform": Uniform,
 }
 
+# In-LLM methods: drop visual tokens between decoder layers.
+LAYERWISE_METHODS: dict[str, type[LayerwiseMethod]] = {
+    "fastv": FastV,
+    "pdrop": PDrop,
+    "dart_llm": DARTLLM,
+    "adaptive": Adaptive,
+}
+
 # config.model_type -> adapter
 ADAPTERS: dict[str, type[Adapter]] = {
     "llava": LlavaAdapter,
@@ -35,9 +44,13 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 
-def list_methods() -> list[str]:
-    """Names accepted by :func:`vtc.compress` and :func:`vtc.select`."""
-    return sorted(METHODS)
+def list_methods(stage: str | None = None) -> list[str]:
+    """Names accepted by :func:`vtc.compress`: all, or only ``stage="pre"`` (before the language model; these
+    also work with :func:`vtc.select`) or ``stage="llm"`` (between decoder layers)."""
+    if stage not in (None, "pre", "llm"):
+        raise ValueError(f"stage must be None, 'pre' or 'llm', got {stage!r}")
+    names = ([] if stage == "llm" else list(METHODS)) + ([] if stage == "pre" else list(LAYERWISE_METHODS))
+    return sorted(names)
 
 
 def list_models() -> list[str]:
@@ -54,13 +67,14 @@ def adapter_options() -> dict[str, list[str]]:
     return options
 
 
-def get_method(name: str, **options: Any) -> Method:
+def get_method(name: str, **options: Any) -> Method | LayerwiseMethod:
     """Build a method by name, e.g. ``get_method("dart", merge=True)``."""
-    if not isinstance(name, str) or name not in METHODS:
-        close = difflib.get_close_matches(str(name), METHODS, n=1)
+    known = {**METHODS, **LAYERWISE_METHODS}
+    if not isinstance(name, str) or name not in known:
+        close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown method {name!r}; known methods: {list_methods()}.{hint}")
-    cls = METHODS[name]
+    cls = known[name]
     unknown = sorted(set(options) - set(cls.options()))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {name!r}; its options: {cls.options() or 'none'}")

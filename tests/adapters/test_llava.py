@@ -14,7 +14,7 @@ from vtc.tiny import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 N = 576
 STEPS = 6
-METHODS = vtc.list_methods()
+METHODS = vtc.list_methods("pre")
 OPTIONS = {"dart": {}, "dart+merge": {"merge": True}}
 
 

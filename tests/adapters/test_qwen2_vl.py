@@ -43,7 +43,7 @@ def uses_cls(name: str) -> bool:
 
 
 # Every method that runs on Qwen without an auxiliary CLIP, plus fastervlm's substitute signal and DART merging.
-CASES = [pytest.param(name, {}, id=name) for name in vtc.list_methods() if not uses_cls(name)] + [
+CASES = [pytest.param(name, {}, id=name) for name in vtc.list_methods("pre") if not uses_cls(name)] + [
     pytest.param("fastervlm", {"signal": "attention_received"}, id="fastervlm-received"),
     pytest.param("dart", {"merge": True}, id="dart-merge"),
 ]
@@ -470,7 +470,7 @@ def test_signal_sources_name_the_vision_block(model, batch):
 # -------------------------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("name", [name for name in vtc.list_methods() if uses_cls(name)])
+@pytest.mark.parametrize("name", [name for name in vtc.list_methods("pre") if uses_cls(name)])
 def test_cls_methods_without_a_substitute_are_refused(model, name):
     hooks = count_hooks(model)
     with pytest.raises(ValueError, match="cls_model=") as error:

@@ -17,7 +17,7 @@ D = 32  # feature size
 V = 4  # vision layers in cls_attention_layers
 
 # Every registered method with its defaults, plus a few non-default configurations.
-VARIANTS = [pytest.param(name, {}, id=name) for name in vtc.list_methods()] + [
+VARIANTS = [pytest.param(name, {}, id=name) for name in vtc.list_methods("pre")] + [
     pytest.param("dart", {"merge": True}, id="dart-merge"),
     pytest.param("dart", {"num_pivots": 1}, id="dart-pivots1"),
     pytest.param("dart", {"num_pivots": 3, "merge": True}, id="dart-pivots3-merge"),
@@ -220,7 +220,7 @@ def test_low_precision_equals_fp32_upcast(name, options, b, n, dtype):
 # --- errors ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_keep_above_n_is_rejected(name):
     signals = make_signals(2, 63)
     with pytest.raises(ValueError, match=r"keep=64 exceeds the 63 visual tokens"):
@@ -230,26 +230,26 @@ def test_keep_above_n_is_rejected(name):
 
 
 @pytest.mark.parametrize("keep", [0, -3, True, 2.0, "4"])
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_invalid_keep_is_rejected(name, keep):
     with pytest.raises(ValueError, match=r"keep must be an int >= 1"):
         vtc.select(name, keep=keep, **make_signals(1, 63))
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_plan_keep_zero_is_rejected(name):
     with pytest.raises(ValueError, match=r"keep must be in \[1, 63\].*got 0"):
         vtc.get_method(name).plan(make_signals(1, 63), 0)
 
 
 @pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.0001, 2, float("nan"), float("inf"), True, "0.5"])
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_invalid_ratio_is_rejected(name, ratio):
     with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
         vtc.select(name, ratio=ratio, **make_signals(1, 63))
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_keep_and_ratio_exclusive(name):
     signals = make_signals(1, 63)
     with pytest.raises(ValueError, match=r"exactly one of keep=.*ratio="):
@@ -261,7 +261,7 @@ def test_keep_and_ratio_exclusive(name):
 def test_unknown_method_lists_known_methods():
     with pytest.raises(ValueError, match=r"unknown method 'no_such_method'; known methods: \[") as info:
         vtc.select("no_such_method", keep=1, **make_signals(1, 4))
-    for name in vtc.list_methods():
+    for name in vtc.list_methods("pre"):
         assert repr(name) in str(info.value)
     with pytest.raises(ValueError, match=r"Did you mean 'divprune'\?"):
         vtc.get_method("divprun")
@@ -272,7 +272,7 @@ def test_unknown_method_option_is_rejected():
         vtc.get_method("dart", bogus=1)
 
 
-REQUIRED = [(name, signal) for name in vtc.list_methods() for signal in vtc.get_method(name).requires]
+REQUIRED = [(name, signal) for name in vtc.list_methods("pre") for signal in vtc.get_method(name).requires]
 
 
 @pytest.mark.parametrize(("name", "missing"), REQUIRED, ids=[f"{n}-{s}" for n, s in REQUIRED])
@@ -287,13 +287,13 @@ def test_missing_required_signal_is_named(name, missing):
         vtc.get_method(name).plan(signals, 4)
 
 
-@pytest.mark.parametrize("name", [n for n in vtc.list_methods() if not vtc.get_method(n).requires])
+@pytest.mark.parametrize("name", [n for n in vtc.list_methods("pre") if not vtc.get_method(n).requires])
 def test_no_tensor_signal_is_rejected(name):
     with pytest.raises(ValueError, match=rf"method '{name}' got no tensor signal"):
         vtc.select(name, keep=1)
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_unknown_signal_is_rejected(name):
     with pytest.raises(ValueError, match=r"unknown signal\(s\) \['attention_mask'\]; known signals"):
         vtc.select(name, keep=4, attention_mask=torch.ones(2, 63), **make_signals(2, 63))
@@ -310,14 +310,14 @@ MISMATCHES = {
 
 
 @pytest.mark.parametrize("mismatch", sorted(MISMATCHES))
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_mismatched_signal_shapes_are_rejected(name, mismatch):
     signals = MISMATCHES[mismatch](make_signals(2, 63))
     with pytest.raises(ValueError, match=r"signals disagree on \[batch, tokens\]"):
         vtc.select(name, keep=4, **signals)
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_wrong_rank_and_dtype_are_rejected(name):
     signals = make_signals(2, 63)
     with pytest.raises(ValueError, match=r"signal 'features' must be a 3-D tensor"):
@@ -326,13 +326,13 @@ def test_wrong_rank_and_dtype_are_rejected(name):
         vtc.select(name, keep=4, **{**signals, "cls_attention": torch.ones(2, 63, dtype=torch.long)})
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_grid_must_cover_tokens(name):
     with pytest.raises(ValueError, match=r"grid \(8, 8\) does not cover the 63 visual tokens"):
         vtc.select(name, keep=4, grid=(8, 8), **make_signals(2, 63))
 
 
-@pytest.mark.parametrize("name", vtc.list_methods())
+@pytest.mark.parametrize("name", vtc.list_methods("pre"))
 def test_more_protected_than_keep_is_rejected(name):
     signals = make_signals(2, 63)
     protected = torch.zeros(2, 63, dtype=torch.bool)

@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtc.adapters.layerwise import LayerDropper, source_index, take
 from vtc.methods.base import Budget, Method, Plan
+from vtc.methods.layerwise import LayerwiseMethod, total_flops
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Compression:
     plan: Plan | None  # over all units of the batch in sequence order, when they share one shape
     signals_used: tuple[str, ...]
     signal_sources: dict[str, str] = field(default_factory=dict)
+    visual_per_layer: list[list[int]] | None = None  # per sample: visual tokens at the input of each LLM layer
+    flops: dict[str, float] | None = None  # estimated LLM prefill FLOPs, compressed vs uncompressed
 
 
 @dataclass
@@ -67,7 +71,15 @@ class Adapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[str, ...]] = ()  # adapter options accepted by vtc.compress (e.g. "budget")
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        budget: Budget,
+        options: dict[str, Any] | None = None,
+        layerwise: LayerwiseMethod | None = None,
+        layer_budget: Budget | None = None,
+    ):
         unknown = sorted(set(options or {}) - set(self.options))
         if unknown:
             from vtc.registry import adapter_options
@@ -79,6 +91,9 @@ class Adapter(ABC):
         self.model = model
         self.method = method
         self.budget = budget
+        self.layerwise = layerwise
+        self.layer_budget = layer_budget
+        self.dropper: LayerDropper | None = None
         self.provides: tuple[str, ...] = ()
         self.tokens_per_image: int | None = None
         self.vision_layers_used: int | None = None  # vision layers up to the feature layer, if known
@@ -87,6 +102,9 @@ class Adapter(ABC):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._dropped: _Dropped | None = None
         self._visual: torch.Tensor | None = None  # [B, L] image placeholders of the forward in progress
+        self._image_of: torch.Tensor | None = None  # [B, L] image id of each visual position of the prefill, else -1
+        self._visual_index: torch.Tensor | None = None  # [B, L] index among the row's visual tokens, else -1
+        self._prefill_tokens: tuple[list[int], torch.Tensor] | None = None  # original and LM-input token counts
 
     # -- attach / detach --------------------------------------------------------------------------
 
@@ -104,6 +122,8 @@ class Adapter(ABC):
         if self.tokens_per_image is not None:
             self.budget.tokens(self.tokens_per_image)  # raises if keep > N
         self.method.check_geometry(self.tokens_per_image, self.vision_layers_used)
+        if self.layerwise is not None:
+            self.dropper = LayerDropper(self.layerwise, self.layer_budget, self.base.language_model)
 
     def attach(self) -> None:
         try:
@@ -117,6 +137,14 @@ class Adapter(ABC):
             hook.remove()
         self._hooks.clear()
         self._dropped = None
+
+    def _language_hooks(self, language_model: nn.Module) -> None:
+        """Hooks on the decoder stack (dropping before it) and, for in-LLM methods, on its layers."""
+        self._hook(language_model, self._language_pre_hook, pre=True)
+        self._hook(language_model, self._language_post_hook, pre=False)
+        if self.dropper is not None:
+            for layer, hook in self.dropper.hooks():
+                self._hook(layer, hook, pre=True)
 
     def _hook(self, module: nn.Module, fn: Callable, *, pre: bool, with_kwargs: bool = True) -> None:
         if pre:
@@ -151,26 +179,83 @@ class Adapter(ABC):
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._dropped = None
+            original = self._token_counts(kwargs, embeds)
             planned = self._plan_prefill(embeds)
-            if planned is None:
-                return None
-            keep, embeds = planned
-            return args, self._drop(kwargs, embeds, keep)
+            if planned is not None:
+                keep, embeds = planned
+                kwargs = self._drop(kwargs, embeds, keep)
+            self._prefill_tokens = (original.tolist(), self._token_counts(kwargs, embeds))
+            self._begin_layerwise(kwargs, cache)
+            return (args, kwargs) if planned is not None else None
+        self._prefill_tokens = None
         if self._continues_prefill(embeds):
             raise ValueError(
                 "vtc cannot compress images in a forward that continues an existing KV cache "
                 "(chunked prefill or a multi-turn cache); start generation from an empty cache"
             )
+        if self.dropper is not None:
+            self.dropper.decoding(cache)
         dropped = self._dropped
         if dropped is None or dropped.cache is None or dropped.cache() is not cache:
             return None
         return args, self._remap_decode(kwargs, dropped, past, embeds.shape[1])
 
     def _language_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._dropped is not None and self._dropped.cache is None:
-            cache = getattr(output, "past_key_values", None)
-            if cache is not None:
-                self._dropped.cache = weakref.ref(cache)
+        cache = getattr(output, "past_key_values", None)
+        if self._dropped is not None and self._dropped.cache is None and cache is not None:
+            self._dropped.cache = weakref.ref(cache)
+        if self.dropper is not None:
+            self.dropper.bind_cache(cache)
+        if self._prefill_tokens is not None and self.last is not None:
+            self._record_layers()
+        self._prefill_tokens = None
+
+    @staticmethod
+    def _token_counts(kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            return mask.sum(dim=1)
+        return torch.full((embeds.shape[0],), embeds.shape[1], device=embeds.device)
+
+    def _lm_input(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, L] values over the prefill's positions, at the language model's input positions."""
+        return values if self._dropped is None else take(values, self._dropped.source, -1)
+
+    def _begin_layerwise(self, kwargs: dict, cache: Any) -> None:
+        if self.dropper is None:
+            return
+        image = self._image_of if self._image_of is not None else None
+        embeds = kwargs["inputs_embeds"]
+        if image is None:
+            image = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+        mask = kwargs.get("attention_mask")
+        valid = (
+            mask.bool() if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        )
+        self.dropper.begin(self._lm_input(image), valid, cache)
+
+    def _record_layers(self) -> None:
+        """After a prefill: visual tokens at every LLM layer, survivors of the last layer, FLOPs estimate."""
+        original, at_input = self._prefill_tokens
+        last = self.last
+        depth = len(self.base.language_model.layers)
+        tokens = [at_input.tolist()] * depth
+        finished = self.dropper.finished if self.dropper is not None else None
+        if finished is not None and self._visual_index is not None:
+            index = take(self._lm_input(self._visual_index), finished.order, -1)
+            last.kept = [row[row >= 0].sort().values for row in index]
+            last.tokens_after = [k.numel() for k in last.kept]
+            at_lm = (self._lm_input(self._visual_index) >= 0).sum(dim=1).tolist()
+            per_layer = [at_lm] + finished.visual_counts
+            last.visual_per_layer = [list(sample) for sample in zip(*per_layer, strict=True)]
+            tokens = [at_input.tolist()] + finished.token_counts
+        elif self._visual_index is not None:
+            at_lm = (self._lm_input(self._visual_index) >= 0).sum(dim=1).tolist()
+            last.visual_per_layer = [[count] * depth for count in at_lm]
+        config = self.base.language_model.config
+        compressed = total_flops(config, [t for layer in tokens for t in layer])
+        uncompressed = depth * total_flops(config, original)
+        last.flops = {"compressed": compressed, "uncompressed": uncompressed, "ratio": compressed / uncompressed}
 
     def _plan_units(
         self, embeds: torch.Tensor, visual: torch.Tensor, units: list[Unit]
@@ -208,23 +293,34 @@ class Adapter(ABC):
         return keep, embeds, single
 
     def _compression(
-        self, visual: torch.Tensor, keep: torch.Tensor, images: list[int], plan: Plan | None
+        self,
+        visual: torch.Tensor,
+        keep: torch.Tensor,
+        images: list[tuple[int, torch.Tensor]],
+        plan: Plan | None,
     ) -> Compression:
-        """What the handle reports: per sample, the indices (among its visual tokens) that survive."""
+        """What the handle reports: per sample, the indices (among its visual tokens) that survive.
+        ``images``: (sample, positions) of every image of the prefill, in sequence order."""
         rank = visual.long().cumsum(dim=1) - 1
+        self._visual_index = torch.where(visual, rank, -1)
+        self._image_of = torch.full_like(rank, -1)
+        for i, (b, positions) in enumerate(images):
+            self._image_of[b, positions] = i
+        per_sample = torch.bincount(torch.tensor([b for b, _ in images]), minlength=visual.shape[0]).tolist()
         survives = keep & visual
         kept = [rank[b][survives[b]] for b in range(visual.shape[0])]
         return Compression(
             kept,
             visual.sum(dim=1).tolist(),
             survives.sum(dim=1).tolist(),
-            images,
+            per_sample,
             plan,
-            tuple(self.method.requires),
+            tuple(self.method.requires) + (self.layerwise.requires if self.layerwise is not None else ()),
             dict(self.signal_sources),
         )
 
     def _no_images(self, embeds: torch.Tensor) -> None:
+        self._image_of = self._visual_index = None
         b = embeds.shape[0]
         empty = torch.empty(0, dtype=torch.long, device=embeds.device)
         self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
@@ -267,7 +363,7 @@ class Adapter(ABC):
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device).unsqueeze(0)
-        source = _source_index(keep)  # [B, L']
+        source = source_index(keep)  # [B, L']
         valid = source >= 0
         safe = source.clamp(min=0)
         new_embeds = embeds.gather(1, safe.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
@@ -315,18 +411,3 @@ class Adapter(ABC):
             start = dropped.original_length + past - short
             out["position_ids"] = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
         return out
-
-
-def _source_index(keep: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool -> [B, L'] original index of each kept token, right-aligned, -1 for left padding."""
-    b, length = keep.shape
-    counts = keep.sum(dim=1)
-    short = int(counts.max())
-    # Rank kept tokens from the right so every row ends at column L' - 1.
-    rank_from_right = keep.flip(1).cumsum(1).flip(1)  # [B, L], 1 for the last kept token
-    column = short - rank_from_right
-    source = torch.full((b, short), -1, dtype=torch.long, device=keep.device)
-    index = torch.arange(length, device=keep.device).expand(b, length)
-    rows, cols = keep.nonzero(as_tuple=True)
-    source[rows, column[rows, cols]] = index[rows, cols]
-    return source

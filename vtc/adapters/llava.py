@@ -47,8 +47,8 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     watches_projector = False  # hook the projector even when no [CLS] signal is needed
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None):
-        super().__init__(model, method, budget, options)
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
+        super().__init__(model, method, budget, options, **layerwise)
         base = getattr(model, "model", model)
         for name in ("vision_tower", "multi_modal_projector", "language_model"):
             if not isinstance(getattr(base, name, None), nn.Module):
@@ -109,8 +109,7 @@ class LlavaAdapter(Adapter):
             for i in self._cls_layers:
                 self._hook(self.vision_layers[i].self_attn, self._cls_hook(i), pre=True)
             self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
-        self._hook(self.base.language_model, self._language_pre_hook, pre=True)
-        self._hook(self.base.language_model, self._language_post_hook, pre=False)
+        self._language_hooks(self.base.language_model)
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -144,8 +143,7 @@ class LlavaAdapter(Adapter):
             units = self._units(embeds, images)
             keep, embeds, plan = self._plan_units(embeds, visual, units)
             keep = self._complete_keep(keep, images)
-            per_sample = torch.bincount(torch.tensor([b for b, _ in images]), minlength=visual.shape[0]).tolist()
-            self.last = self._compression(visual, keep, per_sample, plan)
+            self.last = self._compression(visual, keep, images, plan)
         if bool(keep.all()):
             return None
         return keep, embeds

@@ -49,12 +49,12 @@ class LlavaNextAdapter(LlavaAdapter):
     options = ("budget",)
     watches_projector = True
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None):
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         options = options or {}
         self.crop_budget = options.get("budget") or "global"
         if self.crop_budget not in BUDGETS:
             raise ValueError(f"budget must be one of {list(BUDGETS)} for LLaVA-NeXT, got {self.crop_budget!r}")
-        super().__init__(model, method, budget, options)
+        super().__init__(model, method, budget, options, **layerwise)
         if self.strategy != "default":
             raise ValueError(
                 f"vtc supports LLaVA-NeXT with vision_feature_select_strategy 'default' (the released models), "

@@ -67,8 +67,8 @@ class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     options = ("cls_model",)
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None):
-        super().__init__(model, method, budget, options)
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
+        super().__init__(model, method, budget, options, **layerwise)
         base = getattr(model, "model", model)
         for name in ("visual", "language_model"):
             if not isinstance(getattr(base, name, None), nn.Module):
@@ -136,8 +136,7 @@ class Qwen2VLAdapter(Adapter):
         self._hook(self.base.visual, self._vision_post_hook, pre=False)
         if self._needs_received:
             self._hook(self.base.visual.blocks[self.signal_block].attn, self._attention_hook, pre=True)
-        self._hook(self.base.language_model, self._language_pre_hook, pre=True)
-        self._hook(self.base.language_model, self._language_post_hook, pre=False)
+        self._language_hooks(self.base.language_model)
 
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -230,8 +229,7 @@ class Qwen2VLAdapter(Adapter):
             self._vision = None  # used once: a later prefill must not reuse another forward's signals
             units = [self._unit(b, positions, info) for b, positions, info in images]
             keep, embeds, plan = self._plan_units(embeds, visual, units)
-            per_sample = torch.bincount(torch.tensor([b for b, _, _ in images]), minlength=visual.shape[0]).tolist()
-            self.last = self._compression(visual, keep, per_sample, plan)
+            self.last = self._compression(visual, keep, [(b, positions) for b, positions, _ in images], plan)
         if bool(keep.all()):
             return None
         return keep, embeds

@@ -1,0 +1,287 @@
+"""Dropping visual tokens between decoder layers (in-LLM methods), with hooks only.
+
+The decoder builds the attention mask, position ids and rotary embeddings once and hands the same
+objects to every layer. So a forward pre-hook on every layer from the first drop layer on replaces
+them with versions gathered to the surviving tokens; at a drop layer it also gathers the hidden
+states. Later layers then compute, and store in their KV-cache layer, only the survivors (a
+DynamicCache keeps one tensor per layer, so layers simply hold different lengths). While decoding,
+each layer's mask is re-indexed onto its own shorter cache. Rows that keep different counts (several
+images, adaptive methods) are re-padded on the left, with an explicit mask.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtc.methods.base import Budget
+from vtc.methods.layerwise import LayerwiseMethod, Stage
+
+
+def rotate(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the attention module's own RoPE to ``x`` [B, H, L, d] (Llama/Qwen2; Qwen2-VL M-RoPE on 4.x)."""
+    module = sys.modules[type(attn).__module__]
+    multimodal = getattr(module, "apply_multimodal_rotary_pos_emb", None)
+    if multimodal is not None and cos.ndim == 4:
+        section = attn.rope_scaling["mrope_section"]
+        return multimodal(x, x, cos, sin, section)[0]
+    return module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+
+def layer_signals(
+    layer: nn.Module, config: Any, hidden: torch.Tensor, kwargs: dict, valid: torch.Tensor, names: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Signals at a decoder layer's input (see vtc.methods.layerwise), each [B, L] fp32."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    b, length, _ = normed.shape
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = attn.head_dim
+    cos, sin = kwargs["position_embeddings"]
+    keys = rotate(attn, attn.k_proj(normed).view(b, length, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    out = {}
+    if "key_norm" in names:
+        out["key_norm"] = keys.transpose(1, 2).reshape(b, length, -1).float().abs().sum(-1)
+    if "last_row" in names:
+        query = attn.q_proj(normed[:, -1:]).view(b, 1, heads, head_dim).transpose(1, 2)
+        query = rotate(attn, query, cos[..., -1:, :], sin[..., -1:, :])
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+        logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, L]
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        out["last_row"] = logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return out
+
+
+def source_index(keep: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool -> [B, L'] index of each kept position, right-aligned, -1 for left padding."""
+    counts = keep.sum(dim=1)
+    short = int(counts.max()) if keep.numel() else 0
+    rank_from_right = keep.flip(1).cumsum(1).flip(1)
+    column = short - rank_from_right
+    source = torch.full((keep.shape[0], short), -1, dtype=torch.long, device=keep.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    source[rows, column[rows, cols]] = cols
+    return source
+
+
+def take(values: torch.Tensor, index: torch.Tensor, fill: int | float | bool = 0) -> torch.Tensor:
+    """values [B, L] gathered at index [B, L'] (-1 -> ``fill``)."""
+    out = values.gather(1, index.clamp(min=0))
+    return out.masked_fill(index < 0, fill)
+
+
+@dataclass
+class _Prefill:
+    order: torch.Tensor  # [B, L] LM-input position of each current position, -1 = padding
+    image: torch.Tensor  # [B, L] image id of each current position, -1 = not visual
+    valid: torch.Tensor  # [B, L] bool
+    targets: dict[int, list[int]]  # image id -> kept count after each stage
+    stage_kwargs: dict[str, Any] | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    visual_counts: list[list[int]] = field(default_factory=list)  # per layer, per sample
+    token_counts: list[list[int]] = field(default_factory=list)
+    maps: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, order) per stage
+
+
+class LayerDropper:
+    """Runs one :class:`LayerwiseMethod` inside a decoder stack (``language_model.layers``)."""
+
+    def __init__(self, method: LayerwiseMethod, budget: Budget, language_model: nn.Module):
+        self.method = method
+        self.budget = budget
+        self.layers = language_model.layers
+        self.norm = language_model.norm
+        self.config = language_model.config
+        depth = len(self.layers)
+        method.check_depth(depth)
+        self.schedule = method.schedule(depth)
+        self.signal_at = method.signal_layers(depth)
+        self._prefill: _Prefill | None = None
+        self._maps: list[tuple[int, torch.Tensor]] = []  # of the last finished prefill
+        self._lm_length = 0
+        self._cache: weakref.ref | None = None
+        self._decoding = False
+        self.finished: _Prefill | None = None
+
+    def hooks(self) -> list[tuple[nn.Module, Any]]:
+        return [(layer, self._pre_hook(i)) for i, layer in enumerate(self.layers) if i >= 1]
+
+    # -- driven by the adapter's language-model hooks ------------------------------------------------
+
+    def begin(self, image: torch.Tensor, valid: torch.Tensor, cache: Any) -> None:
+        """A prefill starts: ``image`` [B, L] image id per LM-input position (-1 = text), ``valid`` [B, L]."""
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"in-LLM method {self.method.name!r} shortens the KV cache of later layers, which a "
+                f"{type(cache).__name__} (fixed shapes, torch.compile) cannot hold; use the default DynamicCache"
+            )
+        ids, sizes = image[image >= 0].unique(return_counts=True)
+        targets = {}
+        for image_id, size in zip(ids.tolist(), sizes.tolist(), strict=True):
+            final = min(self.budget.keep, size) if self.budget.keep is not None else self.budget.tokens(size)
+            targets[image_id] = self.method.stage_counts(size, final, len(self.schedule))
+        order = torch.arange(image.shape[1], device=image.device).expand_as(image)
+        self._prefill = _Prefill(order, image, valid, targets) if targets else None
+        self._lm_length = image.shape[1]
+        self._cache = weakref.ref(cache) if cache is not None else None
+        self.finished = None
+
+    def bind_cache(self, cache: Any) -> None:
+        if self._cache is None and cache is not None and self._maps:
+            self._cache = weakref.ref(cache)
+
+    def decoding(self, cache: Any) -> None:
+        self._prefill = None
+        self._decoding = bool(self._maps) and self._cache is not None and self._cache() is cache
+
+    # -- the layer hooks ----------------------------------------------------------------------------
+
+    def _pre_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._prefill is not None:
+                return self._prefill_step(index, module, args, kwargs)
+            if self._decoding and index >= self.schedule[0]:
+                return args, self._decode_kwargs(index, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_step(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        state = self._prefill
+        hidden = args[0] if args else kwargs["hidden_states"]
+        original = kwargs
+        if state.stage_kwargs is not None:
+            kwargs = {**kwargs, **state.stage_kwargs}
+        with torch.no_grad():
+            if index in self.signal_at:
+                state.signals = layer_signals(layer, self.config, hidden, kwargs, state.valid, self.signal_at[index])
+            if index in self.schedule:
+                hidden, kwargs = self._drop(self.schedule.index(index), layer, hidden, original)
+        state.visual_counts.append(((state.image >= 0) & state.valid).sum(dim=1).tolist())
+        state.token_counts.append(state.valid.sum(dim=1).tolist())
+        if index == len(self.layers) - 1:
+            self._maps = state.maps
+            self.finished = state
+            self._prefill = None
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _drop(self, stage: int, layer: nn.Module, hidden: torch.Tensor, original: dict) -> tuple[torch.Tensor, dict]:
+        state = self._prefill
+        keep = state.valid & (state.image < 0)  # text survives
+        final_norm = self.norm(hidden)
+        for b in range(hidden.shape[0]):
+            row_images = state.image[b]
+            visual_cols = (row_images >= 0).nonzero().squeeze(1)
+            last_visual = int(visual_cols.max()) if visual_cols.numel() else -1
+            text = ((row_images < 0) & state.valid[b]).nonzero().squeeze(1)
+            text = text[text > last_visual]
+            signals = {name: value[b] for name, value in state.signals.items()}
+            for image_id in row_images[visual_cols].unique().tolist():
+                positions = (row_images == image_id).nonzero().squeeze(1)
+                target = state.targets[image_id][stage]
+                if target >= positions.numel() and self.method.exact:
+                    keep[b, positions] = True
+                    continue
+                chosen = self.method.choose(Stage(stage, target, positions, text, signals, final_norm[b]))
+                keep[b, positions[chosen]] = True
+        source = source_index(keep)
+        valid = source >= 0
+        safe = source.clamp(min=0)
+        hidden = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = torch.where(valid.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        state.order = take(state.order, source, -1)
+        state.image = take(state.image, source, -1)
+        state.valid = take(state.valid, source, False)
+        state.maps.append((self.schedule[stage], state.order))
+        state.stage_kwargs = self._gather_prefill_kwargs(original, state.order, hidden.dtype)
+        return hidden, {**original, **state.stage_kwargs}
+
+    # -- gathering the decoder's shared arguments ---------------------------------------------------
+
+    def _gather_prefill_kwargs(self, kwargs: dict, order: torch.Tensor, dtype: torch.dtype) -> dict:
+        b, short = order.shape
+        valid = order >= 0
+        safe = order.clamp(min=0)
+        out: dict[str, Any] = {}
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            lead = positions.shape[:-2]
+            positions = positions.expand(*lead, b, positions.shape[-1])
+            out["position_ids"] = positions.gather(-1, safe.expand(*lead, b, short))
+        embeddings = kwargs.get("position_embeddings")
+        if embeddings is not None:
+            out["position_embeddings"] = tuple(self._gather_tokens(t, safe) for t in embeddings)
+        if kwargs.get("cache_position") is not None:  # transformers 4.x
+            out["cache_position"] = torch.arange(short, device=order.device)
+        out["attention_mask"] = self._gather_mask(kwargs.get("attention_mask"), safe, safe, valid, valid, dtype)
+        return out
+
+    @staticmethod
+    def _gather_tokens(values: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+        """[..., B|1, L, d] gathered along L with safe [B, L']."""
+        b, short = safe.shape
+        lead = values.shape[:-3]
+        values = values.expand(*lead, b, values.shape[-2], values.shape[-1])
+        index = safe.view(*([1] * len(lead)), b, short, 1).expand(*lead, b, short, values.shape[-1])
+        return values.gather(-2, index)
+
+    def _gather_mask(
+        self,
+        mask: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        cols: torch.Tensor,
+        row_valid: torch.Tensor | None,
+        col_valid: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """The decoder's mask re-indexed: queries at ``rows`` (None = keep the query dim), keys at ``cols``."""
+        b, keys = cols.shape
+        if mask is None:
+            if bool(col_valid.all()) and (row_valid is None or bool(row_valid.all())):
+                return None
+            queries = keys if rows is not None else 1
+            allowed = torch.ones(b, 1, queries, keys, dtype=torch.bool, device=cols.device)
+            if rows is not None:
+                allowed = allowed.tril()
+            return self._finish_mask(allowed & col_valid[:, None, None, :], row_valid, dtype, boolean=None)
+        if mask.ndim == 2:  # flash attention: a 2-D padding mask
+            return mask.gather(1, cols) * col_valid.to(mask.dtype)
+        mask = mask.expand(b, *mask.shape[1:])
+        if rows is not None:
+            mask = mask.gather(2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[3]))
+        mask = mask.gather(3, cols[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], keys))
+        boolean = mask.dtype == torch.bool
+        allowed = mask if boolean else mask == 0
+        return self._finish_mask(allowed & col_valid[:, None, None, :], row_valid, mask.dtype, boolean)
+
+    def _finish_mask(
+        self, allowed: torch.Tensor, row_valid: torch.Tensor | None, dtype: torch.dtype, boolean: bool | None
+    ) -> torch.Tensor:
+        if row_valid is not None:  # padding queries attend to themselves only, so no row is fully masked
+            eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+            allowed = allowed | (eye & ~row_valid[:, None, :, None])
+        if boolean is None:  # built from scratch: the format this attention implementation expects
+            boolean = getattr(self.config, "_attn_implementation", "sdpa") != "eager"
+        if boolean:
+            return allowed
+        floating = dtype if dtype.is_floating_point else torch.float32
+        zero = torch.zeros((), dtype=floating, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(floating).min)
+
+    def _decode_kwargs(self, index: int, kwargs: dict) -> dict:
+        order = next(m for first, m in reversed(self._maps) if first <= index)  # this layer's stage
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        total = mask.shape[-1] if mask is not None else cache.get_seq_length()  # layer 0: prompt + new tokens
+        new = torch.arange(self._lm_length, total, device=order.device).expand(order.shape[0], -1)
+        cols = torch.cat([order, new], dim=1)
+        valid = cols >= 0
+        dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else torch.float32
+        return {**kwargs, "attention_mask": self._gather_mask(mask, None, cols.clamp(min=0), None, valid, dtype)}
