@@ -143,6 +143,11 @@ def test_select_is_the_same_implementation_as_compress(model, inputs):
     assert torch.equal(picked[0], handle.last_kept[0])
 
 
+def test_select_refuses_in_llm_methods():
+    with pytest.raises(ValueError, match=r"'fastv' drops tokens inside the language model .* use vtc.compress"):
+        vtc.select("fastv", keep=4, features=torch.randn(1, 9, 8))
+
+
 def test_select_errors():
     x = torch.randn(2, 16, 8)
     with pytest.raises(ValueError, match=r"needs signal\(s\) \['cls_attention'\]"):

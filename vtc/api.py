@@ -206,6 +206,11 @@ def select(
         [B, K] LongTensor of kept indices into N, sorted. The same code path as :func:`compress`.
     """
     resolved = _resolve_method(method, {})
+    if isinstance(resolved, LayerwiseMethod):
+        raise ValueError(
+            f"{resolved.name!r} drops tokens inside the language model and needs a model: use vtc.compress; "
+            f"vtc.select works with the pre-LLM methods {list_methods('pre')}"
+        )
     budget = Budget(keep=keep, ratio=ratio)
     signals = {"features": features, "cls_attention": cls_attention, **signals}
     signals = {name: value for name, value in signals.items() if value is not None}
