@@ -109,7 +109,8 @@ class LayerDropper:
         self.finished: _Prefill | None = None
 
     def hooks(self) -> list[tuple[nn.Module, Any]]:
-        return [(layer, self._pre_hook(i)) for i, layer in enumerate(self.layers) if i >= 1]
+        # Layer 0 only computes signals (for a drop at layer 1); the counts start at layer 1 (layer 0 = LM input).
+        return [(layer, self._pre_hook(i)) for i, layer in enumerate(self.layers) if i >= 1 or i in self.signal_at]
 
     # -- driven by the adapter's language-model hooks ------------------------------------------------
 
@@ -162,8 +163,9 @@ class LayerDropper:
                 state.signals = layer_signals(layer, self.config, hidden, kwargs, state.valid, self.signal_at[index])
             if index in self.schedule:
                 hidden, kwargs = self._drop(self.schedule.index(index), layer, hidden, original)
-        state.visual_counts.append(((state.image >= 0) & state.valid).sum(dim=1).tolist())
-        state.token_counts.append(state.valid.sum(dim=1).tolist())
+        if index >= 1:
+            state.visual_counts.append(((state.image >= 0) & state.valid).sum(dim=1).tolist())
+            state.token_counts.append(state.valid.sum(dim=1).tolist())
         if index == len(self.layers) - 1:
             self._maps = state.maps
             self.finished = state

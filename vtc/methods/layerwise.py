@@ -153,9 +153,7 @@ class PDrop(LayerwiseMethod):
             raise ValueError(f"lam must be a number in (0, 1), got {self.lam!r}")
 
     def schedule(self, num_layers: int) -> list[int]:
-        if self.layers is not None:
-            return list(self.layers)
-        return _scaled((8, 16, 24), num_layers)
+        return _scaled(self.layers if self.layers is not None else (8, 16, 24), num_layers)
 
     def signal_layers(self, num_layers: int) -> dict[int, tuple[str, ...]]:
         return {layer: ("last_row",) for layer in self.schedule(num_layers)}
@@ -208,7 +206,9 @@ class DARTLLM(LayerwiseMethod):
         order = norm[stage.visual].argsort(descending=True, stable=True)[:visual_pivots]
         text = stage.text[norm[stage.text].argsort(descending=True, stable=True)[: self.text_pivots]]
         features = torch.cat([stage.hidden[stage.visual], stage.hidden[text]]).unsqueeze(0)  # [1, n + t, D]
-        pivots = torch.cat([order, torch.arange(n, n + text.numel(), device=order.device)]).unsqueeze(0)
+        pivots = torch.cat([order, torch.arange(n, n + text.numel(), device=order.device)])
+        pivots = pivots[torch.cat([norm[stage.visual][order], norm[text]]).argsort(descending=True, stable=True)]
+        pivots = pivots.unsqueeze(0)  # visual and text pivots visited in descending norm order
         kept = ops.pivot_select(features, pivots, stage.keep + text.numel())[0]
         return kept[kept < n]
 
