@@ -51,6 +51,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _triton_library_interpreted() -> bool:
+    """Triton decorates its own library (tl.zeros, ...) at import; the interpreter cannot call a
+    library function decorated for compilation."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 def _why_not(tensors: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor, ...], limit: str | None) -> str | None:
     """Why the Triton kernel cannot run on these tensors (None: it can)."""
     error = triton_import_error()
@@ -62,6 +71,8 @@ def _why_not(tensors: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor, ...]
     device = next(iter(devices))
     if device.type != "cuda" and not interpreting():
         return f"tensors are on {device.type}, the triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    if interpreting() and not _triton_library_interpreted():
+        return "TRITON_INTERPRET=1 was set after triton was imported; set it before anything imports triton"
     for t in floats:
         if t.dtype not in DTYPES:
             return f"dtype {t.dtype} is not supported by the triton kernels (float32, float16, bfloat16)"

@@ -29,7 +29,9 @@ import triton.language as tl
 from vtc.kernels.triton import _utils
 from vtc.kernels.triton._utils import cosine_tile
 
-# Store the similarity matrix when B * N * N fp32 stays under this (N = 2880: 33 MB per image).
+# Store the similarity matrix for N <= MATERIALIZE_TOKENS when B * N * N fp32 also stays under
+# MATERIALIZE_BYTES (N = 2880: 33 MB per image); larger inputs recompute distances per pick.
+MATERIALIZE_TOKENS = 4096
 MATERIALIZE_BYTES = 256 * 2**20
 
 
@@ -202,8 +204,8 @@ def maxmin_select(
 
     Args:
         materialize: store the [B, N, N] fp32 similarity matrix and read one row per pick (True), or
-            recompute each pick's distances from the features (False). None: store it when it takes
-            at most MATERIALIZE_BYTES.
+            recompute each pick's distances from the features (False). None: store it for
+            N <= MATERIALIZE_TOKENS within MATERIALIZE_BYTES.
         block: tile sizes (keys of :func:`blocks`), for tests.
         return_order: also return the [B, k] picks in the order they were made (protected first).
     """
@@ -212,7 +214,7 @@ def maxmin_select(
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if materialize is None:
-        materialize = b * n * n * 4 <= MATERIALIZE_BYTES
+        materialize = n <= MATERIALIZE_TOKENS and b * n * n * 4 <= MATERIALIZE_BYTES
     cfg = blocks(n, d) | (block or {})
     device = x.device
     nearest = torch.full((b, n), float("-inf"), dtype=torch.float32, device=device)
