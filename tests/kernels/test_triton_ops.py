@@ -152,10 +152,19 @@ def test_maxmin_select_low_precision(dtype):
 
 
 def test_maxmin_select_8192_tokens_on_the_fly():
-    """N = 8192 (Qwen2-VL-sized) never stores N x N: distances are recomputed per pick."""
+    """N = 8192 (Qwen2-VL-sized) without storing N x N: distances are recomputed per pick."""
     x = randn(1, 8192, 8)
-    got = maxmin.maxmin_select(x, 6, block={"BLOCK_M": 1024, "BLOCK_N": 1024})
+    got = maxmin.maxmin_select(x, 6, materialize=False, block={"BLOCK_M": 1024, "BLOCK_N": 1024})
     assert_same_kept(x, got, ref.maxmin_select(x, 6))
+
+
+def test_maxmin_select_stores_similarities_in_batch_chunks(monkeypatch):
+    """The batch runs in chunks whose N x N matrices fit MATERIALIZE_BYTES (here 2 samples, then 1)."""
+    monkeypatch.setattr(maxmin, "MATERIALIZE_BYTES", 2 * 63 * 63 * 4)
+    x = randn(3, 63, 16)
+    protected = torch.zeros(3, 63, dtype=torch.bool, device=DEVICE)
+    protected[2, [5, 9]] = True
+    assert torch.equal(maxmin.maxmin_select(x, 12, protected), ref.maxmin_select(x, 12, protected))
 
 
 @pytest.mark.parametrize("materialize", [True, False], ids=["stored-sim", "on-the-fly"])

@@ -53,7 +53,7 @@ def blocks(n: int, m: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter pays per program, so it gets a few large tiles."""
     if _utils.INTERPRETED:
         return _utils.pow2(n, 16, 256), _utils.pow2(m, 16, 256), _utils.pow2(d, 16, 256)
-    return 64, 64, 64
+    return 64, 64, 32  # with 8 warps: no register spills on sm_90, fp32 or bf16
 
 
 def cosine_similarity(x: torch.Tensor, y: torch.Tensor, *, block: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -82,5 +82,6 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor, *, block: tuple[int, int
         BLOCK_N=bn,
         BLOCK_D=bd,
         NATIVE_DOT=_utils.native_dot(x.dtype) and x.dtype == y.dtype,
+        num_warps=8,
     )
     return out

@@ -4,20 +4,23 @@ Two launches:
 
 1. ``_nearest_kernel``, grid (B, N / BM, N / BN), all SMs: cosine tiles of x against itself; each
    tile's row maximum, self excluded, goes to ``nearest[b, i]`` with an atomic max (order-free, so
-   deterministic). This is every token's nearest-neighbour similarity, for the first pick. When the
-   similarity matrix is small enough (``materialize``) the tiles are also stored, [B, N, N] fp32;
-   otherwise only the inverse norms are kept, [B, N].
-2. ``_pick_kernel``, one program per sample: the running min-distance vector lives in a [B, N] fp32
-   scratch buffer (N up to 8192 and more does not fit one program's registers, and Triton cannot
-   index a register tensor by tile). Each pick is one pass over N in tiles: the distance of the last
-   pick to every token (a row of the stored matrix, or computed on the fly from the features and the
-   inverse norms, 1 - cos), the min update, the "picked" mark (-inf) and the running argmax for the
-   next pick (ties: lowest index) are fused. A final pass compacts the -inf marks into sorted indices.
-   A program only reads back the scratch elements it wrote itself (same tile layout every pass), so
-   no barrier is needed.
+   deterministic): every token's nearest-neighbour similarity, for the first pick. With
+   ``materialize`` the tiles are also stored ([B, N, N] fp32); otherwise only the inverse norms ([B, N]).
+2. ``_pick_kernel``, one program per sample, all k picks in one launch: the running min-distance
+   vector lives in a [B, N] fp32 scratch buffer (Triton cannot index a register tensor by tile, and
+   N = 8192 is tiled). Each pick is one pass over N: the distance of the last pick to every token
+   (a row of the stored matrix, or 1 - cos computed on the fly from the features and inverse norms),
+   the min update, the "picked" mark (-inf) and the running argmax for the next pick (ties: lowest
+   index) are fused. A last pass compacts the -inf marks into sorted indices. A program reads back
+   only scratch elements it wrote itself (same tile layout every pass), so no barrier is needed.
 
-Cost per sample: one N x N x D similarity pass (parallel), then k passes over N (stored matrix) or
-over N x D (on the fly) in a single program.
+Which distances a pick reads: recomputing them costs N x D multiply-adds and reads per pick inside one
+program (one SM), k N D in all: at LLaVA-1.5's N = 576, D = 4096, k = 64 that is ~150 M fp32 FMAs
+and ~600 MB of L2 reads on a single SM, milliseconds. Storing the matrix moves that work into the
+parallel similarity pass (N N D, tensor cores for fp16 / bf16) and leaves k reads of N floats. So
+by default the matrix is stored, for as many samples at a time as fit MATERIALIZE_BYTES (chunks of
+the batch), and only a sample whose N x N alone exceeds it is recomputed on the fly (``materialize``
+forces either; benchmarks/kernels.py times both). The torch reference always stores it, with copies.
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ import triton.language as tl
 from vtc.kernels.triton import _utils
 from vtc.kernels.triton._utils import cosine_tile
 
-# Store the similarity matrix for N <= MATERIALIZE_TOKENS when B * N * N fp32 also stays under
-# MATERIALIZE_BYTES (N = 2880: 33 MB per image); larger inputs recompute distances per pick.
-MATERIALIZE_TOKENS = 4096
-MATERIALIZE_BYTES = 256 * 2**20
+# The similarity matrix is stored for as many samples at a time as fit here (N = 576: 1.3 MB per
+# image, 2880: 33 MB, 8192: 268 MB); a sample whose N x N alone is larger (N > 11585) is recomputed.
+MATERIALIZE_BYTES = 512 * 2**20
 
 
 @triton.jit
@@ -182,13 +184,20 @@ def _pick_kernel(
         count += tl.sum(picked.to(tl.int32), axis=0)
 
 
-def blocks(n: int, d: int) -> dict[str, int]:
+def pick_warps(pick_n: int) -> int:
+    return 16 if pick_n >= 4096 else 8
+
+
+def blocks(n: int, d: int, materialize: bool) -> dict[str, int]:
     """Tile sizes: the similarity pass (BLOCK_M, BLOCK_N, BLOCK_D) and the pick pass (PICK_N, PICK_D)."""
     if _utils.INTERPRETED:  # the interpreter pays per program and per op: few, large tiles
         big = _utils.pow2(n, 16, 256)
         return {"BLOCK_M": big, "BLOCK_N": big, "BLOCK_D": _utils.pow2(d, 16, 256), "PICK_N": _utils.pow2(n, 16, 4096),
                 "PICK_D": _utils.pow2(d, 16, 256)}  # fmt: skip
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "PICK_N": 1024, "PICK_D": 64}
+    # No register spills on sm_90 with these (tests/kernels/compile_kernels.py, cuobjdump).
+    if materialize:  # a pick reads one row of N: few, wide tiles (N = 2880 in one)
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "PICK_N": _utils.pow2(n, 128, 4096), "PICK_D": 32}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "PICK_N": 128, "PICK_D": 32}  # [128, 32] feature tiles
 
 
 def maxmin_select(
@@ -203,9 +212,9 @@ def maxmin_select(
     """[B, N, D] -> [B, k] sorted indices (see vtc.kernels.maxmin_select).
 
     Args:
-        materialize: store the [B, N, N] fp32 similarity matrix and read one row per pick (True), or
-            recompute each pick's distances from the features (False). None: store it for
-            N <= MATERIALIZE_TOKENS within MATERIALIZE_BYTES.
+        materialize: store the similarity matrix and read one row per pick (True), or recompute each
+            pick's distances from the features (False). None: store it when one sample's N x N fp32
+            fits MATERIALIZE_BYTES; the batch then runs in chunks that fit.
         block: tile sizes (keys of :func:`blocks`), for tests.
         return_order: also return the [B, k] picks in the order they were made (protected first).
     """
@@ -213,9 +222,32 @@ def maxmin_select(
     b, n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    per_sample = n * n * 4
     if materialize is None:
-        materialize = n <= MATERIALIZE_TOKENS and b * n * n * 4 <= MATERIALIZE_BYTES
-    cfg = blocks(n, d) | (block or {})
+        materialize = per_sample <= MATERIALIZE_BYTES
+    chunk = max(1, MATERIALIZE_BYTES // per_sample) if materialize else b
+    cfg = blocks(n, d, materialize) | (block or {})
+    out = _utils.empty((b, k), torch.int64, x.device)
+    order = _utils.empty((b, k), torch.int64, x.device)
+    for b0 in range(0, b, chunk):
+        rows = slice(b0, min(b, b0 + chunk))
+        _select_chunk(
+            x[rows], k, None if protected is None else protected[rows], materialize, cfg, out[rows], order[rows]
+        )
+    return (out, order) if return_order else out
+
+
+def _select_chunk(
+    x: torch.Tensor,
+    k: int,
+    protected: torch.Tensor | None,
+    materialize: bool,
+    cfg: dict[str, int],
+    out: torch.Tensor,
+    order: torch.Tensor,
+) -> None:
+    """Both launches for a batch chunk; writes the [b, k] sorted picks to out and the pick order to order."""
+    b, n, d = x.shape
     device = x.device
     nearest = torch.full((b, n), float("-inf"), dtype=torch.float32, device=device)
     sim = _utils.empty((b, n, n) if materialize else (1,), torch.float32, device)
@@ -235,16 +267,15 @@ def maxmin_select(
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"],
         NATIVE_DOT=_utils.native_dot(x.dtype),
+        num_warps=8,
     )
     if protected is not None:
-        counts = protected.sum(dim=1)  # [B]
-        order = torch.arange(n, device=device).expand(b, n).masked_fill(~protected, n)
-        queue = order.sort(dim=1).values.contiguous()  # [B, N], protected indices first, ascending
+        counts = protected.sum(dim=1)  # [b]
+        queue = torch.arange(n, device=device).expand(b, n).masked_fill(~protected, n)
+        queue = queue.sort(dim=1).values.contiguous()  # [b, N], protected indices first, ascending
     else:
         counts = queue = nearest  # unused placeholders
     score = _utils.empty((b, n), torch.float32, device)
-    picks = _utils.empty((b, k), torch.int64, device)
-    out = _utils.empty((b, k), torch.int64, device)
     _pick_kernel[(b,)](
         x,
         sim,
@@ -253,7 +284,7 @@ def maxmin_select(
         score,
         queue,
         counts,
-        picks,
+        order,
         out,
         n,
         d,
@@ -264,6 +295,5 @@ def maxmin_select(
         HAS_PROTECTED=protected is not None,
         BLOCK_N=cfg["PICK_N"],
         BLOCK_D=cfg["PICK_D"],
-        num_warps=8,
+        num_warps=pick_warps(cfg["PICK_N"]),
     )
-    return (out, picks) if return_order else out

@@ -96,29 +96,36 @@ def _pivot_pick_kernel(
         if count > 0:
             sim = tl.load(sim_ptr + b * p * n + j * n + offs, mask=valid, other=0.0)  # [BN]
             bits = (-sim).to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # ordered like -sim: larger = less similar
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # [BN] int32 ordered like -sim: larger = less similar
             free = valid & ~chosen
-            # Largest t with #(free & key >= t) >= count; the invariant holds for lo, fails above hi.
+            # Largest t with #(free & key >= t) >= count: the invariant holds at lo and fails above hi
+            # (bounds in int64 so that hi - lo + 1 cannot overflow; every mid fits int32).
             lo = tl.full((), -2147483648, dtype=tl.int64)
             hi = tl.full((), 2147483647, dtype=tl.int64)
             for _ in range(32):
                 mid = lo + (hi - lo + 1) // 2
-                enough = tl.sum((free & (key >= mid)).to(tl.int64), axis=0) >= count
+                enough = tl.sum((free & (key >= mid.to(tl.int32))).to(tl.int32), axis=0) >= count
                 lo = tl.where(enough, mid, lo)
                 hi = tl.where(enough, hi, mid - 1)
-            above = free & (key > lo)
-            tied = free & (key == lo)
+            threshold = lo.to(tl.int32)
+            above = free & (key > threshold)
+            tied = free & (key == threshold)
             need = count - tl.sum(above.to(tl.int64), axis=0)
-            first_tied = tied & (tl.cumsum(tied.to(tl.int64), axis=0) <= need)
+            first_tied = tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need)
             chosen = chosen | above | first_tied
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.store(out_ptr + b * k + slot, offs.to(tl.int64), mask=chosen & (slot < k))
 
 
+def pick_warps(block_n: int) -> int:
+    """Warps for the pick program: the whole row is spread over them (8192 tokens: 16 per thread)."""
+    return 32 if block_n >= 16384 else 16 if block_n >= 4096 else 8
+
+
 def blocks(n: int, p: int, d: int) -> dict[str, int]:
     if _utils.INTERPRETED:
         return {"BLOCK_N": _utils.pow2(n, 16, 1024), "BLOCK_D": _utils.pow2(d, 16, 256)}
-    return {"BLOCK_N": 64, "BLOCK_D": 64}
+    return {"BLOCK_N": 64, "BLOCK_D": 32}  # no register spills on sm_90 (tests/kernels/compile_kernels.py)
 
 
 def pivot_select(
@@ -175,6 +182,6 @@ def pivot_select(
         pivots.stride(0),
         HAS_PROTECTED=protected is not None,
         BLOCK_N=block_n,
-        num_warps=16 if block_n >= 8192 else 8,
+        num_warps=pick_warps(block_n),
     )
     return out
