@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vtc.kernels.triton import cosine, gather, maxmin, merge, pivot  # noqa: E402
+from vtc.kernels.triton import _utils, cosine, gather, maxmin, merge, pivot  # noqa: E402
 
 I64, F32 = "*i64", "*fp32"
 N, D = 2880, 4096  # LLaVA-NeXT-sized launch configurations
@@ -108,7 +108,8 @@ def main() -> int:
         source = ASTSource(kernel, signature | dict.fromkeys(constexprs, "constexpr"), constexprs=constexprs)
         start = time.perf_counter()
         try:
-            compiled = triton.compile(source, target=target, options={"num_warps": warps})
+            options = {"num_warps": warps, "enable_fp_fusion": _utils.FP_FUSION}
+            compiled = triton.compile(source, target=target, options=options)
         except Exception as error:
             failed += 1
             print(f"FAIL {name} {constexprs}: {type(error).__name__}: {error}")

@@ -11,6 +11,10 @@ from triton import knobs
 # compiled or interpreted (TRITON_INTERPRET=1); record the mode the kernels actually have.
 INTERPRETED = bool(knobs.runtime.interpret)
 
+# Fused multiply-add contraction: Triton's default through 3.9 (3.10 turns it off). Passed explicitly
+# so results do not change with the Triton release (and Triton does not warn about the default).
+FP_FUSION = True
+
 EPS = 1e-12  # as reference.cosine_similarity: x / max(||x||, EPS)
 
 

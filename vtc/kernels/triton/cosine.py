@@ -83,5 +83,6 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor, *, block: tuple[int, int
         BLOCK_D=bd,
         NATIVE_DOT=_utils.native_dot(x.dtype) and x.dtype == y.dtype,
         num_warps=8,
+        enable_fp_fusion=_utils.FP_FUSION,
     )
     return out

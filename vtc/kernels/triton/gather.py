@@ -79,7 +79,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, block: tuple[int, int] | 
     grid = (b, triton.cdiv(k, bk), triton.cdiv(d, bd))
     _gather_kernel[grid](
         x, idx, out, idx, idx, k, 1, d, x.stride(0), x.stride(1), idx.stride(0), out.stride(0), out.stride(1),
-        VARLEN=False, SEARCH_STEPS=0, BLOCK_K=bk, BLOCK_D=bd,
+        VARLEN=False, SEARCH_STEPS=0, BLOCK_K=bk, BLOCK_D=bd, enable_fp_fusion=_utils.FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -108,5 +108,6 @@ def gather_rows_varlen(
     _gather_kernel[grid](
         x, idx, out, cu_seqlens, cu_seqlens_idx, k_total, num_seqs, d, 0, x.stride(0), 0, 0, out.stride(0),
         VARLEN=True, SEARCH_STEPS=max(1, num_seqs).bit_length() + 1, BLOCK_K=bk, BLOCK_D=bd,
+        enable_fp_fusion=_utils.FP_FUSION,
     )  # fmt: skip
     return out

@@ -268,6 +268,7 @@ def _select_chunk(
         BLOCK_D=cfg["BLOCK_D"],
         NATIVE_DOT=_utils.native_dot(x.dtype),
         num_warps=8,
+        enable_fp_fusion=_utils.FP_FUSION,
     )
     if protected is not None:
         counts = protected.sum(dim=1)  # [b]
@@ -296,4 +297,5 @@ def _select_chunk(
         BLOCK_N=cfg["PICK_N"],
         BLOCK_D=cfg["PICK_D"],
         num_warps=pick_warps(cfg["PICK_N"]),
+        enable_fp_fusion=_utils.FP_FUSION,
     )

@@ -106,10 +106,10 @@ def merge_rows(
     _merge_scatter_kernel[(b, triton.cdiv(n, bn), triton.cdiv(d, bd))](
         x, targets, sizes if sizes is not None else targets, sums, totals, n, k, d,
         x.stride(0), x.stride(1), targets.stride(0), sizes.stride(0) if sizes is not None else 0,
-        HAS_SIZES=sizes is not None, BLOCK_N=bn, BLOCK_D=bd,
+        HAS_SIZES=sizes is not None, BLOCK_N=bn, BLOCK_D=bd, enable_fp_fusion=_utils.FP_FUSION,
     )  # fmt: skip
     bk, bd = block or blocks(b * k, d)
     _merge_divide_kernel[(triton.cdiv(b * k, bk), triton.cdiv(d, bd))](
-        sums, totals, out, b * k, d, BLOCK_K=bk, BLOCK_D=bd
+        sums, totals, out, b * k, d, BLOCK_K=bk, BLOCK_D=bd, enable_fp_fusion=_utils.FP_FUSION
     )
     return out

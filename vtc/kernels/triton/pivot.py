@@ -162,6 +162,7 @@ def pivot_select(
         BLOCK_P=_utils.pow2(p, 16),
         BLOCK_D=cfg["BLOCK_D"],
         NATIVE_DOT=_utils.native_dot(x.dtype),
+        enable_fp_fusion=_utils.FP_FUSION,
     )
     if num_pivots is None:
         used = torch.full((b,), p, dtype=torch.int64, device=device)
@@ -183,5 +184,6 @@ def pivot_select(
         HAS_PROTECTED=protected is not None,
         BLOCK_N=block_n,
         num_warps=pick_warps(block_n),
+        enable_fp_fusion=_utils.FP_FUSION,
     )
     return out
