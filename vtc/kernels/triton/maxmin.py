@@ -11,8 +11,9 @@ Two launches:
    N = 8192 is tiled). Each pick is one pass over N: the distance of the last pick to every token
    (a row of the stored matrix, or 1 - cos computed on the fly from the features and inverse norms),
    the min update, the "picked" mark (-inf) and the running argmax for the next pick (ties: lowest
-   index) are fused. A last pass compacts the -inf marks into sorted indices. A program reads back
-   only scratch elements it wrote itself (same tile layout every pass), so no barrier is needed.
+   index) are fused. A last pass compacts the -inf marks into sorted indices. A barrier ends every
+   pass, so no thread reads a scratch element before the pass that wrote it is complete, whatever
+   register layout the compiler gives each pass.
 
 Which distances a pick reads: recomputing them costs N x D multiply-adds and reads per pick inside one
 program (one SM), k N D in all: at LLaVA-1.5's N = 576, D = 4096, k = 64 that is ~150 M fp32 FMAs
@@ -124,6 +125,7 @@ def _pick_kernel(
         better = top > best_val
         best_idx = tl.where(better, top_idx, best_idx)
         best_val = tl.where(better, top, best_val)
+    tl.debug_barrier()  # the scratch row is complete before any thread reads it back
     pick = best_idx
     if HAS_PROTECTED:
         pick = tl.where(seeded, tl.load(protected_ptr + b * n, mask=seeded, other=0), best_idx)
@@ -165,6 +167,7 @@ def _pick_kernel(
             better = top > best_val
             best_idx = tl.where(better, top_idx, best_idx)
             best_val = tl.where(better, top, best_val)
+        tl.debug_barrier()
         following = step + 1
         if HAS_PROTECTED:
             queued = following < num_protected
