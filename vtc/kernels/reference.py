@@ -25,6 +25,25 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def gather_rows_varlen(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, idx: torch.Tensor, cu_seqlens_idx: torch.Tensor
+) -> torch.Tensor:
+    """Row gather over packed sequences (images of different sizes, no padding).
+
+    Args:
+        x: [T, D] the rows of S sequences, one after another.
+        cu_seqlens: [S + 1] int, sequence s is rows cu_seqlens[s] .. cu_seqlens[s + 1] - 1 of x.
+        idx: [K_total] int64, each sequence's row indices local to it (0 .. its length - 1), packed.
+        cu_seqlens_idx: [S + 1] int, sequence s owns idx[cu_seqlens_idx[s] : cu_seqlens_idx[s + 1]].
+
+    Returns:
+        [K_total, D] in x's dtype: row cu_seqlens[s] + idx[j] of x for every j of sequence s.
+    """
+    counts = cu_seqlens_idx.diff()
+    starts = cu_seqlens[:-1].to(idx.device).repeat_interleave(counts, output_size=idx.shape[0])
+    return x[starts + idx]
+
+
 def merge_rows(
     x: torch.Tensor, kept: torch.Tensor, targets: torch.Tensor, sizes: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vtc.kernels import reference as ops
+from vtc import kernels as ops
 
 # Signal name -> what it holds. Adapters provide a subset; methods declare what they require.
 SIGNALS: dict[str, str] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vtc.kernels import reference as ops
+from vtc import kernels as ops
 from vtc.methods.base import Method, Plan
 
 
