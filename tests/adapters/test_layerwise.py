@@ -693,3 +693,50 @@ def test_schedules_beyond_the_depth_are_refused_at_attach(llava, method, options
     with vtc.compress(model, "fastv", keep=40) as handle:
         logits(model, llava.batch)
     assert handle.stats["visual_tokens_after"] == [80, 40]
+
+
+# -- adaptive's key set (MustDrop): protected by vision-side [CLS] attention ------------------------------
+
+
+def test_adaptive_key_set_survives_every_stage_and_generate_matches_the_reference():
+    from tests.helpers import greedy_generate, greedy_no_cache
+    from vtc.tiny import tiny_llava, tiny_llava_inputs
+
+    model = tiny_llava(vision_layers=4, text_layers=6)
+    batch = tiny_llava_inputs(model, images_per_sample=(1, 2), seed=1)
+    key_set = math.ceil(0.08 * 576)
+    with vtc.compress(model, "fastervlm", keep=key_set) as handle, torch.no_grad():
+        model(**batch)
+    top = [set(kept.tolist()) for kept in handle.last_kept]  # per image: the top 8% by [CLS] attention
+    method = vtc.get_method("adaptive", protect=0.08, mass=0.05)  # a tiny mass: only the floor and the key set
+    replay = Replay(method)
+    with vtc.compress(model, method, keep=4) as handle:
+        generated = greedy_generate(model, batch, 3)
+        replay.replay()
+        reference = greedy_no_cache(model, batch, 3)
+    assert torch.equal(generated, reference)
+    assert all(t <= set(kept.tolist()) for t, kept in zip(top, handle.last_kept, strict=True))
+    assert handle.stats["visual_tokens_after"][0] >= key_set and handle.stats["signals"] == ["cls_attention"]
+
+
+def test_adaptive_key_set_in_choose_and_its_errors():
+    from vtc.methods.layerwise import Stage
+    from vtc.tiny import tiny_qwen2_vl
+
+    scores = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05])
+    protected = torch.tensor([False, False, False, True, False])
+    stage = Stage(0, 1, torch.arange(5), torch.empty(0, dtype=torch.long), {"last_row": scores}, torch.zeros(5, 2))
+    assert Adaptive(mass=0.4).choose(stage).tolist() == [0]
+    stage.protected = protected
+    # The key set comes first, then the most-attended tokens until the mass is covered: 0.05 + 0.5 >= 0.4.
+    assert Adaptive(mass=0.4).choose(stage).tolist() == [0, 3]
+    stage.protected = torch.tensor([False, True, True, True, True])
+    assert Adaptive(mass=0.1).choose(stage).tolist() == [1, 2, 3, 4]  # never fewer than the key set
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match=r"protect must be a number in \[0, 1\)"):
+            Adaptive(protect=bad)
+    model = tiny_qwen2_vl()
+    hooks = count_hooks(model)
+    with pytest.raises(ValueError, match=r"method 'adaptive' needs \[CLS\] attention.*cls_model="):
+        vtc.compress(model, "adaptive", keep=4, protect=0.1)
+    assert count_hooks(model) == hooks

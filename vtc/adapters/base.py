@@ -105,18 +105,19 @@ class Adapter(ABC):
         self._image_of: torch.Tensor | None = None  # [B, L] image id of each visual position of the prefill, else -1
         self._visual_index: torch.Tensor | None = None  # [B, L] index among the row's visual tokens, else -1
         self._prefill_tokens: tuple[list[int], torch.Tensor] | None = None  # original and LM-input token counts
+        self._vision_score: torch.Tensor | None = None  # [B, L] [CLS] attention of visual positions (key sets)
 
     # -- attach / detach --------------------------------------------------------------------------
 
     def check(self) -> None:
         """Raise if the method cannot run on this model; called before any hook is attached."""
-        missing = [s for s in self.method.requires if s not in self.provides]
+        missing = [s for s in self.requires if s not in self.provides]
         if missing:
             from vtc.registry import METHODS
 
             usable = sorted(name for name, cls in METHODS.items() if set(cls.requires) <= set(self.provides))
             raise ValueError(
-                f"method {self.method.name!r} needs signal(s) {missing}, which {type(self).__name__} cannot "
+                f"method {self.method_names!r} needs signal(s) {missing}, which {type(self).__name__} cannot "
                 f"provide for this model (it provides {list(self.provides)}); methods that work here: {usable}"
             )
         if self.tokens_per_image is not None:
@@ -137,6 +138,17 @@ class Adapter(ABC):
             hook.remove()
         self._hooks.clear()
         self._dropped = None
+
+    @property
+    def method_names(self) -> str:
+        """The attached methods' names, e.g. 'divprune + fastv' (the pre-LLM identity is not named)."""
+        return " + ".join(m.name for m in (self.method, self.layerwise) if m is not None and m.name != "none")
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """Signals the attached method(s) need from the model."""
+        extra = self.layerwise.requires if self.layerwise is not None else ()
+        return tuple(dict.fromkeys(tuple(self.method.requires) + tuple(extra)))
 
     def _language_hooks(self, language_model: nn.Module) -> None:
         """Hooks on the decoder stack (dropping before it) and, for in-LLM methods, on its layers."""
@@ -179,6 +191,7 @@ class Adapter(ABC):
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._dropped = None
+            self._vision_score = None
             original = self._token_counts(kwargs, embeds)
             planned = self._plan_prefill(embeds)
             if planned is not None:
@@ -232,7 +245,8 @@ class Adapter(ABC):
         valid = (
             mask.bool() if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         )
-        self.dropper.begin(self._lm_input(image), valid, cache)
+        score = self._vision_score
+        self.dropper.begin(self._lm_input(image), valid, cache, None if score is None else self._lm_input(score))
 
     def _record_layers(self) -> None:
         """After a prefill: visual tokens at every LLM layer, survivors of the last layer, FLOPs estimate."""
@@ -266,6 +280,10 @@ class Adapter(ABC):
         written at kept positions, the Plan when all units formed one call else None).
         """
         keep = ~visual
+        if self.layerwise is not None and "cls_attention" in self.layerwise.requires:  # for its key set
+            self._vision_score = torch.full(visual.shape, float("-inf"), device=visual.device)
+            for unit in units:
+                self._vision_score[unit.sample, unit.positions] = unit.signals["cls_attention"].float()
         groups: dict[tuple, list[int]] = {}
         for i, unit in enumerate(units):
             groups.setdefault((unit.positions.numel(), unit.keep, unit.grid), []).append(i)
@@ -315,7 +333,7 @@ class Adapter(ABC):
             survives.sum(dim=1).tolist(),
             per_sample,
             plan,
-            tuple(self.method.requires) + (self.layerwise.requires if self.layerwise is not None else ()),
+            self.requires,
             dict(self.signal_sources),
         )
 

@@ -11,6 +11,7 @@ images, adaptive methods) are re-padded on the left, with an explicit mask.
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class _Prefill:
     image: torch.Tensor  # [B, L] image id of each current position, -1 = not visual
     valid: torch.Tensor  # [B, L] bool
     targets: dict[int, list[int]]  # image id -> kept count after each stage
+    protected: torch.Tensor  # [B, L] bool, tokens the method must keep
     stage_kwargs: dict[str, Any] | None = None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     visual_counts: list[list[int]] = field(default_factory=list)  # per layer, per sample
@@ -114,8 +116,11 @@ class LayerDropper:
 
     # -- driven by the adapter's language-model hooks ------------------------------------------------
 
-    def begin(self, image: torch.Tensor, valid: torch.Tensor, cache: Any) -> None:
-        """A prefill starts: ``image`` [B, L] image id per LM-input position (-1 = text), ``valid`` [B, L]."""
+    def begin(
+        self, image: torch.Tensor, valid: torch.Tensor, cache: Any, vision_score: torch.Tensor | None = None
+    ) -> None:
+        """A prefill starts: ``image`` [B, L] image id per LM-input position (-1 = text), ``valid`` [B, L],
+        ``vision_score`` [B, L] the vision-side [CLS] attention of visual positions (if the method needs it)."""
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(
                 f"in-LLM method {self.method.name!r} shortens the KV cache of later layers, which a "
@@ -127,10 +132,25 @@ class LayerDropper:
             final = min(self.budget.keep, size) if self.budget.keep is not None else self.budget.tokens(size)
             targets[image_id] = self.method.stage_counts(size, final, len(self.schedule))
         order = torch.arange(image.shape[1], device=image.device).expand_as(image)
-        self._prefill = _Prefill(order, image, valid, targets) if targets else None
+        protected = self._key_set(image, vision_score, ids.tolist(), sizes.tolist())
+        self._prefill = _Prefill(order, image, valid, targets, protected) if targets else None
         self._lm_length = image.shape[1]
         self._cache = weakref.ref(cache) if cache is not None else None
         self.finished = None
+
+    def _key_set(
+        self, image: torch.Tensor, score: torch.Tensor | None, ids: list[int], sizes: list[int]
+    ) -> torch.Tensor:
+        """[B, L] bool: per image, the ceil(protect * size) tokens of highest vision-side score (MustDrop)."""
+        protected = torch.zeros_like(image, dtype=torch.bool)
+        fraction = getattr(self.method, "protect", 0.0)
+        if not fraction or score is None:
+            return protected
+        for image_id, size in zip(ids, sizes, strict=True):
+            rows, cols = (image == image_id).nonzero(as_tuple=True)
+            top = score[rows, cols].topk(min(size, math.ceil(fraction * size))).indices
+            protected[rows[top], cols[top]] = True
+        return protected
 
     def bind_cache(self, cache: Any) -> None:
         if self._cache is None and cache is not None and self._maps:
@@ -191,7 +211,9 @@ class LayerDropper:
                 if target >= positions.numel() and self.method.exact:
                     keep[b, positions] = True
                     continue
-                chosen = self.method.choose(Stage(stage, target, positions, text, signals, final_norm[b]))
+                protected = state.protected[b, positions]
+                stage_view = Stage(stage, target, positions, text, signals, final_norm[b], protected)
+                chosen = self.method.choose(stage_view)
                 keep[b, positions[chosen]] = True
         source = source_index(keep)
         valid = source >= 0
@@ -201,6 +223,7 @@ class LayerDropper:
         state.order = take(state.order, source, -1)
         state.image = take(state.image, source, -1)
         state.valid = take(state.valid, source, False)
+        state.protected = take(state.protected, source, False)
         state.maps.append((self.schedule[stage], state.order))
         state.stage_kwargs = self._gather_prefill_kwargs(original, state.order, hidden.dtype)
         return hidden, {**original, **state.stage_kwargs}

@@ -92,9 +92,9 @@ class LlavaAdapter(Adapter):
         return deepest if deepest >= 0 else None
 
     def _needed_vision_layers(self) -> list[int]:
-        if "cls_attention_layers" in self.method.requires:
+        if "cls_attention_layers" in self.requires:
             return list(range(self.feature_layer + 1))
-        if "cls_attention" in self.method.requires:
+        if "cls_attention" in self.requires:
             return [self.feature_layer]
         return []
 

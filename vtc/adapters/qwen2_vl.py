@@ -109,9 +109,9 @@ class Qwen2VLAdapter(Adapter):
         self._window_index: torch.Tensor | None = None
 
     def check(self) -> None:
-        if {"cls_attention", "cls_attention_layers"} & set(self.method.requires) and self.aux is None:
+        if {"cls_attention", "cls_attention_layers"} & set(self.requires) and self.aux is None:
             raise ValueError(
-                f"method {self.method.name!r} needs [CLS] attention, but {type(self.model).__name__}'s vision tower "
+                f"method {self.method_names!r} needs [CLS] attention, but {type(self.model).__name__}'s vision tower "
                 "has no [CLS] token. Choose a substitute explicitly: vtc.compress(model, 'fastervlm', "
                 "signal='attention_received', ...) ranks tokens by the attention they receive in the vision "
                 "tower, or cls_model='ViT-B-16' (any open_clip ViT) adds an auxiliary CLIP [CLS] attention map"
@@ -124,7 +124,7 @@ class Qwen2VLAdapter(Adapter):
 
     @property
     def _needs_cls(self) -> bool:
-        return self.aux is not None and bool({"cls_attention", "cls_attention_layers"} & set(self.method.requires))
+        return self.aux is not None and bool({"cls_attention", "cls_attention_layers"} & set(self.requires))
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class Qwen2VLAdapter(Adapter):
     def _unit(self, b: int, positions: torch.Tensor, info: dict[str, Any]) -> Unit:
         n = positions.numel()
         keep = min(self.budget.keep, n) if self.budget.keep is not None else self.budget.tokens(n)
-        signals = {name: info[name] for name in self.method.requires if name != "features"}
+        signals = {name: info[name] for name in self.requires if name != "features"}
         return Unit(b, positions, keep, info.get("grid"), signals)
 
     def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[tuple[int, torch.Tensor, dict]]:
@@ -249,7 +249,7 @@ class Qwen2VLAdapter(Adapter):
             cols = visual[b].nonzero().squeeze(1)
             breaks = ((cols[1:] - cols[:-1]) != 1).nonzero().squeeze(1) + 1
             runs += [(b, run) for run in torch.tensor_split(cols, breaks.tolist())]
-        needs_vision = set(self.method.requires) - {"features"}
+        needs_vision = set(self.requires) - {"features"}
         if self._vision is None:
             if needs_vision:
                 raise ValueError(

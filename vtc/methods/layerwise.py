@@ -35,6 +35,7 @@ class Stage:
     text: torch.Tensor  # [t] positions of the row's valid text tokens after its last visual token
     signals: dict[str, torch.Tensor]  # name -> [L] over the current sequence of this row
     hidden: torch.Tensor  # [L, D] input of the drop layer after the final norm
+    protected: torch.Tensor | None = None  # [n] bool, tokens that must survive (Adaptive's key set)
 
 
 class LayerwiseMethod(ABC):
@@ -227,10 +228,14 @@ class Adaptive(LayerwiseMethod):
         layers: drop layers for a 32-layer model, scaled to the actual depth (default (2, 6, 10, 14),
             MustDrop's).
         mass: fraction of the attention mass to keep at each stage (default 0.9).
+        protect: fraction of each image's tokens (at the LLM input) with the highest vision-side [CLS]
+            attention that are never dropped - MustDrop's key set (it protects ~8%: ``protect=0.08``).
+            Default 0: none. Needs a model that provides ``cls_attention``.
     """
 
     layers: tuple[int, ...] = (2, 6, 10, 14)
     mass: float = 0.9
+    protect: float = 0.0
     name = "adaptive"
     exact = False
 
@@ -240,6 +245,9 @@ class Adaptive(LayerwiseMethod):
             _check_int("every entry of layers", layer, 1)
         if isinstance(self.mass, bool) or not isinstance(self.mass, (int, float)) or not 0 < self.mass <= 1:
             raise ValueError(f"mass must be a number in (0, 1], got {self.mass!r}")
+        if isinstance(self.protect, bool) or not isinstance(self.protect, (int, float)) or not 0 <= self.protect < 1:
+            raise ValueError(f"protect must be a number in [0, 1), got {self.protect!r}")
+        self.requires = ("cls_attention",) if self.protect > 0 else ()
 
     def schedule(self, num_layers: int) -> list[int]:
         return _scaled(self.layers, num_layers)
@@ -249,10 +257,13 @@ class Adaptive(LayerwiseMethod):
 
     def choose(self, stage: Stage) -> torch.Tensor:
         scores = stage.signals["last_row"][stage.visual].double()
-        order = scores.argsort(descending=True, stable=True)
+        protected = stage.protected if stage.protected is not None else torch.zeros_like(scores, dtype=torch.bool)
+        # Protected tokens first, then by attention: the kept set is always a prefix of this order.
+        ranking = torch.where(protected, scores + scores.sum() + 1, scores)
+        order = ranking.argsort(descending=True, stable=True)
         cumulative = scores[order].cumsum(0)
         needed = int((cumulative < self.mass * cumulative[-1]).sum()) + 1  # smallest prefix reaching the mass
-        count = min(scores.numel(), max(stage.keep, needed))
+        count = min(scores.numel(), max(stage.keep, needed, int(protected.sum())))
         return order[:count].sort().values
 
 
