@@ -11,22 +11,26 @@ def count_hooks(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def greedy_no_cache(model, inputs: dict, steps: int) -> torch.Tensor:
+def greedy_no_cache(model, inputs: dict, steps: int, positions: bool = True) -> torch.Tensor:
     """Greedy decoding that re-runs the whole prompt every step (no KV cache): [B, steps] new tokens.
 
-    Position ids follow the attention mask, as generate() computes them.
+    ``positions=True``: position ids follow the attention mask, as generate() computes them (LLaVA).
+    ``positions=False``: no position_ids, the model derives them itself (Qwen's M-RoPE from input_ids,
+    image_grid_thw and the mask). transformers 5.x's mm_token_type_ids grow with 0 for the new text tokens.
     """
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs.get("mm_token_type_ids")
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     new = []
     for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
-        logits = logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
+        if types is not None:
+            extra["mm_token_type_ids"] = types
+        if positions:
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        token = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, True)
         new.append(token)
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        types = None if types is None else torch.cat([types, torch.zeros_like(token)], dim=1)
     return torch.cat(new, dim=1)
 
 

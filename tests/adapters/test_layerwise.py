@@ -20,6 +20,7 @@ import torch
 from transformers import StaticCache
 
 import vtc
+from tests import helpers
 from tests.helpers import Replay, count_hooks
 from vtc.methods.layerwise import DARTLLM, Adaptive, FastV, PDrop
 from vtc.tiny import (
@@ -162,29 +163,9 @@ def generate(model, inputs: dict, steps: int = STEPS) -> tuple[torch.Tensor, tor
     return out.sequences[:, -steps:], out.logits[0]
 
 
-@torch.no_grad()
 def greedy_no_cache(setup: Setup, inputs: dict, steps: int = STEPS) -> torch.Tensor:
-    """Greedy decoding that re-runs the whole prompt every step (no KV cache): [B, steps] new tokens.
-
-    LLaVA: position ids follow the attention mask, as generate() computes them. Qwen: no position_ids, the
-    model computes the M-RoPE positions itself; mm_token_type_ids (5.x) grows with 0 for the new text tokens.
-    """
-    model = setup.model
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    types = inputs.get("mm_token_type_ids")
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    new = []
-    for _ in range(steps):
-        if types is not None:
-            extra["mm_token_type_ids"] = types
-        if not is_qwen(setup):
-            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        token = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, True)
-        new.append(token)
-        ids = torch.cat([ids, token], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        types = None if types is None else torch.cat([types, torch.zeros_like(token)], dim=1)
-    return torch.cat(new, dim=1)
+    """The shared no-cache greedy reference; Qwen derives its M-RoPE positions itself."""
+    return helpers.greedy_no_cache(setup.model, inputs, steps, positions=not is_qwen(setup))
 
 
 def alone(setup: Setup, b: int) -> dict:

@@ -17,6 +17,7 @@ import transformers
 from transformers import AttentionInterface
 
 import vtc
+from tests import helpers
 from tests.helpers import count_hooks, greedy_generate
 from vtc.methods.uniform import lattice
 from vtc.registry import METHODS
@@ -76,26 +77,9 @@ def logits(model, inputs):
     return model(**inputs).logits
 
 
-@torch.no_grad()
 def greedy_no_cache(model, inputs: dict, steps: int) -> torch.Tensor:
-    """Greedy decoding that re-runs the whole prompt every step (no KV cache): [B, steps] new tokens.
-
-    No position_ids: without a cache the model computes the M-RoPE positions from input_ids, image_grid_thw
-    and the attention mask itself, as generate() does for the prefill; new tokens are text.
-    """
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    types = inputs.get("mm_token_type_ids")
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    new = []
-    for _ in range(steps):
-        if types is not None:
-            extra["mm_token_type_ids"] = types
-        token = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, True)
-        new.append(token)
-        ids = torch.cat([ids, token], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        types = None if types is None else torch.cat([types, torch.zeros_like(token)], dim=1)
-    return torch.cat(new, dim=1)
+    """The shared no-cache greedy reference, letting Qwen derive its M-RoPE positions itself."""
+    return helpers.greedy_no_cache(model, inputs, steps, positions=False)
 
 
 def sample(inputs: dict, b: int, grids=GRIDS) -> dict:

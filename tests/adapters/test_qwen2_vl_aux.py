@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vtc
+from tests import helpers
 from tests.helpers import count_hooks, greedy_generate
 from tests.open_clip_layout import VisionTransformer, eager_attention
 from vtc.aux_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AuxiliaryCLIP
@@ -135,22 +136,9 @@ def logits(model, inputs):
     return model(**inputs).logits
 
 
-@torch.no_grad()
 def greedy_no_cache(model, inputs: dict, steps: int) -> torch.Tensor:
-    """Greedy decoding re-running the whole sequence each step without a cache or position_ids (the model
-    derives the M-RoPE positions itself); transformers 5.x's mm_token_type_ids grow with text (0) tokens."""
-    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs.get("mm_token_type_ids")
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    new = []
-    for _ in range(steps):
-        if types is not None:
-            extra["mm_token_type_ids"] = types
-        token = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1].argmax(-1, True)
-        new.append(token)
-        ids = torch.cat([ids, token], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        types = None if types is None else torch.cat([types, torch.zeros_like(token)], dim=1)
-    return torch.cat(new, dim=1)
+    """The shared no-cache greedy reference, letting Qwen derive its M-RoPE positions itself."""
+    return helpers.greedy_no_cache(model, inputs, steps, positions=False)
 
 
 def attn_pre_hooks(tower: nn.Module) -> int:
