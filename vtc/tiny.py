@@ -91,11 +91,16 @@ def tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A random-weight LlavaForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
     config = tiny_llava_config(attn_implementation=attn_implementation, **config_options)
+    return _build_llava(LlavaForConditionalGeneration, config, seed, dtype)
+
+
+def _build_llava(model_class: type, config, seed: int, dtype: torch.dtype):
+    """A LLaVA-family model from ``config`` with vtc's test init, in eval mode."""
     torch.manual_seed(seed)
     # Larger-than-default init so that random tokens are distinguishable and greedy decoding has no ties.
     config.text_config.initializer_range = 0.2
     config.vision_config.initializer_factor = 4.0
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model = model_class(config).to(dtype).eval()
     with torch.no_grad():
         # Special tokens (pad, bos, eos, <image>) get logit 0, below the max of the random ones, so greedy
         # decoding never emits an <image> placeholder or stops early.
@@ -201,14 +206,7 @@ def tiny_llava_next(
 ) -> LlavaNextForConditionalGeneration:
     """A random-weight LlavaNextForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
     config = tiny_llava_next_config(attn_implementation=attn_implementation, **config_options)
-    torch.manual_seed(seed)
-    config.text_config.initializer_range = 0.2
-    config.vision_config.initializer_factor = 4.0
-    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
-    with torch.no_grad():
-        model.lm_head.weight[: IMAGE_TOKEN_ID + 1] = 0  # greedy never emits pad / bos / eos / <image>
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    return model
+    return _build_llava(LlavaNextForConditionalGeneration, config, seed, dtype)
 
 
 def _llava_next_patches(model: LlavaNextForConditionalGeneration, height: int, width: int) -> int:
