@@ -2,9 +2,9 @@
 
 An adapter knows where a model family places its visual tokens and how to obtain signals for the
 methods. The dropping itself is the same for every family: a forward pre-hook on the language
-model (the decoder stack) receives ``inputs_embeds``, ``attention_mask``, ``position_ids`` and
-``past_key_values`` as keyword arguments, removes the dropped visual tokens, keeps the ORIGINAL
-position ids of the survivors, and during decoding remaps the full-length attention mask that
+model (the decoder stack) receives ``inputs_embeds``, ``attention_mask``, ``position_ids`` and the
+KV cache (``past_key_values``; ``cache`` from transformers 5.24) as keyword arguments, removes the dropped visual
+tokens, keeps the ORIGINAL position ids of the survivors, and during decoding remaps the full-length attention mask that
 generate() keeps passing onto the shortened KV cache.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vtc.adapters.layerwise import LayerDropper, source_index, take
+from vtc.adapters.layerwise import LayerDropper, kv_cache, output_cache, source_index, take
 from vtc.methods.base import Budget, Method, Plan
 from vtc.methods.layerwise import LayerwiseMethod, total_flops
 
@@ -187,7 +187,7 @@ class Adapter(ABC):
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._dropped = None
@@ -214,7 +214,7 @@ class Adapter(ABC):
         return args, self._remap_decode(kwargs, dropped, past, embeds.shape[1])
 
     def _language_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if self._dropped is not None and self._dropped.cache is None and cache is not None:
             self._dropped.cache = weakref.ref(cache)
         if self.dropper is not None:
@@ -398,7 +398,7 @@ class Adapter(ABC):
         out["position_ids"] = new_positions
         if kwargs.get("cache_position") is not None:  # transformers 4.x indexes the cache with it
             out["cache_position"] = torch.arange(source.shape[1], device=embeds.device)
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         self._dropped = _Dropped(source, new_mask, length, weakref.ref(cache) if cache is not None else None)
         return out
 

@@ -70,6 +70,19 @@ def source_index(keep: torch.Tensor) -> torch.Tensor:
     return source
 
 
+
+def kv_cache(kwargs: dict) -> Any:
+    """The KV cache a forward was called with: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``output.cache`` from 5.24 on, ``output.past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def take(values: torch.Tensor, index: torch.Tensor, fill: int | float | bool = 0) -> torch.Tensor:
     """values [B, L] gathered at index [B, L'] (-1 -> ``fill``)."""
     out = values.gather(1, index.clamp(min=0))
@@ -303,7 +316,7 @@ class LayerDropper:
     def _decode_kwargs(self, index: int, kwargs: dict) -> dict:
         order = next(m for first, m in reversed(self._maps) if first <= index)  # this layer's stage
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         total = mask.shape[-1] if mask is not None else cache.get_seq_length()  # layer 0: prompt + new tokens
         new = torch.arange(self._lm_length, total, device=order.device).expand(order.shape[0], -1)
         cols = torch.cat([order, new], dim=1)
