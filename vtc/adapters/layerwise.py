@@ -70,7 +70,6 @@ def source_index(keep: torch.Tensor) -> torch.Tensor:
     return source
 
 
-
 def kv_cache(kwargs: dict) -> Any:
     """The KV cache a forward was called with: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
     cache = kwargs.get("cache")

@@ -1,0 +1,387 @@
+"""End to end: where the time of one VLM request goes, with and without vtc, against the Amdahl bound.
+
+    python benchmarks/e2e.py [--model llava-7b-shape|shapes-llava|DIR|HUB_ID] [--device cpu|cuda]
+                             [--methods M,...] [--keep 576,192,128,64] [--repeats R] [--quick] [--no-save]
+
+For each method at each budget, one ``generate()`` of ``--decode-tokens`` new tokens (greedy, no early stop) is
+split by timing hooks into: vision encoder (tower + projector, vtc's signal hooks included), selection (vtc's
+language-model pre-hook: planning and dropping; in-LLM methods select inside the prefill instead), LLM prefill, time
+to first token (from the generate() call to the end of the first forward), and decode tokens/s. Peak memory is the
+most memory allocated during the generate() call above what was live before it (CUDA: the allocator's peak; CPU:
+torch's profiler, from every allocation and free); KV-cache bytes are those held after the prefill.
+
+The Amdahl bound of keeping K of N visual tokens is the uncompressed time to first token with its LLM prefill
+replaced by the prefill of a prompt N - K tokens shorter (measured on the language model directly): vision time
+unchanged, selection free. "of bound" is bound time / achieved time (100% = vtc costs nothing beyond the shorter
+prompt; in-LLM methods cannot reach it, since their first layers still see every token).
+
+Default model: a LLaVA-1.5-7B-shaped config scaled down to run on a CPU in minutes: CLIP 336 px / 14 px patches (576
+visual tokens + [CLS]), the vision tower about 4.6% of the LLM's per-token FLOPs as in LLaVA-1.5-7B (CLIP-L 0.30
+GFLOP vs Vicuna-7B 6.5 GFLOP per token), random weights. Settings are timed interleaved, round by round, after
+warm-up rounds. A full run appends one JSON row to benchmarks/results/e2e.jsonl and draws benchmarks/results/e2e.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from layerwise import kv_bytes
+from selection import ForeignLoad, git_state, machine, median
+
+import vtc
+from vtc.adapters.layerwise import output_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
+PLOT = ROOT / "benchmarks" / "results" / "e2e.png"
+DEFAULT_METHODS = ("fastervlm", "vtc_cls", "divprune", "dart", "random", "uniform", "fastv", "pdrop")
+# LLaVA-1.5-7B: CLIP-L/14-336 (24 x 1024) + Vicuna-7B (32 x 4096, FFN 11008). Scaled: same visual token count and
+# vision / LLM FLOP ratio (4.6%), widths / 5.3, fewer layers.
+SHAPES = {
+    "llava-7b-shape": {
+        "vision": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 4},
+        "text": {"hidden_size": 768, "intermediate_size": 2064, "num_hidden_layers": 8, "num_attention_heads": 8},
+        "text_lengths": (35, 25),  # LLaVA-1.5's system prompt + a short question: ~640 prompt tokens in all
+    },
+    "quick": {
+        "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
+        "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "text_lengths": (10, 5),
+    },
+}
+
+
+def shaped_llava(shape: dict[str, Any]):
+    """A random-weight LLaVA-1.5-shaped model with separate vision and text widths, and a matching prompt."""
+    from transformers import CLIPVisionConfig
+
+    from vtc.tiny import _build_llava, tiny_llava_config, tiny_llava_inputs
+
+    text = shape["text"]
+    config = tiny_llava_config(
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        text_layers=text["num_hidden_layers"],
+        heads=text["num_attention_heads"],
+        vocab_size=1024,
+    )
+    config.text_config.num_key_value_heads = text["num_attention_heads"]  # Vicuna-7B has no grouped-query attention
+    config.vision_config = CLIPVisionConfig(
+        image_size=336, patch_size=14, projection_dim=text["hidden_size"], **shape["vision"]
+    )
+    model = _build_llava(transformers.LlavaForConditionalGeneration, config, seed=0, dtype=torch.float32)
+    return model, tiny_llava_inputs(model, text_lengths=(shape["text_lengths"],))
+
+
+def loaded_model(name: str, image: str | None, prompt: str, device: torch.device):
+    """A supported model by organism name, local directory or hub id, with one image + prompt from its processor."""
+    from PIL import Image
+
+    from vtc import loading
+    from vtc.organisms import scenes
+
+    model, processor = loading.load(name, device=device)
+    picture = Image.open(image).convert("RGB") if image else scenes.scene("test", 0).image
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return model, dict(processor(images=[picture], text=[text], return_tensors="pt"))
+
+
+def parts(model) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(vision start, vision end, language model) of a LLaVA / LLaVA-NeXT / Qwen2-VL model."""
+    base = model.model
+    if hasattr(base, "vision_tower"):
+        return base.vision_tower, base.multi_modal_projector, base.language_model
+    return base.visual, base.visual, base.language_model
+
+
+class Stopwatch:
+    """Timestamps from forward hooks: each top-level forward, the vision encoder, and vtc's language-model pre-hook.
+
+    Attach AFTER vtc.compress: the "selection starts" pre-hook is prepended (runs before vtc's), the "prefill starts"
+    one appended (runs after vtc's), so their difference is vtc's planning and dropping.
+    """
+
+    def __init__(self, model, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        vision_in, vision_out, language = parts(model)
+        self.marks: list[tuple[str, float]] = []
+        hooks = [
+            model.register_forward_hook(lambda *_: self.mark("forward_end")),
+            vision_in.register_forward_pre_hook(lambda *_: self.mark("vision_start")),
+            vision_out.register_forward_hook(lambda *_: self.mark("vision_end")),
+            language.register_forward_pre_hook(lambda *_: self.mark("select_start"), prepend=True),
+            language.register_forward_pre_hook(lambda *_: self.mark("prefill_start")),
+            language.register_forward_hook(lambda *_: self.mark("language_end")),
+        ]
+        self.hooks = hooks
+
+    def mark(self, name: str) -> None:
+        self.sync()
+        self.marks.append((name, time.perf_counter()))
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def split(self, began: float, ended: float) -> dict[str, float]:
+        """Milliseconds of each part of one generate() call that started at ``began``."""
+        first = {}
+        for name, t in self.marks:
+            first.setdefault(name, t)
+        forwards = [t for name, t in self.marks if name == "forward_end"]
+        vision_start = min(t for name, t in self.marks if name == "vision_start")
+        vision_end = max(t for name, t in self.marks if name == "vision_end")
+        decode_s = forwards[-1] - forwards[0]
+        return {
+            "vision_ms": (vision_end - vision_start) * 1e3,
+            "selection_ms": (first["prefill_start"] - first["select_start"]) * 1e3,
+            "prefill_ms": (first["language_end"] - first["prefill_start"]) * 1e3,
+            "ttft_ms": (forwards[0] - began) * 1e3,
+            "decode_tokens_per_s": (len(forwards) - 1) / decode_s if decode_s > 0 else float("nan"),
+            "total_ms": (ended - began) * 1e3,
+        }
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Most bytes allocated during ``fn()`` above what was live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Allocations are the ops' own (self) memory; frees are "[memory]" events with negative sizes.
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = top = 0
+    for _, delta in deltas:
+        live += delta
+        top = max(top, live)
+    return top
+
+
+def language_prefill_ms(model, length: int, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median ms of the language model alone on a ``length``-token prompt (the bound's prefill)."""
+    _, _, language = parts(model)
+    dtype = next(model.parameters()).dtype
+    embeds = torch.randn(1, length, model.config.text_config.hidden_size, dtype=dtype, device=device)
+    mask = torch.ones(1, length, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    samples = []
+    for round_ in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            language(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+        sync()
+        if round_ >= warmup:
+            samples.append((time.perf_counter() - start) * 1e3)
+    return median(samples)
+
+
+def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: torch.device, args) -> dict[str, Any]:
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    prompt = int(inputs["attention_mask"].sum())
+    new = args.decode_tokens
+    options = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "num_beams": 1}
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(**inputs, **options, return_dict_in_generate=True)
+
+    def attach(method: str, keep: int | None):
+        return None if method == "none" else vtc.compress(model, method, keep=keep)
+
+    skipped, measured = [], {}
+    for method, keep in settings:  # untimed: errors, memory, cache bytes, token counts
+        try:
+            handle = attach(method, keep)
+        except ValueError as error:
+            skipped.append({"method": method, "keep": keep, "reason": str(error)})
+            continue
+        try:
+            with torch.no_grad():
+                cache = output_cache(model(**inputs, use_cache=True))
+            row = {
+                "method": method,
+                "keep": keep,
+                "kv_bytes": kv_bytes(cache),
+                "peak_bytes": peak_bytes(generate, device),
+            }
+            if handle is not None:
+                row["visual_tokens_per_layer"] = handle.stats["visual_tokens_per_layer"][0]
+        finally:
+            if handle is not None:
+                handle.remove()
+        measured[(method, keep)] = row
+    samples: dict[tuple, list[dict[str, float]]] = {key: [] for key in measured}
+    for round_ in range(args.warmup + args.repeats):
+        for method, keep in measured:
+            handle = attach(method, keep)
+            watch = Stopwatch(model, device)
+            try:
+                began = time.perf_counter()
+                generate()
+                watch.sync()
+                split = watch.split(began, time.perf_counter())
+            finally:
+                watch.remove()
+                if handle is not None:
+                    handle.remove()
+            if round_ >= args.warmup:
+                samples[(method, keep)].append(split)
+    lengths = sorted({prompt} | {prompt - visual + k for _, k in measured if k is not None and k < visual})
+    llm = {n: language_prefill_ms(model, n, device, args.repeats, args.warmup) for n in lengths}
+    none = {k: median([s[k] for s in samples[("none", None)]]) for k in samples[("none", None)][0]}
+    rows = []
+    for key, row in measured.items():
+        for part in samples[key][0]:
+            row[part] = median([s[part] for s in samples[key]])
+        keep = key[1]
+        length = prompt if keep is None or keep >= visual else prompt - visual + keep
+        row["bound_ttft_ms"] = none["ttft_ms"] + (llm[length] - llm[prompt])  # exactly none's when nothing is cut
+        row["speedup"] = none["ttft_ms"] / row["ttft_ms"]
+        row["bound_speedup"] = none["ttft_ms"] / row["bound_ttft_ms"]
+        row["of_bound"] = row["bound_ttft_ms"] / row["ttft_ms"]
+        rows.append(row)
+    return {"visual_tokens": visual, "prompt_tokens": prompt, "llm_prefill_ms": llm, "rows": rows, "skipped": skipped}
+
+
+def print_table(result: dict[str, Any], title: str) -> None:
+    print(f"\n{title}")
+    print(
+        "| method | keep | vision ms | selection ms | LLM prefill ms | TTFT ms | speed-up | bound | of bound "
+        "| decode tok/s | peak MB | KV MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        keep = "—" if r["keep"] is None else r["keep"]
+        print(
+            f"| {r['method']} | {keep} | {r['vision_ms']:.1f} | {r['selection_ms']:.2f} | {r['prefill_ms']:.1f} "
+            f"| {r['ttft_ms']:.1f} | {r['speedup']:.2f}x | {r['bound_speedup']:.2f}x | {100 * r['of_bound']:.0f}% "
+            f"| {r['decode_tokens_per_s']:.1f} | {r['peak_bytes'] / 2**20:.1f} | {r['kv_bytes'] / 2**20:.2f} |"
+        )
+    for s in result["skipped"]:
+        print(f"skipped {s['method']} keep={s['keep']}: {s['reason']}")
+
+
+def plot(result: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in result["rows"] if r["keep"] is not None]
+    bound = sorted({(r["keep"], r["bound_speedup"]) for r in rows if r["method"] == rows[0]["method"]})
+    axes.plot([k for k, _ in bound], [s for _, s in bound], "k--", label="Amdahl bound", linewidth=2)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["keep"], r["speedup"]) for r in rows if r["method"] == method)
+        axes.plot([k for k, _ in points], [s for _, s in points], "o-", label=method, alpha=0.8)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel(f"visual tokens kept (of {result['visual_tokens']})")
+    axes.set_ylabel("time-to-first-token speed-up")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llava-7b-shape", help="llava-7b-shape, an organism, a local dir, a hub id")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated vtc method names")
+    parser.add_argument("--keep", default="576,192,128,64", help="comma-separated budgets (visual tokens per image)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="new tokens per generate()")
+    parser.add_argument("--image", help="image for a loaded model (default: a shapes test scene)")
+    parser.add_argument("--prompt", default="what color is the cross ?", help="question for a loaded model")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a small model, 1 round, saved only to --out")
+    parser.add_argument("--out", type=Path, help=f"JSONL to append the row to (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--plot", type=Path, help=f"PNG of speed-up vs tokens (default {PLOT.relative_to(ROOT)})")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        keeps = [int(k) for k in args.keep.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--keep takes comma-separated integers, got {args.keep!r}")
+    if not keeps or min(keeps) < 1 or args.repeats < 1 or args.warmup < 0 or args.decode_tokens < 2:
+        parser.error("--keep values and --repeats must be >= 1, --warmup >= 0, --decode-tokens >= 2")
+    for name in methods:
+        vtc.get_method(name)  # unknown names fail before a model is built
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.quick:
+        args.repeats, args.warmup, args.model = 1, 1, "quick"
+    if args.model in SHAPES:
+        model, inputs = shaped_llava(SHAPES[args.model])
+        model = model.to(device)
+    else:
+        model, inputs = loaded_model(args.model, args.image, args.prompt, device)
+    settings = [("none", None)] + [(m, k) for m in methods for k in keeps]
+    info = machine(device)
+    load = ForeignLoad().start()
+    started = time.perf_counter()
+    result = run(model, inputs, settings, device, args)
+    foreign = load.stop()
+    title = (
+        f"{args.model}: {result['visual_tokens']} visual of {result['prompt_tokens']} prompt tokens, "
+        f"{args.decode_tokens} new tokens; {info['device_name']}, {info['torch_threads']} threads, "
+        f"median of {args.repeats}"
+    )
+    print_table(result, title)
+    print(
+        f"\ntorch {torch.__version__}, transformers {transformers.__version__}; other processes' CPU use during the "
+        f"run: {'unknown' if foreign is None else f'{foreign:.1f}%'}; took {time.perf_counter() - started:.1f} s"
+    )
+    if foreign is not None and foreign > 5:
+        print("warning: the machine was not idle; rerun with nothing else running before trusting these numbers")
+    out = args.out or (None if args.quick else RESULTS)
+    if out is None or args.no_save:
+        return 0
+    row = {
+        "benchmark": "e2e",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "machine": info,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "git": git_state(),
+        "foreign_cpu_percent": foreign,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "decode_tokens": args.decode_tokens,
+        **{k: v for k, v in result.items() if k != "llm_prefill_ms"},
+        "llm_prefill_ms": {str(k): v for k, v in result["llm_prefill_ms"].items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    figure = args.plot or (out.with_suffix(".png") if args.out else PLOT)
+    plot(result, figure, title)
+    print(f"appended to {out}; plot {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
