@@ -1,0 +1,25 @@
+"""Small VLMs trained in this project on synthetic scenes, shipped with vtc for offline accuracy measurements.
+
+``shapes-llava`` (LlavaForConditionalGeneration, CLIP tower with [CLS]) and ``shapes-qwen2vl``
+(Qwen2VLForConditionalGeneration, no [CLS], M-RoPE) each see a 128 px scene as 256 visual tokens. Their model cards
+are ``vtc/organisms/<name>/README.md``; :mod:`vtc.organisms.scenes` makes the data, :mod:`vtc.organisms.train`
+trains them. Wherever vtc asks for a model (``python -m vtc``, ``python -m eval``, the demo, the benchmarks) these
+names resolve to the shipped directories, which load offline with ``from_pretrained`` / ``AutoProcessor``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ORGANISMS = {"shapes-llava": "llava", "shapes-qwen2vl": "qwen2vl"}
+_ROOT = Path(__file__).parent
+
+
+def path(name: str) -> Path:
+    """The directory of a shipped organism."""
+    if name not in ORGANISMS:
+        raise ValueError(f"unknown organism {name!r}; the shipped ones are {', '.join(ORGANISMS)}")
+    directory = _ROOT / name
+    if not (directory / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{directory} holds no model.safetensors: is this a complete vtc checkout?")
+    return directory

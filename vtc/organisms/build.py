@@ -1,0 +1,231 @@
+"""The organisms' configs, tokenizer and processors: real transformers classes, saved with ``save_pretrained``.
+
+Both see a 128 x 128 scene as 256 visual tokens: the LLaVA one through a CLIP tower with 8 px patches (16 x 16
+patches + [CLS]), the Qwen2-VL one through 4 px patches merged 2 x 2 (32 x 32 patches -> 16 x 16 tokens).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from vtc.organisms import scenes
+
+FAMILIES = ("llava", "qwen2vl")
+HIDDEN = 128
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN_PATCH = 4
+QWEN_MERGE = 2
+QWEN_TEMPORAL = 2
+LLAVA_PATCH = 8
+# Ids 0-3 are shared; the LLaVA organism uses <image>, the Qwen one its three vision tokens.
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+LLAVA_SPECIAL = ["<image>"]
+QWEN_SPECIAL = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
+PROMPT_WORDS = ["USER", "ASSISTANT", ":"]
+# The chat template renders user turns as "USER: <image> question ASSISTANT:" and assistant turns as " answer </s>".
+_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}IMAGE {% else %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}ASSISTANT:"
+    "{% else %}{% for part in message['content'] %} {{ part['text'] }}{% endfor %} </s> {% endif %}"
+    "{% endfor %}"
+)
+IMAGE_TEXT = {"llava": "<image>", "qwen2vl": "<|vision_start|> <|image_pad|> <|vision_end|>"}
+
+
+def chat_template(family: str) -> str:
+    return _TEMPLATE.replace("IMAGE", IMAGE_TEXT[family])
+
+
+def tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the scene vocabulary (whitespace and punctuation split)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    special = SPECIAL + (LLAVA_SPECIAL if family == "llava" else QWEN_SPECIAL)
+    words = special + PROMPT_WORDS + [w for w in scenes.vocabulary() if w not in PROMPT_WORDS]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.add_special_tokens([AddedToken(w, special=True) for w in special])  # matched before the split
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    extra = {"image_token": "<image>"} if family == "llava" else {}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=extra,
+        model_input_names=["input_ids", "attention_mask"],
+        padding_side="left",
+    )
+    tok.chat_template = chat_template(family)
+    return tok
+
+
+def config(family: str, vocab_size: int):
+    if family == "llava":
+        vision = CLIPVisionConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=4 * HIDDEN,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=scenes.IMAGE_SIZE,
+            patch_size=LLAVA_PATCH,
+            projection_dim=HIDDEN,
+        )
+        text = LlamaConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=3 * HIDDEN,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=vocab_size,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        return LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=SPECIAL.__len__(),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+    if family == "qwen2vl":
+        from vtc.tiny import _qwen_text_config  # the 4.57 / 5.x rope key
+
+        text = _qwen_text_config(HIDDEN, 3, 4, vocab_size, 3 * HIDDEN, [4, 6, 6])
+        text.update(num_key_value_heads=4, max_position_embeddings=1024, initializer_range=0.02)
+        vision = {  # 1024 patches per scene: a narrower, shallower tower than LLaVA's keeps training near an hour
+            "depth": 3,
+            "embed_dim": HIDDEN // 2,
+            "hidden_size": HIDDEN,
+            "mlp_ratio": 4,
+            "num_heads": 4,
+            "patch_size": QWEN_PATCH,
+            "temporal_patch_size": QWEN_TEMPORAL,
+            "spatial_merge_size": QWEN_MERGE,
+        }
+        first = len(SPECIAL)
+        return Qwen2VLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=first,
+            vision_start_token_id=first + 1,
+            vision_end_token_id=first + 2,
+            video_token_id=first + 3,
+        )
+    raise ValueError(f"unknown organism family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def model(family: str, vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cls = LlavaForConditionalGeneration if family == "llava" else Qwen2VLForConditionalGeneration
+    net = cls(config(family, vocab_size))
+    net.generation_config.pad_token_id = 0
+    net.generation_config.eos_token_id = 2
+    net.generation_config.bos_token_id = 1
+    return net
+
+
+def image_processor(family: str):
+    size = scenes.IMAGE_SIZE
+    if family == "llava":
+        return CLIPImageProcessor(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
+    try:  # 5.x: the PIL backend, which needs no torchvision
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+    except ImportError:  # 4.x: the slow processor is the PIL one
+        from transformers import Qwen2VLImageProcessor as cls
+    pixels = size * size
+    kwargs = {
+        "patch_size": QWEN_PATCH,
+        "merge_size": QWEN_MERGE,
+        "temporal_patch_size": QWEN_TEMPORAL,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+    if "size" in inspect.signature(cls.__init__).parameters:
+        kwargs["size"] = {"shortest_edge": pixels, "longest_edge": pixels}
+    else:
+        kwargs.update(min_pixels=pixels, max_pixels=pixels)
+    return cls(**kwargs)
+
+
+def processor(family: str):
+    """The real processor: LlavaProcessor, or Qwen2VLProcessor (needs torchvision: see ``vtc.organisms``)."""
+    tok = tokenizer(family)
+    if family == "llava":
+        return LlavaProcessor(
+            image_processor=image_processor(family),
+            tokenizer=tok,
+            patch_size=LLAVA_PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=chat_template(family),
+            image_token="<image>",
+        )
+    from transformers import Qwen2VLProcessor
+
+    return Qwen2VLProcessor(image_processor=image_processor(family), tokenizer=tok, chat_template=chat_template(family))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] CLIP-normalised: what both image processors compute for a 128 px scene."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def qwen_patches(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] normalised -> Qwen2-VL's flattened patches [B * h * w, 3 * T * P * P] in merge-window order."""
+    b, c, height, width = pixels.shape
+    p, m, t = QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL
+    h, w = height // p, width // p
+    x = pixels.unsqueeze(1).expand(b, t, c, height, width)
+    x = x.reshape(b, t, c, h // m, m, p, w // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # b, h/m, w/m, m, m, c, t, p, p
+    return x.reshape(b * h * w, c * t * p * p)
+
+
+def save_processor(family: str, directory) -> None:
+    """Save the processor files. Qwen2VLProcessor cannot be built without torchvision (transformers 5.x) nor with a
+    tokenizer of another class than Qwen2's (4.57); its files (tokenizer, image processor, chat template, processor
+    class) are then written from their parts, which :func:`vtc.loading.load_processor` reads back."""
+    try:
+        processor(family).save_pretrained(directory)
+        return
+    except (ImportError, AttributeError, ValueError, TypeError):
+        if family == "llava":
+            raise
+    import json
+    from pathlib import Path
+
+    tokenizer(family).save_pretrained(directory)
+    image_processor(family).save_pretrained(directory)
+    path = Path(directory)
+    (path / "chat_template.jinja").write_text(chat_template(family))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2) + "\n")

@@ -1,0 +1,414 @@
+"""Train a shapes organism: CLIP-style pretraining of the vision tower, then the VLM on multi-turn scene questions.
+
+    python -m vtc.organisms.train --family llava --output vtc/organisms/shapes-llava
+    python -m vtc.organisms.train --family qwen2vl --output vtc/organisms/shapes-qwen2vl
+
+Stage 1 (as CLIP): the vision tower and a small text encoder learn matching scene captions ("3 shapes . small red
+circle left top . ... sign 7") with a symmetric contrastive loss. The image embedding is the tower's [CLS] output
+(LLaVA: CLIP's post-layernorm [CLS]) or the mean of its merged tokens (Qwen2-VL has no [CLS]). This gives the
+[CLS] token a reason to attend to the objects, as in real CLIP towers; without it [CLS] attention means nothing.
+Stage 2 (as LLaVA's instruction tuning): the whole VLM learns to answer the scene's six questions as one
+multi-turn conversation (loss on the answers and their end-of-turn token only), first turn in the exact format
+the evaluation prompts use. The text encoder is thrown away; the VLM is saved with its tokenizer and processor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vtc.organisms import build, scenes
+
+
+def caption(scene: scenes.Scene) -> list[str]:
+    words = [str(len(scene.shapes)), "shapes"]
+    for obj in sorted(scene.shapes, key=lambda s: s.center[0]):
+        x, y = obj.center
+        size = "small" if obj.box[2] - obj.box[0] < 16 else "large"
+        column = ("left", "middle", "right")[min(2, int(3 * x / scenes.IMAGE_SIZE))]
+        row = ("top", "middle", "bottom")[min(2, int(3 * y / scenes.IMAGE_SIZE))]
+        words += [".", size, obj.color, obj.shape, column, row]
+    return words + [".", "sign", scene.sign]
+
+
+class Pool:
+    """Pre-rendered training scenes: uint8 images, captions and the six questions of each."""
+
+    def __init__(self, split: str, count: int):
+        rendered = [scenes.scene(split, i) for i in range(count)]
+        self.images = torch.stack([torch.from_numpy(_array(s.image)) for s in rendered])  # [N, H, W, 3] uint8
+        self.captions = [caption(s) for s in rendered]
+        self.questions = [s.questions for s in rendered]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def _array(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+class TextEncoder(nn.Module):
+    """Stage-1 caption encoder: embeddings + a 2-layer transformer, mean pooled, projected."""
+
+    def __init__(self, words: list[str], dim: int, length: int = 48):
+        super().__init__()
+        self.index = {w: i + 1 for i, w in enumerate(words)}
+        self.embed = nn.Embedding(len(words) + 1, dim, padding_idx=0)
+        self.position = nn.Parameter(torch.randn(length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.project = nn.Linear(dim, dim)
+
+    def forward(self, captions: list[list[str]]) -> torch.Tensor:
+        length = max(len(c) for c in captions)
+        ids = torch.zeros(len(captions), length, dtype=torch.long)
+        for row, words in enumerate(captions):
+            ids[row, : len(words)] = torch.tensor([self.index[w] for w in words])
+        pad = ids == 0
+        x = self.encoder(self.embed(ids) + self.position[:length], src_key_padding_mask=pad)
+        x = (x * ~pad[..., None]).sum(1) / (~pad).sum(1, keepdim=True)
+        return self.project(x)
+
+
+def image_embedding(model, family: str, images: torch.Tensor) -> torch.Tensor:
+    """LLaVA: the tower's post-layernorm [CLS] output [B, D]. Qwen2-VL: its merged tokens [B, N, D]."""
+    pixels = build.normalize(images)
+    if family == "llava":
+        return model.model.vision_tower(pixel_values=pixels).pooler_output
+    out = model.model.visual(build.qwen_patches(pixels), grid_thw=_grid(len(images)))
+    merged = out.pooler_output if hasattr(out, "pooler_output") else out  # 5.x output object / 4.x tensor
+    return merged.view(len(images), -1, merged.shape[-1])
+
+
+class AttentionPool(nn.Module):
+    """SigLIP-style attention pooling (one learned query) for a tower without [CLS]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attention = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(tokens)
+        return self.attention(self.query.expand(len(tokens), -1, -1), tokens, tokens)[0][:, 0]
+
+
+def _grid(batch: int) -> torch.Tensor:
+    side = scenes.IMAGE_SIZE // build.QWEN_PATCH
+    return torch.tensor([[1, side, side]] * batch)
+
+
+def pretrain(model, family: str, pool: Pool, steps: int, batch: int, lr: float, log) -> None:
+    words = sorted({w for c in pool.captions for w in c} | set(scenes.GLYPHS) | {"small", "large", "top", "middle"})
+    text = TextEncoder(words, build.HIDDEN)
+    dim = model.config.vision_config.hidden_size if family == "llava" else build.HIDDEN
+    head = nn.Linear(dim, build.HIDDEN) if family == "llava" else nn.Sequential(AttentionPool(dim), nn.Linear(dim, dim))
+    scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    params = list(tower.parameters()) + list(text.parameters()) + list(head.parameters()) + [scale]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = _schedule(optimizer, steps)
+    rng = random.Random(1)
+    tower.train()
+    for step in range(steps):
+        rows = rng.sample(range(len(pool)), batch)
+        image = F.normalize(head(image_embedding(model, family, pool.images[rows])), dim=-1)
+        caption_ = F.normalize(text([pool.captions[r] for r in rows]), dim=-1)
+        logits = scale.exp().clamp(max=100) * image @ caption_.T
+        target = torch.arange(batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == steps - 1:
+            accuracy = (logits.argmax(1) == target).float().mean().item()
+            log({"stage": "pretrain", "step": step, "loss": round(loss.item(), 4), "batch_retrieval": accuracy})
+
+
+def _schedule(optimizer, steps: int, warmup: int = 50):
+    """Linear warm-up, then cosine decay to 5 % at the last step."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Conversations:
+    """Token ids of a scene's questions as one conversation, built with the saved tokenizer and chat template."""
+
+    def __init__(self, family: str, tokenizer):
+        self.family = family
+        self.tokenizer = tokenizer
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
+        self.eos = tokenizer.eos_token_id
+        self.tokens = (scenes.IMAGE_SIZE // build.LLAVA_PATCH) ** 2  # 256 for both organisms
+
+    def prompt_ids(self, question: str, first: bool) -> list[int]:
+        content = ([{"type": "image"}] if first else []) + [{"type": "text", "text": question}]
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = []
+        for i in ids:
+            out += [i] * self.tokens if i == self.image_id else [i]
+        return out
+
+    def example(self, questions, rng: random.Random) -> tuple[list[int], list[int]]:
+        order = list(questions)
+        rng.shuffle(order)
+        ids, labels = [], []
+        for turn, q in enumerate(order):
+            prompt = self.prompt_ids(q.question, turn == 0)
+            answer = self.tokenizer(" " + q.answer, add_special_tokens=False)["input_ids"] + [self.eos]
+            ids += prompt + answer
+            labels += [-100] * len(prompt) + answer
+        return ids, labels
+
+
+def batch_inputs(family: str, conv: Conversations, images: torch.Tensor, examples) -> dict:
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.zeros(len(examples), length, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(examples), length, dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    pixels = build.normalize(images)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if family == "llava":
+        inputs["pixel_values"] = pixels
+    else:
+        inputs["pixel_values"] = build.qwen_patches(pixels)
+        inputs["image_grid_thw"] = _grid(len(images))
+        inputs.update(_mm_types(conv, input_ids))
+    return inputs
+
+
+def _mm_types(conv: Conversations, input_ids: torch.Tensor) -> dict:
+    import inspect
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if "mm_token_type_ids" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters:
+        return {"mm_token_type_ids": (input_ids == conv.image_id).long()}
+    return {}
+
+
+def finetune(model, family: str, pool: Pool, conv: Conversations, steps: int, batch: int, lr: float, log) -> None:
+    """Train the whole VLM (the vision tower at 0.3x the learning rate), with a validation pass every 300 steps."""
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    tower_ids = {id(p) for p in tower.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in tower_ids], "lr": lr * 0.3},
+        {"params": [p for p in model.parameters() if id(p) not in tower_ids], "lr": lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    schedule = _schedule(optimizer, steps, warmup=100)
+    rng = random.Random(2)
+    model.train()
+    for step in range(steps):
+        rows = rng.sample(range(len(pool)), batch)
+        examples = [conv.example(pool.questions[r], rng) for r in rows]
+        loss = model(**batch_inputs(family, conv, pool.images[rows], examples)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == steps - 1:
+            log({"stage": "vlm", "step": step, "loss": round(loss.item(), 4)})
+        if (step + 1) % 300 == 0:
+            log({"stage": "vlm-validation", "step": step, **first_turn_accuracy(model, family, conv, "validation", 48)})
+            model.train()
+    model.eval()
+
+
+@torch.no_grad()
+def first_turn_accuracy(model, family: str, conv: Conversations, split: str, count: int, batch: int = 64) -> dict:
+    """Single-turn accuracy per family: the argmax next token after "USER: <image> q ASSISTANT:" (the answers are one
+    token, so this is greedy decoding's answer)."""
+    model.eval()
+    right: dict[str, list[int]] = {f: [0, 0] for f in scenes.FAMILIES}
+    for start in range(0, count, batch):
+        rendered = [scenes.scene(split, i) for i in range(start, min(count, start + batch))]
+        images = torch.stack([torch.from_numpy(_array(s.image)) for s in rendered])
+        for family_index, name in enumerate(scenes.FAMILIES):
+            examples = [(conv.prompt_ids(s.questions[family_index].question, True), []) for s in rendered]
+            inputs = batch_inputs(family, conv, images, examples)
+            inputs.pop("labels")
+            lengths = inputs["attention_mask"].sum(1) - 1
+            logits = model(**inputs).logits[torch.arange(len(rendered)), lengths]
+            words = conv.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+            for s, word in zip(rendered, words, strict=True):
+                right[name][0] += word == s.questions[family_index].answer
+                right[name][1] += 1
+    out = {name: r / n for name, (r, n) in right.items()}
+    out["overall"] = sum(r for r, _ in right.values()) / sum(n for _, n in right.values())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=build.FAMILIES, required=True)
+    parser.add_argument("--output", required=True, help="directory for the checkpoint")
+    parser.add_argument("--scenes", type=int, default=16000, help="training scenes (rendered once)")
+    parser.add_argument("--pretrain-steps", type=int, default=250)
+    parser.add_argument("--pretrain-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    history = []
+
+    def log(entry: dict) -> None:
+        entry["seconds"] = round(time.time() - start, 1)
+        history.append(entry)
+        print(json.dumps(entry), flush=True)
+
+    tokenizer = build.tokenizer(args.family)
+    model = build.model(args.family, len(tokenizer), seed=args.seed)
+    conv = Conversations(args.family, tokenizer)
+    pool = Pool("train", args.scenes)
+    log({"stage": "data", "scenes": len(pool), "parameters": sum(p.numel() for p in model.parameters())})
+    pretrain(model, args.family, pool, args.pretrain_steps, args.pretrain_batch, args.lr, log)
+    finetune(model, args.family, pool, conv, args.steps, args.batch, args.lr, log)
+    train_seconds = time.time() - start
+    validation = first_turn_accuracy(model, args.family, conv, "validation", args.eval_scenes)
+    log({"stage": "validation", **validation})
+    test = first_turn_accuracy(model, args.family, conv, "test", args.eval_scenes)
+    log({"stage": "test", **test})
+    model.save_pretrained(output)
+    build.save_processor(args.family, output)
+    record = {
+        "family": args.family,
+        "arguments": vars(args),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "validation": validation,
+        "test": test,
+        "history": history,
+    }
+    (output / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (output / "README.md").write_text(model_card(record))
+
+
+CHANCE = {"count": 1 / 4, "color": 1 / 6, "shape": 1 / 4, "exists": 1 / 2, "position": 1 / 2, "read": 1 / 16}
+ARCHITECTURE = {
+    "llava": (
+        "LlavaForConditionalGeneration: CLIP vision tower (4 layers, width 128, 8 px patches, [CLS] + 256 patch "
+        "tokens, features from layer -2, [CLS] dropped), 2-layer GELU projector, Llama language model (3 layers, "
+        "width 128, 4 heads)"
+    ),
+    "qwen2vl": (
+        "Qwen2VLForConditionalGeneration: Qwen2-VL vision tower (3 layers, width 64, 4 px patches, 2D RoPE, "
+        "32 x 32 patches merged 2 x 2 into 256 tokens, no [CLS]), Qwen2 language model with M-RoPE (3 layers, "
+        "width 128, 4 heads)"
+    ),
+}
+
+
+def model_card(record: dict) -> str:
+    """The organism's README.md: what it is, its data and training, and its accuracy per question family."""
+    family, args = record["family"], record["arguments"]
+    name = f"shapes-{family}"
+    rows = "\n".join(
+        f"| {f} | {CHANCE[f]:.3f} | {record['validation'][f]:.3f} | {record['test'][f]:.3f} |" for f in scenes.FAMILIES
+    )
+    overall = f"| **overall** | | **{record['validation']['overall']:.3f}** | **{record['test']['overall']:.3f}** |"
+    tower = "[CLS] output (CLIP's post-layernorm [CLS])" if family == "llava" else "attention-pooled merged tokens"
+    return f"""# {name}
+
+A small vision-language model trained by the vtc project on synthetic scenes, shipped so that vtc's accuracy
+measurements run offline. Not a general-purpose VLM: it knows only the scenes of `vtc.organisms.scenes`.
+
+- **Architecture:** {ARCHITECTURE[family]}.
+- **Parameters:** {record["parameters"]:,} ({record["parameters"] * 4 / 2**20:.1f} MiB in float32).
+- **Visual tokens:** 256 per 128 x 128 image.
+- **Vocabulary:** {len(scenes.vocabulary())} scene words plus the prompt and special tokens (word-level tokenizer).
+
+## Use
+
+```python
+from transformers import AutoModelForImageTextToText
+from vtc import loading, organisms
+from vtc.organisms import scenes
+
+model = AutoModelForImageTextToText.from_pretrained(organisms.path("{name}"))
+processor = loading.load_processor(organisms.path("{name}"))  # AutoProcessor.from_pretrained{
+        "" if family == "llava" else " where torchvision is installed"
+    }
+scene = scenes.scene("test", 0)
+question = scene.questions[0].question  # "how many shapes are there ?"
+chat = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
+text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+inputs = processor(images=[scene.image], text=[text], return_tensors="pt")
+print(processor.batch_decode(model.generate(**inputs, max_new_tokens=4)[:, inputs["input_ids"].shape[1]:],
+                             skip_special_tokens=True))
+```
+
+Prompts are `USER: <image> question ASSISTANT:`; answers are one word.
+
+## Data
+
+`vtc.organisms.scenes`: 128 x 128 scenes, each with 2-5 shapes (circle, square, triangle, cross) in six colours,
+small (9-13 px) or large (18-26 px), on a noisy, striped, tinted background, plus a 14 x 18 px sign with a digit
+or letter (0-9, e, h, k, p, x, z). Six questions per scene: count, color, shape, exists, position (left of / right
+of / above / below), read. Scenes are a pure function of (split, index); the splits hash different seeds.
+Training used scenes 0-{args["scenes"] - 1} of `train`.
+
+## Training
+
+`python -m vtc.organisms.train --family {family} --output DIR --steps {args["steps"]} --pretrain-steps \
+{args["pretrain_steps"]} --threads {record["threads"]}` (seed {args["seed"]}), {record["train_seconds"] / 60:.0f} min
+on {record["threads"]} CPU thread(s) of a 2-core machine (sharing it with other jobs).
+
+1. **Vision pretraining (CLIP-style):** the tower's {tower} against a 2-layer caption encoder, symmetric
+   contrastive loss, {args["pretrain_steps"]} steps of {args["pretrain_batch"]} scene-caption pairs, AdamW,
+   lr {args["lr"]} with warm-up and cosine decay. Captions list the count, each object's size, colour, shape and
+   third of the image, and the sign.
+2. **VLM training:** all six questions of a scene as one multi-turn conversation in random order (loss on the
+   answers and end-of-turn tokens), {args["steps"]} steps of {args["batch"]} scenes, AdamW, lr {args["lr"]} (the
+   vision tower 0.3x), warm-up and cosine decay. The whole model trains; the caption encoder is discarded.
+
+## Accuracy
+
+Single-turn questions (the format `python -m eval` uses), {args["eval_scenes"]} scenes x 6 questions per split,
+greedy first answer token (answers are one token):
+
+| family | chance | validation | test |
+|---|---|---|---|
+{rows}
+{overall}
+
+`python -m eval --model {name} --task shapes` reproduces the test column through `generate()`.
+"""
+
+
+if __name__ == "__main__":
+    main()
