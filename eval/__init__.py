@@ -1,0 +1,1 @@
+"""Accuracy, kept visual tokens and latency of vtc compression methods on standard VLM benchmarks."""

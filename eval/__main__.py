@@ -1,0 +1,202 @@
+"""``python -m eval``: accuracy, visual tokens, latency and memory of vtc methods on a VQA task.
+
+    python -m eval --model shapes-llava --methods none,fastervlm,divprune,dart,random \\
+        --keep 256,128,64,32,16 --task shapes --limit 500 --output results/shapes-llava
+
+--model is a shipped organism (shapes-llava, shapes-qwen2vl), a local directory or a hub id. --methods are vtc
+method names (``python -c "import vtc; print(vtc.list_methods())"``), "none" for the uncompressed model, options
+after colons (``fastervlm:signal=attention_received``). --task is shapes (generated, offline) or a standard
+benchmark read from --data: gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench. The output directory receives
+samples.jsonl (one record per sample and setting), summary.json, summary.csv and accuracy_vs_tokens.png.
+Data-parallel: ``accelerate launch --num_processes N -m eval ...`` (results are gathered on the main process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2]
+    )
+    parser.add_argument("--model", required=True, help="shapes-llava, shapes-qwen2vl, a local dir or a hub id")
+    parser.add_argument("--methods", default="none,fastervlm,divprune,dart,random", help="comma-separated")
+    parser.add_argument("--keep", default="64", help="comma-separated visual tokens kept per image")
+    parser.add_argument("--task", default="shapes", help="shapes, gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench")
+    parser.add_argument("--data", help="the benchmark's local data (parquet file/dir or .jsonl); shapes: the split")
+    parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    parser.add_argument("--output", required=True, help="directory for the result files")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the task's")
+    parser.add_argument("--budget", help="LLaVA-NeXT: how keep is shared by crops (global, per_crop, thumbnail)")
+    parser.add_argument("--device", help="default: this process's accelerator (cuda:N under accelerate) or cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, ...")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        args.keeps = [int(k) for k in args.keep.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--keep takes comma-separated integers, got {args.keep!r}")
+    if any(k < 1 for k in args.keeps):
+        parser.error(f"--keep values must be >= 1, got {args.keeps}")
+    args.method_specs = [m for m in args.methods.split(",") if m.strip()]
+    return args
+
+
+class _Processes:
+    """This process's rank among ``accelerate launch`` processes (one process without it)."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.state = None
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            try:
+                from accelerate import PartialState
+            except ImportError as error:
+                raise SystemExit("several processes need accelerate (the eval extra)") from error
+            self.state = PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU processes
+            self.rank, self.world = self.state.process_index, self.state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if self.state is not None:
+            return self.state.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def gather(self, items: list) -> list:
+        if self.state is None:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from eval import report, runner
+    from eval.tasks import get_task
+
+    # Everything that can be wrong with the request fails here, before a model is loaded.
+    try:
+        task = get_task(args.task)
+        plan = runner.settings(args.method_specs, args.keeps)
+        samples = task.samples(args.data, args.limit)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not samples:
+        print(f"error: {args.task} has no samples in {args.data!r}", file=sys.stderr)
+        return 2
+    processes = _Processes()
+    device = torch.device(args.device) if args.device else processes.device()
+
+    from vtc import loading
+
+    try:
+        model, processor = loading.load(args.model, device=device, dtype=args.dtype)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mine = [(i, s) for i, s in enumerate(samples) if i % processes.world == processes.rank]
+    if processes.main:
+        count = f"{len(samples)} questions x {len(plan)} settings"
+        print(f"{args.model} on {args.task}: {count}, {processes.world} process(es)")
+
+    summaries, all_records, skipped = [], [], []
+    for setting in plan:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"{setting.name} keep={setting.keep}", disable=not processes.main)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            records = runner.run_setting(
+                model,
+                processor,
+                task,
+                mine,
+                setting,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                budget=args.budget,
+                progress=bar,
+                worker=processes.rank,
+            )
+            error = None
+        except ValueError as exc:  # e.g. a [CLS] method on a tower without [CLS], or keep above the image's tokens
+            records, error = [], str(exc)
+        bar.close()
+        peak = max(processes.gather([runner.peak_memory_mb(device)]))
+        errors = [e for e in processes.gather([error]) if e]
+        gathered = processes.gather(records)
+        if errors:
+            skipped.append({"method": setting.name, "keep": setting.keep, "reason": errors[0]})
+            if processes.main:
+                print(f"skipped {setting.name} keep={setting.keep}: {errors[0]}")
+            continue
+        gathered.sort(key=lambda r: r["index"])
+        indices = [r["index"] for r in gathered]
+        if indices != list(range(len(samples))):
+            raise RuntimeError(f"gathered {len(indices)} records for {len(samples)} samples: not exactly once each")
+        summary = {"task": task.name, **runner.summarize_setting(task, setting, gathered, peak)}
+        summaries.append(summary)
+        all_records.extend(gathered)
+        if processes.main:
+            print(
+                f"  {setting.name:<12} keep={str(setting.keep):<5} tokens={summary['visual_tokens_last_layer']:6.1f}"
+                f"  accuracy={summary['accuracy']:.4f}  prefill/sample={summary['prefill_ms_per_sample']:.1f} ms"
+            )
+    if not processes.main:
+        return 0
+    header = {
+        "model": args.model,
+        "task": task.name,
+        "data": args.data,
+        "limit": args.limit,
+        "questions": len(samples),
+        "processes": processes.world,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "environment": _environment(device),
+        "skipped": skipped,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    paths = report.write(Path(args.output), header, summaries, all_records)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _environment(device: torch.device) -> dict:
+    import transformers
+
+    import vtc
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device_name": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vtc": vtc.__version__ if hasattr(vtc, "__version__") else "",
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

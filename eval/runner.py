@@ -1,0 +1,200 @@
+"""Run one task under a list of (method, keep) settings and collect per-sample records.
+
+Every setting runs on the same samples with greedy decoding. Under ``accelerate launch`` each process takes every
+``world``-th sample (sample i goes to process i % world), and the records are gathered on the main process, where
+each sample must appear exactly once per setting.
+"""
+
+from __future__ import annotations
+
+import ast
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import vtc
+from eval.tasks import Sample, Task
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated configuration: ``method`` is "none" (uncompressed) or a vtc method, ``keep`` its budget."""
+
+    method: str
+    keep: int | None
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"fastervlm:signal=attention_received"`` -> ("fastervlm", {"signal": "attention_received"}); the method and its
+    options are checked now, before any model is loaded."""
+    name, *pairs = spec.strip().split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"method option {pair!r} in {spec!r} must be key=value, e.g. 'fastv:layer=3'")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    if name != "none":
+        vtc.get_method(name, **options)  # unknown names and options fail here
+    elif options:
+        raise ValueError("'none' (the uncompressed model) takes no options")
+    return name, options
+
+
+def settings(methods: list[str], keeps: list[int]) -> list[Setting]:
+    """The uncompressed run once (if asked for), then every method at every keep."""
+    out = []
+    for spec in methods:
+        name, options = parse_method(spec)
+        if name == "none":
+            out.append(Setting("none", None, label="none"))
+        else:
+            out.extend(Setting(name, keep, options, spec.strip()) for keep in keeps)
+    return out
+
+
+class FirstForwardTimer:
+    """Seconds from ``start()`` to the end of the model's first forward: image encoding, selection and prefill
+    (generate() in transformers 5.x encodes images before its first forward; this counts them either way)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.began = 0.0
+        self.seconds: float | None = None
+        self._hook = model.register_forward_hook(self._done)
+
+    def start(self) -> None:
+        _sync(self.model)
+        self.seconds = None
+        self.began = time.perf_counter()
+
+    def _done(self, *_: Any) -> None:
+        if self.seconds is None:
+            _sync(self.model)
+            self.seconds = time.perf_counter() - self.began
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def _sync(model: torch.nn.Module) -> None:
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompt(processor, question: str) -> str:
+    """The model's chat template around one image and the question, ready for generation."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def image_token_id(model) -> int:
+    return model.config.image_token_id
+
+
+def run_setting(
+    model,
+    processor,
+    task: Task,
+    samples: list[tuple[int, Sample]],
+    setting: Setting,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None = None,
+    budget: str | None = None,
+    progress=None,
+    worker: int = 0,
+) -> list[dict]:
+    """Records of ``samples`` (pairs of task index and sample) under one setting."""
+    device = next(model.parameters()).device
+    handle = None
+    if setting.method != "none":
+        extra = {"budget": budget} if budget else {}
+        handle = vtc.compress(model, setting.method, keep=setting.keep, **extra, **setting.options)
+    timer = FirstForwardTimer(model)
+    records = []
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            inputs = processor(
+                images=[sample.image() for _, sample in batch],
+                text=[prompt(processor, sample.question) for _, sample in batch],
+                return_tensors="pt",
+                padding=True,
+            ).to(device)
+            tokens_in = (inputs["input_ids"] == image_token_id(model)).sum(1).tolist()
+            timer.start()
+            with torch.no_grad():
+                output = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens or task.max_new_tokens, do_sample=False, num_beams=1
+                )
+            predictions = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            stats = handle.stats if handle is not None else None
+            for row, ((index, sample), prediction) in enumerate(zip(batch, predictions, strict=True)):
+                prediction = prediction.strip()
+                record = {
+                    "index": index,
+                    "id": sample.id,
+                    "family": sample.family,
+                    "question": sample.question,
+                    "answer": sample.answer,
+                    "prediction": prediction,
+                    **sample.meta,
+                    **task.score(sample, prediction),
+                    "method": setting.name,
+                    "keep": setting.keep,
+                    "visual_tokens_in": tokens_in[row],
+                    "visual_tokens": tokens_in[row],
+                    "visual_tokens_last_layer": tokens_in[row],
+                    "prefill_ms": timer.seconds * 1e3,
+                    "batch_size": len(batch),
+                    "batch": f"{worker}/{start}",
+                }
+                if stats is not None:  # entering the language model / reaching its last layer (in-LLM methods)
+                    record["visual_tokens"] = stats["visual_tokens_per_layer"][row][0]
+                    record["visual_tokens_last_layer"] = stats["visual_tokens_after"][row]
+                records.append(record)
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        timer.remove()
+        if handle is not None:
+            handle.remove()
+    return records
+
+
+def summarize_setting(task: Task, setting: Setting, records: list[dict], peak_memory_mb: float) -> dict:
+    """One summary row: the task's metrics plus tokens, latency and memory."""
+    batches = {r["batch"]: r["prefill_ms"] / r["batch_size"] for r in records}  # records of a batch share its time
+    per_sample = list(batches.values())
+    return {
+        "method": setting.name,
+        "keep": setting.keep,
+        **task.summarize(records),
+        "visual_tokens": statistics.fmean(r["visual_tokens"] for r in records),
+        "visual_tokens_last_layer": statistics.fmean(r["visual_tokens_last_layer"] for r in records),
+        "visual_tokens_in": statistics.fmean(r["visual_tokens_in"] for r in records),
+        "prefill_ms_per_sample": statistics.median(per_sample),
+        "peak_memory_mb": peak_memory_mb,
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set (a high-water mark over the
+    whole process, so it only grows from one setting to the next)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,36 @@
+"""Benchmark tasks by name; a task's module is imported only when the task is asked for."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from eval.tasks.base import Sample, Task
+
+__all__ = ["TASKS", "Sample", "Task", "get_task", "list_tasks"]
+
+# name -> "module:Class"
+TASKS: dict[str, str] = {
+    "gqa": "eval.tasks.gqa:GQATask",
+    "vqav2": "eval.tasks.vqav2:VQAv2Task",
+    "textvqa": "eval.tasks.textvqa:TextVQATask",
+    "pope": "eval.tasks.pope:POPETask",
+    "mme": "eval.tasks.mme:MMETask",
+    "scienceqa": "eval.tasks.scienceqa:ScienceQATask",
+    "mmbench": "eval.tasks.mmbench:MMBenchTask",
+    "shapes": "eval.tasks.shapes:ShapesTask",
+}
+
+
+def list_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """A fresh task by name, e.g. ``get_task("gqa")``."""
+    if not isinstance(name, str) or name not in TASKS:
+        close = difflib.get_close_matches(str(name), TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown task {name!r}; known tasks: {list_tasks()}.{hint}")
+    module_name, class_name = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
