@@ -1,0 +1,222 @@
+"""demo.core without gradio: answers equal a direct generate() with and without vtc, every method runs, bad input
+gives one clear message."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vtc
+from demo import core, samples
+from vtc import geometry, loading
+from vtc.organisms import scenes
+
+SCENE = scenes.scene("test", 3)
+QUESTION = SCENE.questions[0].question
+
+
+def direct_answers(
+    directory: str, image, question: str, method: str, keep: int, max_new_tokens: int = 6, **options
+) -> tuple[str, str]:
+    """(uncompressed, compressed) greedy answers from a model loaded here, through plain generate() calls."""
+    model, processor = loading.load(directory)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+
+    def answer() -> str:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return processor.batch_decode(out[:, length:], skip_special_tokens=True)[0].strip()
+
+    plain = answer()
+    with vtc.compress(model, method, keep=keep, **options):
+        compressed = answer()
+    return plain, compressed
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "options"),
+    [("llava", "dart", {"merge": True}), ("llava", "fastv", {}), ("qwen2vl", "divprune", {})],
+)
+def test_answers_equal_direct_generate(request, family, method, options):
+    directory = request.getfixturevalue(f"{'llava' if family == 'llava' else 'qwen'}_dir")
+    bundle = core.load_model(directory)
+    result = core.compare(bundle, SCENE.image, QUESTION, method, 24, options=options, max_new_tokens=6, repeats=1)
+    plain, compressed = direct_answers(directory, SCENE.image, QUESTION, method, 24, **options)
+    assert (result.baseline_answer, result.compressed_answer) == (plain, compressed)
+    assert result.baseline_answer  # the fixture's models answer with words, not only special tokens
+    assert result.tokens_before == 256 and result.tokens_after == 24
+    assert result.kept.tolist() == sorted(set(result.kept.tolist())) and len(result.kept) == 24
+    assert result.baseline_ms > 0 and result.compressed_ms > 0 and result.speedup > 0
+    assert len(result.tokens_per_layer) == 3  # one count per LLM layer
+    if method == "fastv":  # drops at the input of layer 2
+        assert result.tokens_per_layer == [256, 256, 24]
+        assert result.flops_ratio is not None and 0 < result.flops_ratio < 1
+    else:
+        assert result.tokens_per_layer == [24, 24, 24]
+
+
+def test_every_method_runs_on_llava(llava_dir):
+    bundle = core.load_model(llava_dir)
+    for method in vtc.list_methods():
+        result = core.compare(bundle, SCENE.image, QUESTION, method, 16, max_new_tokens=2, repeats=1)
+        assert result.tokens_after >= 16, method  # adaptive keeps at least its floor
+        assert len(result.kept) == result.tokens_after
+        assert result.boxes.shape == (256, 4)
+
+
+def test_merge_groups_map_to_kept_tokens(llava_dir):
+    bundle = core.load_model(llava_dir)
+    result = core.compare(bundle, SCENE.image, QUESTION, "dart", 20, options={"merge": True}, max_new_tokens=1)
+    targets = result.merge_into
+    assert targets is not None and targets.shape == (256,)
+    assert set(targets.unique().tolist()) <= set(result.kept.tolist())  # every group ends in a kept token
+    assert torch.equal(targets[result.kept], result.kept)  # kept tokens are their own group
+    unmerged = core.compare(bundle, SCENE.image, QUESTION, "dart", 20, max_new_tokens=1)
+    assert unmerged.merge_into is None
+
+
+def test_qwen_budget_follows_the_image_shape(qwen_dir):
+    bundle = core.load_model(qwen_dir)
+    wide = Image.new("RGB", (200, 90), (120, 130, 140))
+    limit = core.budget_limit(bundle, wide)
+    assert limit == len(geometry.image_token_boxes(bundle.model, (90, 200), bundle.processor)) != 256
+    result = core.compare(bundle, wide, "what color is the cross ?", "uniform", limit, max_new_tokens=1, repeats=1)
+    assert result.tokens_after == limit  # keep == N is allowed
+    with pytest.raises(core.DemoError, match=f"larger than the {limit} visual tokens"):
+        core.compare(bundle, wide, "what color is the cross ?", "uniform", limit + 1)
+
+
+def test_crop_note_and_area_on_llava(llava_dir):
+    bundle = core.load_model(llava_dir)
+    wide = SCENE.image.resize((256, 128))
+    result = core.compare(bundle, wide, QUESTION, "random", 64, max_new_tokens=1, repeats=1)
+    assert result.area_visible == pytest.approx(0.5)  # the center crop keeps the middle half
+    assert result.area_seen == pytest.approx(0.5 * 64 / 256)
+    assert any("center crop" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image": None}, "Add an image"),
+        ({"question": "   "}, "Type a question"),
+        ({"method": "tome"}, "Unknown method"),
+        ({"keep": 0}, "at least 1"),
+        ({"keep": 257}, "budget \\(257\\) is larger than the 256 visual tokens"),
+        ({"repeats": 0}, "repeats"),
+    ],
+)
+def test_bad_input_gives_a_clear_message(llava_dir, change, message):
+    bundle = core.load_model(llava_dir)
+    arguments = {"image": SCENE.image, "question": QUESTION, "method": "dart", "keep": 8, "repeats": 1, **change}
+    image, question, method, keep = (arguments.pop(k) for k in ("image", "question", "method", "keep"))
+    with pytest.raises(core.DemoError, match=message):
+        core.compare(bundle, image, question, method, keep, **arguments)
+
+
+def test_methods_the_model_cannot_run(qwen_dir):
+    bundle = core.load_model(qwen_dir)
+    for method, options in (("vtc_cls", {}), ("fastervlm", {"signal": "cls_attention"})):
+        with pytest.raises(core.DemoError, match=f"{method} cannot run on .*no \\[CLS\\] token"):
+            core.compare(bundle, SCENE.image, QUESTION, method, 8, options=options)
+    # The opt-in substitute runs.
+    result = core.compare(
+        bundle, SCENE.image, QUESTION, "fastervlm", 8, options={"signal": "attention_received"}, max_new_tokens=1
+    )
+    assert "attention_received" in result.signals
+
+
+def test_models_that_cannot_load(tmp_path):
+    with pytest.raises(core.DemoError, match="Choose a model"):
+        core.load_model(" ")
+    with pytest.raises(core.DemoError, match="Could not load"):
+        core.load_model(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(core.DemoError, match="Unsupported model: .*'bert'.* vtc supports"):
+        core.load_model(str(tmp_path))
+
+
+def test_method_options_keep_only_what_the_method_takes():
+    assert core.method_options("dart", merge=True, signal="cls_attention", layer=2) == {"merge": True}
+    assert core.method_options("fastervlm", merge=True, signal="attention_received") == {"signal": "attention_received"}
+    assert core.method_options("fastv", layer=3.0) == {"layer": 3}
+    assert core.method_options("divprune", merge=True, layer=2) == {}
+    with pytest.raises(core.DemoError, match="Unknown method"):
+        core.method_options("nope")
+
+
+def test_unknown_words_are_reported(llava_dir):
+    bundle = core.load_model(llava_dir)
+    assert core.unknown_words(bundle.processor, "What colour is the cross ?") == ["What", "colour"]
+    result = core.compare(bundle, SCENE.image, "What is the cross ?", "random", 8, max_new_tokens=1, repeats=1)
+    assert any("What" in note for note in result.notes)
+
+
+def test_samples_are_offline_scenes_and_photos():
+    listed = samples.samples()
+    assert [s.answer for s in listed[: samples.SCENES]] == [
+        scenes.scene("test", i).questions[i].answer for i in range(samples.SCENES)
+    ]
+    photos = [s for s in listed if s.label.startswith("photo")]
+    if importlib.util.find_spec("gradio") is not None:
+        assert photos, "gradio ships photos (gradio/media_assets/images)"
+    for photo in photos[:1]:
+        image = photo.load()
+        assert image.mode == "RGB" and min(image.size) > 100
+    assert samples.by_label(listed[1].label) is listed[1]
+
+
+def test_llava_next_budgets_merges_and_newlines(tmp_path):
+    """A tiny LLaVA-NeXT with a real LlavaNextProcessor: the budget counts content tokens (newlines excluded), merge
+    groups map through the content tokens, and the AnyRes budget option reaches vtc."""
+    import numpy as np
+    from transformers import AutoTokenizer, LlavaNextProcessor
+
+    from demo import render
+    from vtc.tiny import _CHAT_TEMPLATE, save_tiny_llava, tiny_llava_next
+
+    try:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as P
+    except ImportError:
+        from transformers import LlavaNextImageProcessor as P
+    save_tiny_llava(str(tmp_path))  # for its word-level tokenizer
+    model = tiny_llava_next(vocab_size=64)
+    side = model.config.vision_config.image_size
+    image_processor = P(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=AutoTokenizer.from_pretrained(tmp_path),
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    bundle = core.Bundle("tiny-llava-next", model, processor)
+    # Noise, so that every AnyRes crop has its own features (vtc finds the crops of a generate() call by them).
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 130, 3), dtype=np.uint8))
+    assert core.budget_limit(bundle, image) == 56  # 60 visual tokens, 4 of them newlines
+    result = core.compare(
+        bundle, image, "what is in the image ?", "dart", 20, options={"merge": True}, max_new_tokens=2
+    )
+    assert result.tokens_before == 60 and len(result.kept) == result.tokens_after >= 20  # + the kept rows' newlines
+    newline = result.boxes.isnan().any(-1)
+    targets = result.merge_into
+    assert targets is not None and (targets[newline] == -1).all()
+    assert set(targets[~newline].unique().tolist()) <= set(result.kept.tolist())
+    render.draw_overlay(result.image, result.boxes, result.kept, targets, scale=2, outline=True)
+    per_crop = core.compare(bundle, image, "what is in the image ?", "random", 20, options={"budget": "per_crop"})
+    assert per_crop.options == {"budget": "per_crop"} and per_crop.merge_into is None
+    with pytest.raises(core.DemoError, match="larger than the 56 visual tokens"):
+        core.compare(bundle, image, "what is in the image ?", "random", 57)
