@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from eval.scoring import vqa_accuracy
-from eval.tasks.base import SHORT_ANSWER_PROMPT, Row, Sample, Task, check_limit, check_unique_ids, first, read_rows
-from eval.tasks.vqav2 import human_answers
+from eval.tasks.vqav2 import VQAv2Task
 
 
-class TextVQATask(Task):
+class TextVQATask(VQAv2Task):
     """TextVQA with the one-word-answer prompt and the VQA accuracy over its 10 human answers. All samples share
     the family "all" (TextVQA has no question types).
 
@@ -22,33 +20,13 @@ class TextVQATask(Task):
         "a parquet file or a glob (columns question_id, question, answers, image), or a .jsonl with the same columns "
         "and image as a path relative to the .jsonl"
     )
-    split = "validation"
+    optional_columns = ["image_id"]
+    hidden_answers = (
+        "the TextVQA test split hides them; use validation (e.g. --data 'textvqa/data/validation-*.parquet')"
+    )
 
-    def samples(self, data: str | None, limit: int | None) -> list[Sample]:
-        check_limit(limit)
-        rows = read_rows(self, data, ["question_id", "question", "answers"], ["image_id"])
-        samples = [self._sample(row) for row in first(rows, limit)]
-        check_unique_ids(self.name, samples, data)
-        return samples
+    def _family(self, values: dict) -> str:
+        return "all"
 
-    def _sample(self, row: Row) -> Sample:
-        values = row.values
-        answers = human_answers(values["answers"])
-        if not answers:
-            raise ValueError(
-                f"textvqa: {row.where} has no human answers: the TextVQA test split hides them; use validation"
-                " (e.g. --data 'textvqa/data/validation-*.parquet')"
-            )
-        if row.image is None:
-            raise ValueError(f"textvqa: {row.where} has no image")
-        return Sample(
-            id=str(values["question_id"]),
-            question=str(values["question"]).strip() + SHORT_ANSWER_PROMPT,
-            answer=answers,
-            family="all",
-            image=row.image,
-            meta={"image_id": values.get("image_id")},
-        )
-
-    def score(self, sample: Sample, prediction: str) -> dict:
-        return {"score": vqa_accuracy(prediction, sample.answer)}
+    def _meta(self, values: dict) -> dict:
+        return {"image_id": values.get("image_id")}

@@ -22,10 +22,15 @@ class VQAv2Task(Task):
         "same columns and image as a path relative to the .jsonl"
     )
     split = "validation"
+    optional_columns = ["answer_type", "question_type"]
+    hidden_answers = (
+        "the VQAv2 test and test-dev splits hide them, so only the validation split can be scored locally "
+        "(e.g. --data 'VQAv2/data/validation-*.parquet')"
+    )
 
     def samples(self, data: str | None, limit: int | None) -> list[Sample]:
         check_limit(limit)
-        rows = read_rows(self, data, ["question_id", "question", "answers"], ["answer_type", "question_type"])
+        rows = read_rows(self, data, ["question_id", "question", "answers"], self.optional_columns)
         samples = [self._sample(row) for row in first(rows, limit)]
         check_unique_ids(self.name, samples, data)
         return samples
@@ -34,20 +39,23 @@ class VQAv2Task(Task):
         values = row.values
         answers = human_answers(values["answers"])
         if not answers:
-            raise ValueError(
-                f"vqav2: {row.where} has no human answers: the VQAv2 test and test-dev splits hide them, so only "
-                "the validation split can be scored locally (e.g. --data 'VQAv2/data/validation-*.parquet')"
-            )
+            raise ValueError(f"{self.name}: {row.where} has no human answers: {self.hidden_answers}")
         if row.image is None:
-            raise ValueError(f"vqav2: {row.where} has no image")
+            raise ValueError(f"{self.name}: {row.where} has no image")
         return Sample(
             id=str(values["question_id"]),
             question=str(values["question"]).strip() + SHORT_ANSWER_PROMPT,
             answer=answers,
-            family=str(values.get("answer_type") or "all"),
+            family=self._family(values),
             image=row.image,
-            meta={"question_type": values.get("question_type")},
+            meta=self._meta(values),
         )
+
+    def _family(self, values: dict) -> str:
+        return str(values.get("answer_type") or "all")
+
+    def _meta(self, values: dict) -> dict:
+        return {"question_type": values.get("question_type")}
 
     def score(self, sample: Sample, prediction: str) -> dict:
         return {"score": vqa_accuracy(prediction, sample.answer)}
