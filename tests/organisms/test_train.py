@@ -1,0 +1,58 @@
+"""The training script's targets: the dense per-token labels of the vision pretraining, and the captions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtc.organisms import scenes
+from vtc.organisms.train import DENSE_CLASSES, TOKEN_PIXELS, caption, patch_labels
+
+SIDE = scenes.IMAGE_SIZE // TOKEN_PIXELS
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return [scenes.scene("train", i) for i in range(40)]
+
+
+def tokens_of(box) -> set[tuple[int, int]]:
+    """(row, col) of every token the inclusive pixel box touches."""
+    x0, y0, x1, y1 = box
+    rows = range(y0 // TOKEN_PIXELS, y1 // TOKEN_PIXELS + 1)
+    return {(r, c) for r in rows for c in range(x0 // TOKEN_PIXELS, x1 // TOKEN_PIXELS + 1)}
+
+
+def test_every_object_and_the_sign_label_their_own_tokens(rendered):
+    colors, shapes, glyphs = list(scenes.COLORS), list(scenes.SHAPES), sorted(scenes.GLYPHS)
+    for scene in rendered:
+        labels = patch_labels(scene).view(3, SIDE, SIDE)
+        assert labels.dtype == torch.long
+        for plane, classes in zip(labels, DENSE_CLASSES, strict=True):
+            assert plane.min() >= 0 and plane.max() < classes
+        covered = set()
+        for obj in scene.shapes:
+            want = torch.tensor([colors.index(obj.color) + 1, shapes.index(obj.shape) + 1, 0])
+            x, y = obj.center
+            centre = (int(y) // TOKEN_PIXELS, int(x) // TOKEN_PIXELS)
+            assert torch.equal(labels[:, centre[0], centre[1]], want), (scene.index, obj)
+            mine = {(r, c) for r, c in tokens_of(obj.box) if torch.equal(labels[:, r, c], want)}
+            assert centre in mine
+            covered |= tokens_of(obj.box)
+        sign = {(r, c) for r, c in tokens_of(scene.sign_box) if labels[1, r, c] == len(shapes) + 1}
+        assert sign and all(labels[2, r, c] == glyphs.index(scene.sign) + 1 for r, c in sign)
+        covered |= tokens_of(scene.sign_box)
+        # Tokens no object or sign touches are background in all three planes.
+        for r in range(SIDE):
+            for c in range(SIDE):
+                if (r, c) not in covered:
+                    assert labels[:, r, c].tolist() == [0, 0, 0], (scene.index, r, c)
+
+
+def test_caption_lists_every_object_left_to_right_and_the_sign(rendered):
+    for scene in rendered:
+        words = caption(scene)
+        assert words[:2] == [str(len(scene.shapes)), "shapes"] and words[-2:] == ["sign", scene.sign]
+        named = [(words[i + 2], words[i + 3]) for i, w in enumerate(words) if w == "." and i + 3 < len(words) - 2]
+        by_x = sorted(scene.shapes, key=lambda s: s.center[0])
+        assert named == [(s.color, s.shape) for s in by_x]
