@@ -257,8 +257,16 @@ def _mm_types(conv: Conversations, input_ids: torch.Tensor) -> dict:
     return {}
 
 
-def finetune(model, family: str, pool: Pool, conv: Conversations, steps: int, batch: int, lr: float, log) -> None:
-    """Train the whole VLM (the vision tower at 0.3x the learning rate), with a validation pass every 300 steps."""
+def finetune(
+    model, family: str, pool: Pool, conv: Conversations, steps: int, batch: int, lr: float, log, ramp: float = 0.0
+) -> None:
+    """Train the whole VLM (the vision tower at 0.3x the learning rate), with a validation pass every 300 steps.
+
+    ``ramp`` (LLaVA): a curriculum over the first ``ramp`` of the steps, in which only a growing share of the
+    background visual tokens is kept (0 at the start, all at ``ramp * steps``; object and sign tokens always stay,
+    at their original positions). With few distractors the language model learns to look up the right tokens
+    quickly; from then on it sees every token, as it will at inference.
+    """
     tower = model.model.vision_tower if family == "llava" else model.model.visual
     tower_ids = {id(p) for p in tower.parameters()}
     groups = [
@@ -272,18 +280,53 @@ def finetune(model, family: str, pool: Pool, conv: Conversations, steps: int, ba
     for step in range(steps):
         rows = rng.sample(range(len(pool)), batch)
         examples = [conv.example(pool.questions[r], rng) for r in rows]
-        loss = model(**batch_inputs(family, conv, pool.images[rows], examples)).loss
+        inputs = batch_inputs(family, conv, pool.images[rows], examples)
+        background = 1.0 if ramp <= 0 else min(1.0, step / (ramp * steps))
+        if family == "llava" and background < 1.0:
+            inputs = without_background(model, conv, inputs, pool.labels[rows], background, rng)
+        loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 25 == 0 or step == steps - 1:
-            log({"stage": "vlm", "step": step, "loss": round(loss.item(), 4)})
+            log({"stage": "vlm", "step": step, "loss": round(loss.item(), 4), "background": round(background, 3)})
         if (step + 1) % 300 == 0:
             log({"stage": "vlm-validation", "step": step, **first_turn_accuracy(model, family, conv, "validation", 48)})
             model.train()
     model.eval()
+
+
+def without_background(model, conv: Conversations, inputs: dict, labels: torch.Tensor, share: float, rng) -> dict:
+    """A LLaVA batch as ``inputs_embeds`` without a random ``1 - share`` of each image's background tokens (those
+    whose dense labels are all 0). Kept tokens keep their original position ids; rows are re-padded on the right."""
+    base = model.model
+    hidden = base.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    features = base.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])  # [B, 256, D]
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = model.get_input_embeddings()(input_ids)
+    image = input_ids == conv.image_id
+    embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype))
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    drop = (labels.sum(1) == 0) & (torch.rand(labels.shape[0], labels.shape[2], generator=generator) >= share)
+    keep = mask.bool().clone()
+    keep[image] &= ~drop.reshape(-1)  # image positions in order: token j of row b is patch j of image b
+    length = int(keep.sum(1).max())
+    out = {
+        "inputs_embeds": embeds.new_zeros(len(keep), length, embeds.shape[-1]),
+        "attention_mask": torch.zeros(len(keep), length, dtype=mask.dtype),
+        "position_ids": torch.zeros(len(keep), length, dtype=torch.long),
+        "labels": torch.full((len(keep), length), -100, dtype=torch.long),
+    }
+    for row in range(len(keep)):
+        where = keep[row].nonzero().squeeze(1)
+        n = len(where)
+        out["inputs_embeds"][row, :n] = embeds[row, where]
+        out["attention_mask"][row, :n] = 1
+        out["position_ids"][row, :n] = where
+        out["labels"][row, :n] = inputs["labels"][row, where]
+    return out
 
 
 @torch.no_grad()
@@ -320,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--ramp", type=float, default=0.4, help="LLaVA: share of the VLM steps over which background tokens return"
+    )
     parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -342,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = Pool("train", args.scenes)
     log({"stage": "data", "scenes": len(pool), "parameters": sum(p.numel() for p in model.parameters())})
     pretrain(model, args.family, pool, args.pretrain_steps, args.pretrain_batch, args.lr, log)
-    finetune(model, args.family, pool, conv, args.steps, args.batch, args.lr, log)
+    finetune(model, args.family, pool, conv, args.steps, args.batch, args.lr, log, ramp=args.ramp)
     train_seconds = time.time() - start
     validation = first_turn_accuracy(model, args.family, conv, "validation", args.eval_scenes)
     log({"stage": "validation", **validation})
