@@ -59,32 +59,38 @@ def test_caption_lists_every_object_left_to_right_and_the_sign(rendered):
         assert named == [(s.color, s.shape) for s in by_x]
 
 
-def test_curriculum_batch_keeping_everything_is_the_plain_batch():
-    """without_background(share=1) feeds the model exactly what LLaVA's own forward builds from input_ids."""
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_curriculum_batch_keeping_everything_is_the_plain_batch(family):
+    """without_background(share=1) feeds the model exactly what its own forward builds from input_ids (Qwen: with
+    its M-RoPE positions); share=0 keeps the text and exactly the object / sign tokens, at their positions."""
     import random
 
     from vtc.organisms import build
     from vtc.organisms.train import Conversations, batch_inputs, without_background
 
-    tok = build.tokenizer("llava")
-    model = build.model("llava", len(tok)).eval()
-    conv = Conversations("llava", tok)
+    tok = build.tokenizer(family)
+    model = build.model(family, len(tok)).eval()
+    conv = Conversations(family, tok)
     chosen = [scenes.scene("train", i) for i in range(2)]
     rng = random.Random(0)
     examples = [conv.example(s.questions, rng) for s in chosen]
     images = torch.stack([torch.from_numpy(np.asarray(s.image).copy()) for s in chosen])
-    inputs = batch_inputs("llava", conv, images, examples)
+    inputs = batch_inputs(family, conv, images, examples)
     labels = torch.stack([patch_labels(s) for s in chosen])
     with torch.no_grad():
         plain = model(**inputs).loss
-        same = model(**without_background(model, conv, inputs, labels, 1.0, rng)).loss
-        pruned = without_background(model, conv, inputs, labels, 0.0, rng)
+        same = model(**without_background(model, family, conv, inputs, labels, 1.0, rng)).loss
+        pruned = without_background(model, family, conv, inputs, labels, 0.0, rng)
+        model(**pruned)  # the pruned batch runs as it is
     torch.testing.assert_close(same, plain)
-    # share 0: every text token and exactly the object / sign tokens of each image remain, at their positions.
     text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != conv.image_id)).sum(1)
     objects = (labels.sum(1) > 0).sum(1)
     assert pruned["attention_mask"].sum(1).tolist() == (text + objects).tolist()
     first_image = int((inputs["input_ids"][0] == conv.image_id).nonzero()[0])
-    kept_patches = (labels[0].sum(0) > 0).nonzero().squeeze(1)
-    positions = pruned["position_ids"][0, first_image : first_image + len(kept_patches)]
-    assert torch.equal(positions, first_image + kept_patches)
+    kept = (labels[0].sum(0) > 0).nonzero().squeeze(1)
+    positions = pruned["position_ids"][..., 0, first_image : first_image + len(kept)]
+    if family == "llava":
+        assert torch.equal(positions, first_image + kept)
+    else:  # M-RoPE: temporal, row, column ids of each kept token of the 16 x 16 grid, after the text before it
+        assert torch.equal(positions[1] - positions[1, 0] + kept[0] // 16, kept // 16)
+        assert torch.equal(positions[2] - positions[2].min(), kept % 16 - (kept % 16).min())

@@ -262,7 +262,7 @@ def finetune(
 ) -> None:
     """Train the whole VLM (the vision tower at 0.3x the learning rate), with a validation pass every 300 steps.
 
-    ``ramp`` (LLaVA): a curriculum over the first ``ramp`` of the steps, in which only a growing share of the
+    ``ramp``: a curriculum over the first ``ramp`` of the steps, in which only a growing share of the
     background visual tokens is kept (0 at the start, all at ``ramp * steps``; object and sign tokens always stay,
     at their original positions). With few distractors the language model learns to look up the right tokens
     quickly; from then on it sees every token, as it will at inference.
@@ -282,8 +282,8 @@ def finetune(
         examples = [conv.example(pool.questions[r], rng) for r in rows]
         inputs = batch_inputs(family, conv, pool.images[rows], examples)
         background = 1.0 if ramp <= 0 else min(1.0, step / (ramp * steps))
-        if family == "llava" and background < 1.0:
-            inputs = without_background(model, conv, inputs, pool.labels[rows], background, rng)
+        if background < 1.0:
+            inputs = without_background(model, family, conv, inputs, pool.labels[rows], background, rng)
         loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,25 +298,37 @@ def finetune(
     model.eval()
 
 
-def without_background(model, conv: Conversations, inputs: dict, labels: torch.Tensor, share: float, rng) -> dict:
-    """A LLaVA batch as ``inputs_embeds`` without a random ``1 - share`` of each image's background tokens (those
-    whose dense labels are all 0). Kept tokens keep their original position ids; rows are re-padded on the right."""
+def without_background(
+    model, family: str, conv: Conversations, inputs: dict, labels: torch.Tensor, share: float, rng
+) -> dict:
+    """A batch as ``inputs_embeds`` without a random ``1 - share`` of each image's background tokens (those whose
+    dense labels are all 0). Kept tokens keep their original position ids (Qwen2-VL: its M-RoPE ids); rows are
+    re-padded on the right."""
     base = model.model
-    hidden = base.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
-    features = base.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])  # [B, 256, D]
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if family == "llava":
+        hidden = base.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        features = base.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])  # [B, 256, D]
+        positions = torch.arange(input_ids.shape[1]).expand(1, *input_ids.shape)  # [1, B, L]
+    else:
+        out = base.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        features = out.pooler_output if hasattr(out, "pooler_output") else out  # 5.x output object / 4.x tensor
+        extra = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if "mm_token_type_ids" in inputs else {}
+        positions, _ = base.get_rope_index(
+            input_ids=input_ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask, **extra
+        )  # [3, B, L]
     embeds = model.get_input_embeddings()(input_ids)
     image = input_ids == conv.image_id
     embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype))
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
     drop = (labels.sum(1) == 0) & (torch.rand(labels.shape[0], labels.shape[2], generator=generator) >= share)
     keep = mask.bool().clone()
-    keep[image] &= ~drop.reshape(-1)  # image positions in order: token j of row b is patch j of image b
+    keep[image] &= ~drop.reshape(-1)  # image positions in order: token j of row b is token j of image b
     length = int(keep.sum(1).max())
     out = {
         "inputs_embeds": embeds.new_zeros(len(keep), length, embeds.shape[-1]),
         "attention_mask": torch.zeros(len(keep), length, dtype=mask.dtype),
-        "position_ids": torch.zeros(len(keep), length, dtype=torch.long),
+        "position_ids": torch.zeros(len(positions), len(keep), length, dtype=torch.long),
         "labels": torch.full((len(keep), length), -100, dtype=torch.long),
     }
     for row in range(len(keep)):
@@ -324,8 +336,10 @@ def without_background(model, conv: Conversations, inputs: dict, labels: torch.T
         n = len(where)
         out["inputs_embeds"][row, :n] = embeds[row, where]
         out["attention_mask"][row, :n] = 1
-        out["position_ids"][row, :n] = where
+        out["position_ids"][:, row, :n] = positions[:, row, where]
         out["labels"][row, :n] = inputs["labels"][row, where]
+    if family == "llava":
+        out["position_ids"] = out["position_ids"][0]
     return out
 
 
@@ -364,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--ramp", type=float, default=0.4, help="LLaVA: share of the VLM steps over which background tokens return"
+        "--ramp", type=float, default=0.4, help="share of the VLM steps over which the background tokens return"
     )
     parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
     parser.add_argument("--threads", type=int, default=None)
