@@ -94,3 +94,33 @@ def test_curriculum_batch_keeping_everything_is_the_plain_batch(family):
     else:  # M-RoPE: temporal, row, column ids of each kept token of the 16 x 16 grid, after the text before it
         assert torch.equal(positions[1] - positions[1, 0] + kept[0] // 16, kept // 16)
         assert torch.equal(positions[2] - positions[2].min(), kept % 16 - (kept % 16).min())
+
+
+def test_alignment_loss_is_zero_exactly_when_features_point_at_their_words():
+    from vtc.organisms import build
+    from vtc.organisms.train import alignment_loss, alignment_targets
+
+    tok = build.tokenizer("llava")
+    model = build.model("llava", len(tok))
+    targets = alignment_targets(model, tok)
+    scene = scenes.scene("train", 5)
+    labels = patch_labels(scene)[None]  # [1, 3, 256]
+    weight = model.get_input_embeddings().weight.detach()
+    ids = tok.convert_tokens_to_ids
+    features = torch.randn(1, 256, weight.shape[1])
+    for obj in scene.shapes:  # the object's centre token: colour + shape words, scaled (cosine ignores scale)
+        x, y = obj.center
+        token = int(y) // TOKEN_PIXELS * SIDE + int(x) // TOKEN_PIXELS
+        assert labels[0, :, token].tolist()[2] == 0
+    aligned = features.clone()
+    for token in range(256):
+        color, shape, glyph = labels[0, :, token].tolist()
+        if shape:
+            words = (
+                [targets[1][shape]] + ([targets[0][color]] if color else []) + ([targets[2][glyph]] if glyph else [])
+            )
+            aligned[0, token] = 3.0 * weight[torch.stack(words)].sum(0)
+    assert alignment_loss(aligned, labels, targets, model.get_input_embeddings()) < 1e-5
+    assert alignment_loss(features, labels, targets, model.get_input_embeddings()) > 0.5
+    sign = labels[0, 1] == len(scenes.SHAPES) + 1
+    assert targets[1][len(scenes.SHAPES) + 1] == ids("sign") and sign.any()

@@ -258,7 +258,16 @@ def _mm_types(conv: Conversations, input_ids: torch.Tensor) -> dict:
 
 
 def finetune(
-    model, family: str, pool: Pool, conv: Conversations, steps: int, batch: int, lr: float, log, ramp: float = 0.0
+    model,
+    family: str,
+    pool: Pool,
+    conv: Conversations,
+    steps: int,
+    batch: int,
+    lr: float,
+    log,
+    ramp: float = 0.0,
+    align: float = 0.0,
 ) -> None:
     """Train the whole VLM (the vision tower at 0.3x the learning rate), with a validation pass every 300 steps.
 
@@ -266,7 +275,15 @@ def finetune(
     background visual tokens is kept (0 at the start, all at ``ramp * steps``; object and sign tokens always stay,
     at their original positions). With few distractors the language model learns to look up the right tokens
     quickly; from then on it sees every token, as it will at inference.
+
+    ``align``: the weight of an alignment loss (LLaVA's stage-1 idea, supervised): each object or sign token's
+    projected feature should point (cosine) where the sum of its words' embeddings points ("red" + "cross", "sign"
+    + "7"), so that looking a token up by the question's words is a match of embeddings the language model knows.
     """
+    targets = alignment_targets(model, conv.tokenizer) if align > 0 else None
+    captured: list[torch.Tensor] = []
+    projector = model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
+    hook = projector.register_forward_hook(lambda _m, _a, out: captured.append(out)) if align > 0 else None
     tower = model.model.vision_tower if family == "llava" else model.model.visual
     tower_ids = {id(p) for p in tower.parameters()}
     groups = [
@@ -281,21 +298,52 @@ def finetune(
         rows = rng.sample(range(len(pool)), batch)
         examples = [conv.example(pool.questions[r], rng) for r in rows]
         inputs = batch_inputs(family, conv, pool.images[rows], examples)
+        captured.clear()
         background = 1.0 if ramp <= 0 else min(1.0, step / (ramp * steps))
         if background < 1.0:
             inputs = without_background(model, family, conv, inputs, pool.labels[rows], background, rng)
-        loss = model(**inputs).loss
+        loss = answers = model(**inputs).loss
+        if targets is not None:
+            features = captured[-1].reshape(len(rows), -1, captured[-1].shape[-1])  # [b, 256, D]
+            embedding = model.get_input_embeddings()
+            loss = loss + align * alignment_loss(features, pool.labels[rows], targets, embedding)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 25 == 0 or step == steps - 1:
-            log({"stage": "vlm", "step": step, "loss": round(loss.item(), 4), "background": round(background, 3)})
+            log({"stage": "vlm", "step": step, "loss": round(answers.item(), 4), "total": round(loss.item(), 4),
+                 "background": round(background, 3)})  # fmt: skip
         if (step + 1) % 300 == 0:
             log({"stage": "vlm-validation", "step": step, **first_turn_accuracy(model, family, conv, "validation", 48)})
             model.train()
+    if hook is not None:
+        hook.remove()
     model.eval()
+
+
+def alignment_targets(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of the words of each dense class: colours (0 = none), shapes + "sign", glyphs (0 = none)."""
+    ids = tokenizer.convert_tokens_to_ids
+    colors = [tokenizer.pad_token_id] + ids(list(scenes.COLORS))
+    shapes = [tokenizer.pad_token_id] + ids([*scenes.SHAPES, "sign"])
+    glyphs = [tokenizer.pad_token_id] + ids(sorted(scenes.GLYPHS))
+    return tuple(torch.tensor(x) for x in (colors, shapes, glyphs))
+
+
+def alignment_loss(features: torch.Tensor, labels: torch.Tensor, targets, embedding: nn.Embedding) -> torch.Tensor:
+    """Mean (1 - cosine) between each object / sign token's feature [b, N, D] and the summed embeddings of its
+    words (labels [b, 3, N]; the embeddings detached, so the words are learned from text alone)."""
+    weight = embedding.weight.detach()
+    # Class 0 (no colour / no glyph) maps to <pad>, whose embedding is left out of the sum.
+    words = [torch.where(labels[:, i, :, None] > 0, weight[targets[i][labels[:, i]]], 0.0) for i in range(3)]
+    target = words[0] + words[1] + words[2]  # [b, N, D]
+    objects = labels[:, 1] > 0
+    if not objects.any():
+        return features.sum() * 0
+    cosine = F.cosine_similarity(features[objects], target[objects], dim=-1)
+    return (1 - cosine).mean()
 
 
 def without_background(
@@ -377,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--align", type=float, default=1.0, help="weight of the feature-to-word alignment loss")
     parser.add_argument(
         "--ramp", type=float, default=0.4, help="share of the VLM steps over which the background tokens return"
     )
@@ -402,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = Pool("train", args.scenes)
     log({"stage": "data", "scenes": len(pool), "parameters": sum(p.numel() for p in model.parameters())})
     pretrain(model, args.family, pool, args.pretrain_steps, args.pretrain_batch, args.lr, log)
-    finetune(model, args.family, pool, conv, args.steps, args.batch, args.lr, log, ramp=args.ramp)
+    finetune(model, args.family, pool, conv, args.steps, args.batch, args.lr, log, ramp=args.ramp, align=args.align)
     train_seconds = time.time() - start
     validation = first_turn_accuracy(model, args.family, conv, "validation", args.eval_scenes)
     log({"stage": "validation", **validation})
