@@ -69,9 +69,7 @@ def load_model(name: str, device: str = "cpu") -> Bundle:
     """The model ``name`` (a shipped organism such as "shapes-llava", a local directory or a hub id), cached."""
     name = (name or "").strip()
     if not name:
-        raise DemoError(
-            "Choose a model: a shipped organism (shapes-llava, shapes-qwen2vl), a local directory or a hub id."
-        )
+        raise DemoError("Choose a model: the shipped organism (shapes-llava), a local directory or a hub id.")
     key = (name, str(device))
     with _models_lock:
         if key in _models:

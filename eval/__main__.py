@@ -3,7 +3,7 @@
     python -m eval --model shapes-llava --methods none,fastervlm,divprune,dart,random \\
         --keep 256,128,64,32,16 --task shapes --limit 500 --output results/shapes-llava
 
---model is a shipped organism (shapes-llava, shapes-qwen2vl), a local directory or a hub id. --methods are vtc
+--model is the shipped organism (shapes-llava), a local directory or a hub id. --methods are vtc
 method names (``python -c "import vtc; print(vtc.list_methods())"``), "none" for the uncompressed model, options
 after colons (``fastervlm:signal=attention_received``). --task is shapes (generated, offline) or a standard
 benchmark read from --data: gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench. The output directory receives
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m eval", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2]
     )
-    parser.add_argument("--model", required=True, help="shapes-llava, shapes-qwen2vl, a local dir or a hub id")
+    parser.add_argument("--model", required=True, help="shapes-llava, a local dir or a hub id")
     parser.add_argument("--methods", default="none,fastervlm,divprune,dart,random", help="comma-separated")
     parser.add_argument("--keep", default="64", help="comma-separated visual tokens kept per image")
     parser.add_argument("--task", default="shapes", help="shapes, gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench")

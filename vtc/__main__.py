@@ -1,9 +1,12 @@
 """``python -m vtc``: compress a VLM with every method and show what changes.
 
-Offline by default: a LLaVA-1.5-shaped model (576 visual tokens per image) with random weights is
-built from a config, so nothing is downloaded (``--model tiny-llava-next`` / ``tiny-qwen2-vl`` /
-``tiny-qwen2.5-vl`` do the same for the other supported families). With ``--model DIR_OR_HUB_ID --image PATH`` the same
-run uses a real model through from_pretrained + AutoProcessor and prints its answers.
+Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained in this project, 256 visual tokens
+per image) answers the six questions of a synthetic test scene, uncompressed and with every method; each row shows
+the visual tokens before -> after, the median prefill time and speed-up, and the answers (marked against the truth).
+``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` /
+``tiny-qwen2.5-vl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE), whose
+output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
+with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
 """
 
 from __future__ import annotations
@@ -50,31 +53,56 @@ def _tiny(name: str, seed: int):
 
 
 def _load(args: argparse.Namespace):
+    """(model, inputs, processor, true answers or None)."""
     if args.model in TINY_MODELS:
-        return *_tiny(args.model, args.seed), None
+        return *_tiny(args.model, args.seed), None, None
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if args.image is None:
-        sys.exit("--image PATH is required with a real --model")
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").to(args.device).eval()
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=Image.open(args.image).convert("RGB"), text=text, return_tensors="pt")
-    return model, inputs.to(args.device), processor
+    from vtc import loading
+    from vtc.organisms import scenes
+
+    try:
+        model, processor = loading.load(args.model, device=args.device)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    if args.image is not None:
+        images, questions, truth = [Image.open(args.image).convert("RGB")], [args.prompt], None
+    else:  # the six questions of a test scene, one batch row each
+        scene = scenes.scene("test", args.scene)
+        images = [scene.image] * len(scene.questions)
+        questions = [q.question for q in scene.questions]
+        truth = [q.answer for q in scene.questions]
+    texts = []
+    for question in questions:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    if truth is not None:
+        print(f"scene {args.scene} of the shapes test split; questions: " + " | ".join(questions))
+    return model, inputs.to(args.device), processor, truth
+
+
+def _shown(answers: list[str], truth: list[str] | None) -> str:
+    if truth is None:
+        return " | ".join(answers)
+    marks = [a.strip().lower() == t for a, t in zip(answers, truth, strict=True)]
+    words = " ".join(a.strip() if ok else f"{a.strip() or '-'}(x)" for a, ok in zip(answers, marks, strict=True))
+    return f"{words}  [{sum(marks)}/{len(marks)} right]"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtc", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", default="tiny", help=f"one of {TINY_MODELS} (offline, random weights), a local dir or a hub id"
+        "--model",
+        default="shapes-llava",
+        help=f"shapes-llava (shipped), one of {TINY_MODELS} (random weights), a local dir or hub id",
     )
     parser.add_argument("--methods", default=",".join(vtc.list_methods()), help="comma-separated method names")
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
     parser.add_argument("--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail")
     parser.add_argument("--image", help="image file (real models)")
-    parser.add_argument("--prompt", default="Describe the image briefly.", help="question (real models)")
+    parser.add_argument("--prompt", default="Describe the image briefly.", help="question about --image")
+    parser.add_argument("--scene", type=int, default=0, help="without --image: the shapes test scene to ask about")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills per method (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in methods:
         vtc.get_method(name)  # unknown names fail here, before any model is built
 
-    model, inputs, processor = _load(args)
-    n_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    model, inputs, processor, truth = _load(args)
+    n_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())  # per prompt (row 0)
     print(f"model: {type(model).__name__} ({args.model}), {n_tokens} visual tokens in the prompt, device {args.device}")
 
     def prefill():
@@ -95,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     def answer() -> str:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        new = out[0, inputs["input_ids"].shape[1] :]
-        return processor.decode(new, skip_special_tokens=True) if processor else " ".join(map(str, new.tolist()))
+        new = out[:, inputs["input_ids"].shape[1] :]
+        if processor is None:
+            return " ".join(map(str, new[0].tolist()))
+        return _shown(processor.batch_decode(new, skip_special_tokens=True), truth)
 
     baseline_ms = _median_ms(prefill, args.repeats)
     rows = [("none", n_tokens, n_tokens, baseline_ms, 1.0, answer())]
@@ -110,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         with handle:
             ms = _median_ms(prefill, args.repeats)
             text = answer()
-        before, after = sum(handle.stats["visual_tokens_before"]), sum(handle.stats["visual_tokens_after"])
+        before, after = handle.stats["visual_tokens_before"][0], handle.stats["visual_tokens_after"][0]
         rows.append((name, before, after, ms, baseline_ms / ms, text))
 
-    header = f"{'method':<10} {'visual tokens':>14} {'prefill ms':>11} {'speed-up':>9}  output"
+    header = f"{'method':<10} {'visual tokens':>14} {'prefill ms':>11} {'speed-up':>9}  " + (
+        "answers" if processor is not None else "output"
+    )
     print(header)
     print("-" * len(header))
     for name, before, after, ms, speedup, text in rows:

@@ -13,7 +13,9 @@ after web-scale training; a small tower trained on captions alone does not, and 
 answer prior for a long time (seen here: 900 steps without it).
 Stage 2 (as LLaVA's instruction tuning): the whole VLM learns to answer the scene's six questions as one
 multi-turn conversation (loss on the answers and their end-of-turn token only), first turn in the exact format
-the evaluation prompts use. The text encoder is thrown away; the VLM is saved with its tokenizer and processor.
+the evaluation prompts use, with two aids for a language model trained from scratch (``finetune``): a curriculum
+that brings the background visual tokens back gradually, and a loss aligning object tokens with their words'
+embeddings. The text encoder is thrown away; the VLM is saved with its tokenizer and processor.
 """
 
 from __future__ import annotations
@@ -551,6 +553,10 @@ on {record["threads"]} CPU thread(s) of a 2-core machine (sharing it with other 
 2. **VLM training:** all six questions of a scene as one multi-turn conversation in random order (loss on the
    answers and end-of-turn tokens), {args["steps"]} steps of {args["batch"]} scenes, AdamW, lr {args["lr"]} (the
    vision tower 0.3x), warm-up and cosine decay. The whole model trains; the caption encoder is discarded.
+   Curriculum: over the first {args.get("ramp", 0):.0%} of the steps only a growing share of the background
+   visual tokens is kept (object and sign tokens always, at their original positions); every token after that.
+   Alignment (weight {args.get("align", 0)}): each object or sign token's projected feature is pulled (cosine)
+   towards the summed embeddings of its words ("red" + "cross", "sign" + "7").
 
 ## Accuracy
 

@@ -1,0 +1,63 @@
+"""The shipped organisms: they load offline from their directories and reach their recorded accuracy.
+
+``training.json`` in each directory records the accuracy of the first questions of the test split through the
+evaluation path (processor + chat template + greedy generate()); the test recomputes it. The count may move by a
+question or two between torch / transformers versions (a near-tie flipping), never more.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval import runner
+from eval.tasks import get_task
+from vtc import loading, organisms
+
+
+@pytest.fixture(scope="module", params=sorted(organisms.ORGANISMS))
+def organism(request):
+    name = request.param
+    model, processor = loading.load(name)
+    return name, model, processor, json.loads((organisms.path(name) / "training.json").read_text())
+
+
+def test_directory_loads_offline_with_transformers(organism):
+    name, model, processor, _ = organism
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    directory = organisms.path(name)
+    config = AutoConfig.from_pretrained(directory)
+    assert config.model_type == {"shapes-llava": "llava"}[name]
+    again = AutoModelForImageTextToText.from_pretrained(directory)
+    for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    assert (directory / "README.md").read_text().startswith(f"# {name}")
+    if name == "shapes-llava":
+        from transformers import AutoProcessor, LlavaProcessor
+
+        assert isinstance(AutoProcessor.from_pretrained(directory), LlavaProcessor)
+
+
+def test_recorded_accuracy_on_a_test_subset(organism):
+    name, model, processor, record = organism
+    check = record["check"]
+    task = get_task("shapes")
+    samples = list(enumerate(task.samples("test", check["questions"])))
+    records = runner.run_setting(model, processor, task, samples, runner.Setting("none", None), batch_size=24)
+    correct = sum(r["score"] for r in records)
+    assert abs(correct - check["correct"]) <= 2, (correct, check["correct"])
+    assert correct / len(records) >= 0.85
+
+
+def test_compression_runs_and_random_pruning_hurts(organism):
+    """At 16 of 256 tokens random pruning loses objects and the sign: clearly below the uncompressed model."""
+    name, model, processor, record = organism
+    task = get_task("shapes")
+    samples = list(enumerate(task.samples("test", record["check"]["questions"])))
+    full = record["check"]["correct"] / record["check"]["questions"]
+    records = runner.run_setting(model, processor, task, samples, runner.Setting("random", 16), batch_size=24)
+    assert all(r["visual_tokens_last_layer"] == 16 for r in records)
+    assert sum(r["score"] for r in records) / len(records) < full - 0.1
