@@ -63,3 +63,24 @@ def test_other_tiny_families_and_methods_they_cannot_run(capsys):
     assert main([*argv, "--repeats", "1", "--max-new-tokens", "2"]) == 0
     kept = int(re.search(r"uniform +2928 -> (\d+)", capsys.readouterr().out).group(1))
     assert 96 < kept <= 96 + 48  # 96 content tokens + the newlines of their rows (48 rows of 2 x 2 crops)
+
+
+def test_default_is_the_shipped_organism_answering_a_scene(capsys):
+    from eval import runner
+    from eval.tasks import get_task
+    from vtc import loading
+
+    assert main(["--repeats", "1", "--methods", "fastervlm,random"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert set(table) == {"none", "fastervlm", "random"}
+    assert "256 -> 256" in table["none"] and "256 -> 64" in table["fastervlm"] and "256 -> 64" in table["random"]
+    assert "LlavaForConditionalGeneration (shapes-llava)" in out and "how many shapes are there ?" in out
+    right = {name: int(re.search(r"\[(\d)/6 right\]", line).group(1)) for name, line in table.items()}
+    # The same six questions through the evaluation's own path give the same number right.
+    model, processor = loading.load("shapes-llava")
+    task = get_task("shapes")
+    samples = list(enumerate(task.samples("test", 6)))
+    for name, keep in (("none", None), ("fastervlm", 64)):
+        records = runner.run_setting(model, processor, task, samples, runner.Setting(name, keep), batch_size=6)
+        assert right[name] == sum(r["score"] for r in records), name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import string
 import sys
 import time
 
@@ -85,7 +86,9 @@ def _load(args: argparse.Namespace):
 def _shown(answers: list[str], truth: list[str] | None) -> str:
     if truth is None:
         return " | ".join(answers)
-    marks = [a.strip().lower() == t for a, t in zip(answers, truth, strict=True)]
+    # As the shapes task scores: the first word, lower-cased, without punctuation.
+    first = [(a.split() or [""])[0].strip(string.punctuation).lower() for a in answers]
+    marks = [word == t for word, t in zip(first, truth, strict=True)]
     words = " ".join(a.strip() if ok else f"{a.strip() or '-'}(x)" for a, ok in zip(answers, marks, strict=True))
     return f"{words}  [{sum(marks)}/{len(marks)} right]"
 

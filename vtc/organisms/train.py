@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--init", help="start from this checkpoint's weights (same family) instead of a random init")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -449,10 +450,13 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = build.tokenizer(args.family)
     model = build.model(args.family, len(tokenizer), seed=args.seed)
+    if args.init:  # continue from a checkpoint of the same family (e.g. the shipped one), usually --pretrain-steps 0
+        model.load_state_dict(type(model).from_pretrained(args.init).state_dict())
     conv = Conversations(args.family, tokenizer)
     pool = Pool("train", args.scenes)
     log({"stage": "data", "scenes": len(pool), "parameters": sum(p.numel() for p in model.parameters())})
-    pretrain(model, args.family, pool, args.pretrain_steps, args.pretrain_batch, args.lr, log)
+    if args.pretrain_steps > 0:
+        pretrain(model, args.family, pool, args.pretrain_steps, args.pretrain_batch, args.lr, log)
     finetune(model, args.family, pool, conv, args.steps, args.batch, args.lr, log, ramp=args.ramp, align=args.align)
     train_seconds = time.time() - start
     validation = first_turn_accuracy(model, args.family, conv, "validation", args.eval_scenes)
