@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     (output / "README.md").write_text(model_card(record))
 
 
+TARGET_ACCURACY = 0.9
 CHANCE = {"count": 1 / 4, "color": 1 / 6, "shape": 1 / 4, "exists": 1 / 2, "position": 1 / 2, "read": 1 / 16}
 ARCHITECTURE = {
     "llava": (
@@ -503,6 +504,15 @@ def model_card(record: dict) -> str:
     )
     overall = f"| **overall** | | **{record['validation']['overall']:.3f}** | **{record['test']['overall']:.3f}** |"
     tower = "[CLS] output (CLIP's post-layernorm [CLS])" if family == "llava" else "attention-pooled merged tokens"
+    status = ""
+    if record["test"]["overall"] < TARGET_ACCURACY:
+        status = (
+            f"\n**Status: under-trained.** {record['test']['overall']:.0%} on the test split, below the "
+            f"{TARGET_ACCURACY:.0%} this organism is meant to reach; with so few visual-evidence answers right, "
+            "compression methods look more alike than they would on a well-trained model. Training continues from "
+            f"these weights: `python -m vtc.organisms.train --family {family} --init vtc/organisms/{name} "
+            "--pretrain-steps 0 --ramp 0 --steps N --output DIR`.\n"
+        )
     return f"""# {name}
 
 A small vision-language model trained by the vtc project on synthetic scenes, shipped so that vtc's accuracy
@@ -573,7 +583,7 @@ greedy first answer token (answers are one token):
 {overall}
 
 `python -m eval --model {name} --task shapes` reproduces the test column through `generate()`.
-"""
+{status}"""
 
 
 if __name__ == "__main__":
