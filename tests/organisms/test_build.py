@@ -361,3 +361,23 @@ def test_qwen_processor_expands_each_image_to_its_own_count(tokenizers, three):
     short, pad = (0, wide_tokens - 256) if wide_tokens > 256 else (1, 256 - wide_tokens)  # left-padded row
     assert rows[short][:pad] == [tok.pad_token_id] * pad and batch["attention_mask"][short, :pad].sum() == 0
     assert batch["attention_mask"][1 - short].all()
+
+
+def test_saved_organism_loads_with_the_same_weights_and_tokens(tmp_path):
+    """build.save writes the layout transformers 4.57 and 5.x both read: every weight comes back, the tokenizer too."""
+    from transformers import AutoModelForImageTextToText
+
+    tok = build.tokenizer("llava")
+    model = build.model("llava", len(tok), seed=3)
+    build.save(model, "llava", tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert isinstance(config.get("extra_special_tokens", {}), dict)
+    processor = loading.load_processor(tmp_path)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID
+    assert (
+        processor.tokenizer("USER: <image> is there a red circle ?")["input_ids"]
+        == tok("USER: <image> is there a red circle ?")["input_ids"]
+    )

@@ -229,3 +229,35 @@ def save_processor(family: str, directory) -> None:
     path = Path(directory)
     (path / "chat_template.jinja").write_text(chat_template(family))
     (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2) + "\n")
+
+
+def save(model, family: str, directory) -> None:
+    """Save a trained organism so that transformers 4.57 and 5.x both load it: weights, processor files.
+
+    transformers 5.x writes the LLaVA CLIP tower as ``vision_tower.encoder...`` and a tokenizer config whose
+    ``extra_special_tokens`` is a list; 4.57 reads neither (its tower is ``vision_tower.vision_model...``, which 5.x
+    also reads, and it wants a dict). Both are rewritten in the layout both versions read.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory)
+    model.save_pretrained(path)
+    save_processor(family, path)
+    weights = path / "model.safetensors"
+    state = load_file(weights)
+    legacy = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
+        legacy[key] = value.contiguous()
+    save_file(legacy, weights, metadata={"format": "pt"})
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; 4.57 knows the class by its old name
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["extra_special_tokens"] = {"image_token": config.pop("image_token")} if "image_token" in config else {}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

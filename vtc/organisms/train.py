@@ -463,8 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     log({"stage": "validation", **validation})
     test = first_turn_accuracy(model, args.family, conv, "test", args.eval_scenes)
     log({"stage": "test", **test})
-    model.save_pretrained(output)
-    build.save_processor(args.family, output)
+    build.save(model, args.family, output)
     record = {
         "family": args.family,
         "arguments": vars(args),
