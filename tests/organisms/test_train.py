@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vtc.organisms import scenes
+from vtc.organisms import scenes, train
 from vtc.organisms.train import DENSE_CLASSES, TOKEN_PIXELS, caption, patch_labels
 
 SIDE = scenes.IMAGE_SIZE // TOKEN_PIXELS
@@ -124,3 +124,30 @@ def test_alignment_loss_is_zero_exactly_when_features_point_at_their_words():
     assert alignment_loss(features, labels, targets, model.get_input_embeddings()) > 0.5
     sign = labels[0, 1] == len(scenes.SHAPES) + 1
     assert targets[1][len(scenes.SHAPES) + 1] == ids("sign") and sign.any()
+
+
+@pytest.mark.parametrize("init", [None, "vtc/organisms/shapes-llava"])
+def test_model_card_command_reproduces_the_recorded_arguments(init):
+    argv = [
+        "--family",
+        "qwen2vl",
+        "--output",
+        "out",
+        "--steps",
+        "7",
+        "--lr",
+        "0.002",
+        "--ramp",
+        "0.25",
+        "--align",
+        "0.5",
+    ]
+    argv += ["--init", init] if init else []
+    args = vars(train.arguments().parse_args(argv))
+    record = {"family": "qwen2vl", "arguments": args, "threads": 2}
+    command = train.command(record)
+    assert command.startswith("python -m vtc.organisms.train ")
+    again = vars(train.arguments().parse_args(command.split()[3:]))
+    assert {**again, "output": "out", "threads": None} == {**args, "threads": None}
+    assert again["threads"] == 2
+    assert ("--init" in command) == bool(init)

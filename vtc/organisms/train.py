@@ -417,8 +417,10 @@ def first_turn_accuracy(model, family: str, conv: Conversations, split: str, cou
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vtc.organisms.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--family", choices=build.FAMILIES, required=True)
     parser.add_argument("--output", required=True, help="directory for the checkpoint")
     parser.add_argument("--scenes", type=int, default=16000, help="training scenes (rendered once)")
@@ -435,7 +437,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--init", help="start from this checkpoint's weights (same family) instead of a random init")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
@@ -494,6 +500,19 @@ ARCHITECTURE = {
 }
 
 
+def command(record: dict) -> str:
+    """The command line that reproduces ``record``'s run (every training argument, defaults included)."""
+    args = record["arguments"]
+    parts = ["python -m vtc.organisms.train", f"--family {record['family']}", "--output DIR"]
+    if args.get("init"):
+        parts.append(f"--init {args['init']}")
+    for key in ("scenes", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "ramp", "align", "seed"):
+        if key in args:
+            parts.append(f"--{key.replace('_', '-')} {args[key]}")
+    parts.append(f"--threads {record['threads']}")
+    return " ".join(parts)
+
+
 def model_card(record: dict) -> str:
     """The organism's README.md: what it is, its data and training, and its accuracy per question family."""
     family, args = record["family"], record["arguments"]
@@ -512,6 +531,9 @@ def model_card(record: dict) -> str:
             f"these weights: `python -m vtc.organisms.train --family {family} --init vtc/organisms/{name} "
             "--pretrain-steps 0 --ramp 0 --steps N --output DIR`.\n"
         )
+    continued = ""
+    if args.get("init"):
+        continued = f" It continued from an earlier run's weights (`--init {args['init']}`)."
     return f"""# {name}
 
 A small vision-language model trained by the vtc project on synthetic scenes, shipped so that vtc's accuracy
@@ -538,8 +560,11 @@ question = scene.questions[0].question  # "how many shapes are there ?"
 chat = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
 text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 inputs = processor(images=[scene.image], text=[text], return_tensors="pt")
-print(processor.batch_decode(model.generate(**inputs, max_new_tokens=4)[:, inputs["input_ids"].shape[1]:],
-                             skip_special_tokens=True))
+print(
+    processor.batch_decode(
+        model.generate(**inputs, max_new_tokens=4)[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+)
 ```
 
 Prompts are `USER: <image> question ASSISTANT:`; answers are one word.
@@ -554,9 +579,11 @@ Training used scenes 0-{args["scenes"] - 1} of `train`.
 
 ## Training
 
-`python -m vtc.organisms.train --family {family} --output DIR --steps {args["steps"]} --pretrain-steps \
-{args["pretrain_steps"]} --threads {record["threads"]}` (seed {args["seed"]}), {record["train_seconds"] / 60:.0f} min
-on {record["threads"]} CPU thread(s) of a 2-core machine (sharing it with other jobs).
+```bash
+{command(record)}
+```
+
+{record["train_seconds"] / 60:.0f} min on {record["threads"]} CPU thread(s) of a 2-core machine.{continued}
 
 1. **Vision pretraining (CLIP-style):** the tower's {tower} against a 2-layer caption encoder, symmetric
    contrastive loss, {args["pretrain_steps"]} steps of {args["pretrain_batch"]} scene-caption pairs, AdamW,
