@@ -1,8 +1,9 @@
 """``python -m vtc``: compress a VLM with every method and show what changes.
 
 Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained in this project, 256 visual tokens
-per image) answers the six questions of a synthetic test scene, uncompressed and with every method; each row shows
-the visual tokens before -> after, the median prefill time and speed-up, and the answers (marked against the truth).
+per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
+uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
+speed-up, and the answers (marked against the truth).
 ``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` /
 ``tiny-qwen2.5-vl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE), whose
 output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
@@ -20,6 +21,7 @@ import time
 import torch
 
 import vtc
+from vtc import organisms
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         default="shapes-llava",
-        help=f"shapes-llava (shipped), one of {TINY_MODELS} (random weights), a local dir or hub id",
+        help=f"a shipped organism ({', '.join(organisms.ORGANISMS)}), one of {TINY_MODELS} (random weights), "
+        "a local dir or hub id",
     )
     parser.add_argument("--methods", default=",".join(vtc.list_methods()), help="comma-separated method names")
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")

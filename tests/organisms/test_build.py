@@ -381,3 +381,23 @@ def test_saved_organism_loads_with_the_same_weights_and_tokens(tmp_path):
         processor.tokenizer("USER: <image> is there a red circle ?")["input_ids"]
         == tok("USER: <image> is there a red circle ?")["input_ids"]
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_checkpoint_reloads_with_the_same_outputs(tmp_path, tokenizers, three, family):
+    """build.save's layout (the hub's, which transformers 4.57 and 5.x both read; CI runs both) round-trips."""
+    from transformers import AutoModelForImageTextToText
+
+    model = build.model(family, len(tokenizers[family]), seed=3).eval()
+    build.save(model, family, tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    if family == "qwen2vl":
+        text = json.loads((tmp_path / "config.json").read_text())["text_config"]
+        assert "rope_parameters" not in text
+        assert text["rope_scaling"]["mrope_section"] == [4, 6, 6]
+    processor = loading.load_processor(tmp_path)
+    scene = three[0]
+    text = eval_text(processor, scene.questions[0].question)
+    inputs = processor(text=[text], images=[scene.image], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(again(**inputs).logits, model(**inputs).logits, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 from eval import runner
 from eval.tasks import get_task
 from vtc import loading, organisms
+from vtc.organisms import scenes
 
 
 @pytest.fixture(scope="module", params=sorted(organisms.ORGANISMS))
@@ -30,7 +31,7 @@ def test_directory_loads_offline_with_transformers(organism):
 
     directory = organisms.path(name)
     config = AutoConfig.from_pretrained(directory)
-    assert config.model_type == {"shapes-llava": "llava"}[name]
+    assert config.model_type == {"shapes-llava": "llava", "shapes-qwen2vl": "qwen2_vl"}[name]
     again = AutoModelForImageTextToText.from_pretrained(directory)
     for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
@@ -39,6 +40,14 @@ def test_directory_loads_offline_with_transformers(organism):
         from transformers import AutoProcessor, LlavaProcessor
 
         assert isinstance(AutoProcessor.from_pretrained(directory), LlavaProcessor)
+    else:  # AutoProcessor where torchvision is installed, else vtc's stand-in with the same outputs
+        chat = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many shapes are there ?"}]}
+        ]
+        text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[scenes.scene("test", 0).image], text=[text], return_tensors="pt")
+        assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 256
 
 
 def test_recorded_accuracy_on_a_test_subset(organism):

@@ -1,18 +1,18 @@
 """Small VLMs trained in this project on synthetic scenes, shipped with vtc for offline accuracy measurements.
 
-``shapes-llava`` (LlavaForConditionalGeneration, CLIP tower with [CLS]) sees a 128 px scene as 256 visual tokens.
-Its model card is ``vtc/organisms/shapes-llava/README.md``; :mod:`vtc.organisms.scenes` makes the data,
-:mod:`vtc.organisms.train` trains it. The Qwen2-VL organism (``--family qwen2vl``: no [CLS], M-RoPE, the same 256
-tokens) builds and trains with the same code but is not shipped yet. Wherever vtc asks for a model (``python -m
-vtc``, ``python -m eval``, the demo, the benchmarks) a shipped name resolves to its directory, which loads offline
-with ``from_pretrained`` / ``AutoProcessor``.
+``shapes-llava`` (LlavaForConditionalGeneration: a CLIP tower with [CLS], 8 px patches) and ``shapes-qwen2vl``
+(Qwen2VLForConditionalGeneration: no [CLS], 4 px patches merged 2 x 2, M-RoPE) each see a 128 px scene as 256 visual
+tokens. Their model cards are ``vtc/organisms/<name>/README.md``; :mod:`vtc.organisms.scenes` makes the data,
+:mod:`vtc.organisms.train` trains them. Wherever vtc asks for a model (``python -m vtc``, ``python -m eval``, the
+demo, the benchmarks) a shipped name resolves to its directory, which loads offline with ``from_pretrained`` /
+``AutoProcessor`` (:func:`vtc.loading.load_processor` where transformers needs torchvision for Qwen's).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-ORGANISMS = {"shapes-llava": "llava"}  # shipped name -> build family
+ORGANISMS = {"shapes-llava": "llava", "shapes-qwen2vl": "qwen2vl"}  # shipped name -> build family
 _ROOT = Path(__file__).parent
 
 

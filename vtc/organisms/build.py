@@ -234,9 +234,10 @@ def save_processor(family: str, directory) -> None:
 def save(model, family: str, directory) -> None:
     """Save a trained organism so that transformers 4.57 and 5.x both load it: weights, processor files.
 
-    transformers 5.x writes the LLaVA CLIP tower as ``vision_tower.encoder...`` and a tokenizer config whose
-    ``extra_special_tokens`` is a list; 4.57 reads neither (its tower is ``vision_tower.vision_model...``, which 5.x
-    also reads, and it wants a dict). Both are rewritten in the layout both versions read.
+    transformers 5.x writes the LLaVA CLIP tower as ``vision_tower.encoder...``, a tokenizer config whose
+    ``extra_special_tokens`` is a list, and the Qwen2-VL language model's M-RoPE as ``rope_parameters``; 4.57 reads
+    none of them (its tower is ``vision_tower.vision_model...``, it wants a dict, and ``rope_scaling`` +
+    ``rope_theta``). All three are rewritten in the layout of the hub's checkpoints, which both versions read.
     """
     import json
     from pathlib import Path
@@ -261,3 +262,19 @@ def save(model, family: str, directory) -> None:
     if isinstance(config.get("extra_special_tokens"), list):
         config["extra_special_tokens"] = {"image_token": config.pop("image_token")} if "image_token" in config else {}
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if family == "qwen2vl":
+        legacy_rope(path / "config.json")
+
+
+def legacy_rope(config_path) -> None:
+    """Rewrite a Qwen2-VL config.json's text ``rope_parameters`` (5.x) as ``rope_theta`` + ``rope_scaling``."""
+    import json
+    from pathlib import Path
+
+    config = json.loads(Path(config_path).read_text())
+    text = config["text_config"]
+    rope = text.pop("rope_parameters", None)
+    if rope is not None:
+        text["rope_theta"] = rope["rope_theta"]
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        Path(config_path).write_text(json.dumps(config, indent=2) + "\n")

@@ -552,8 +552,8 @@ from vtc import loading, organisms
 from vtc.organisms import scenes
 
 model = AutoModelForImageTextToText.from_pretrained(organisms.path("{name}"))
-processor = loading.load_processor(organisms.path("{name}"))  # AutoProcessor.from_pretrained{
-        "" if family == "llava" else " where torchvision is installed"
+processor = loading.load_processor(organisms.path("{name}"))  # {
+        "AutoProcessor.from_pretrained" if family == "llava" else "or AutoProcessor (needs torchvision)"
     }
 scene = scenes.scene("test", 0)
 question = scene.questions[0].question  # "how many shapes are there ?"
