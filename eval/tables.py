@@ -52,12 +52,19 @@ def markdown(summary: dict, family_keeps: list[int] | None = None) -> str:
             row = []
             for keep in keeps:
                 run = cell.get((method, keep))
-                ratio = "" if run is None else retention(run["accuracy"], full["accuracy"])
-                row.append("-" if run is None else f"{run['accuracy']:.3f} ({ratio})")
+                if run is None:
+                    row.append("-")
+                else:
+                    row.append(f"{run['accuracy']:.3f} ({retention(run['accuracy'], full['accuracy'])})")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
-        for keep in keeps if family_keeps is None else [k for k in keeps if k in family_keeps]:
-            if not families:
-                break
+        unknown = sorted(set(family_keeps or ()) - set(keeps))
+        if unknown:
+            raise ValueError(
+                f"--family-keep {', '.join(map(str, unknown))}: task {task!r} has runs at keep "
+                f"{', '.join(map(str, keeps))} only"
+            )
+        family_tables = keeps if family_keeps is None else [k for k in keeps if k in family_keeps]
+        for keep in family_tables if families else []:
             lines += [
                 "",
                 f"Retention per question family at keep {keep} (accuracy / uncompressed accuracy):",

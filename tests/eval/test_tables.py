@@ -54,6 +54,8 @@ def test_family_retention_for_the_budgets_asked(summary):
 
 
 def test_errors(tmp_path, summary, capsys):
+    with pytest.raises(ValueError, match=r"--family-keep 32: task 'shapes' has runs at keep 64, 16 only"):
+        tables.markdown(summary, family_keeps=[16, 32])
     summary["runs"] = summary["runs"][1:]
     with pytest.raises(ValueError, match="no uncompressed run"):
         tables.markdown(summary)

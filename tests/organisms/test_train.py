@@ -141,6 +141,8 @@ def test_model_card_command_reproduces_the_recorded_arguments(init):
         "0.25",
         "--align",
         "0.5",
+        "--eval-scenes",
+        "40",
     ]
     argv += ["--init", init] if init else []
     args = vars(train.arguments().parse_args(argv))

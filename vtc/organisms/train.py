@@ -502,15 +502,9 @@ ARCHITECTURE = {
 
 def command(record: dict) -> str:
     """The command line that reproduces ``record``'s run (every training argument, defaults included)."""
-    args = record["arguments"]
-    parts = ["python -m vtc.organisms.train", f"--family {record['family']}", "--output DIR"]
-    if args.get("init"):
-        parts.append(f"--init {args['init']}")
-    for key in ("scenes", "pretrain_steps", "pretrain_batch", "steps", "batch", "lr", "ramp", "align", "seed"):
-        if key in args:
-            parts.append(f"--{key.replace('_', '-')} {args[key]}")
-    parts.append(f"--threads {record['threads']}")
-    return " ".join(parts)
+    values = {**record["arguments"], "output": "DIR", "threads": record["threads"]}
+    options = [f"--{key.replace('_', '-')} {value}" for key, value in values.items() if value is not None]
+    return " ".join(["python -m vtc.organisms.train", *options])
 
 
 def model_card(record: dict) -> str:
