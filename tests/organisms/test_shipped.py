@@ -73,3 +73,10 @@ def test_compression_runs_and_random_pruning_hurts(organism):
     correct = sum(r["score"] for r in records)
     assert abs(correct - check["correct_random_16"]) <= 2, (correct, check["correct_random_16"])
     assert correct < check["correct"] - 0.05 * len(records)
+
+
+def test_an_unknown_name_lists_the_shipped_ones():
+    with pytest.raises(
+        ValueError, match="unknown organism 'shapes-bogus'; the shipped ones are shapes-llava, shapes-qwen2vl"
+    ):
+        organisms.path("shapes-bogus")
