@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: a clear message without CUDA, and its whole code path in a CPU smoke run."""
+"""benchmarks/kernel_ops.py: a clear message without CUDA, and its whole code path in a CPU smoke run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_ops.py"
 
 
 def run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:

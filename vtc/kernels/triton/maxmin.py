@@ -21,7 +21,7 @@ and ~600 MB of L2 reads on a single SM, milliseconds. Storing the matrix moves t
 parallel similarity pass (N N D, tensor cores for fp16 / bf16) and leaves k reads of N floats. So
 by default the matrix is stored, for as many samples at a time as fit MATERIALIZE_BYTES (chunks of
 the batch), and only a sample whose N x N alone exceeds it is recomputed on the fly (``materialize``
-forces either; benchmarks/kernels.py times both). The torch reference always stores it, with copies.
+forces either; benchmarks/kernel_ops.py times both). The torch reference always stores it, with copies.
 """
 
 from __future__ import annotations

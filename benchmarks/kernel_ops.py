@@ -1,9 +1,9 @@
 """Triton kernels against the torch reference ops on a CUDA GPU, and what selection costs next to a prefill.
 
-    python benchmarks/kernels.py             # full run (CUDA): kernel tests first, then appends a row
-    python benchmarks/kernels.py --quick     # fewer shapes, 4 LLM layers, nothing saved
-    python benchmarks/kernels.py --smoke     # CPU, Triton interpreter, tiny shapes: the script's code
-                                             # paths only (timings meaningless), nothing saved
+    python benchmarks/kernel_ops.py             # full run (CUDA): kernel tests first, then appends a row
+    python benchmarks/kernel_ops.py --quick     # fewer shapes, 4 LLM layers, nothing saved
+    python benchmarks/kernel_ops.py --smoke     # CPU, Triton interpreter, tiny shapes: the script's code
+                                                # paths only (timings meaningless), nothing saved
 
 Part 1: every op of vtc.kernels, backend="triton" against backend="torch", on LLaVA-1.5 (N=576),
 LLaVA-NeXT (N=2880) and Qwen2-VL-large (N=8192) shapes in fp16 (model dtype) and fp32 (the dtype the
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.smoke and not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py times the Triton kernels on a CUDA GPU, and torch sees none here "
+            "benchmarks/kernel_ops.py times the Triton kernels on a CUDA GPU, and torch sees none here "
             "(torch.cuda.is_available() is False): nothing measured, nothing written. Run it on a CUDA machine "
             "with `pip install -e '.[dev]'` (triton included), or `--smoke` to check the script on CPU."
         )
