@@ -479,6 +479,26 @@ def test_adaptive_keeps_at_least_the_floor_and_more_for_a_higher_mass(setup):
     assert counts[0.3] != counts[0.95]
 
 
+def text_only(setup: Setup) -> dict:
+    """The batch's last sample without its image tokens: the text after its last image (a follow-up turn)."""
+    ids, mask = setup.batch["input_ids"][-1:], setup.batch["attention_mask"][-1:]
+    last_image = int((ids[0] == setup.family.image_token).nonzero().max())
+    return {"input_ids": ids[:, last_image + 1 :], "attention_mask": mask[:, last_image + 1 :]}
+
+
+def test_a_text_only_call_after_generate_is_the_plain_model(setup, case):
+    """Nothing of the image turn's generation (its drop maps, its decoding state) leaks into a text-only forward
+    or generate(), which have nothing to compress."""
+    text = text_only(setup)
+    expected, expected_tokens = logits(setup.model, text), generate(setup.model, text)[0]
+    with attach(setup, case):
+        generate(setup.model, setup.batch)
+        assert torch.equal(logits(setup.model, text), expected)
+        generate(setup.model, setup.batch)
+        assert torch.equal(generate(setup.model, text)[0], expected_tokens)
+        assert torch.equal(logits(setup.model, text), expected)
+
+
 # -- identity, detaching, positions -----------------------------------------------------------------------------
 
 

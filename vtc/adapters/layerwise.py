@@ -146,6 +146,9 @@ class LayerDropper:
         order = torch.arange(image.shape[1], device=image.device).expand_as(image)
         protected = self._key_set(image, vision_score, ids.tolist(), sizes.tolist())
         self._prefill = _Prefill(order, image, valid, targets, protected) if targets else None
+        # Nothing of an earlier generation carries over: its maps index a sequence this prefill does not have.
+        self._maps = []
+        self._decoding = False
         self._lm_length = image.shape[1]
         self._cache = weakref.ref(cache) if cache is not None else None
         self.finished = None
