@@ -364,6 +364,40 @@ def test_batch_with_left_padding_equals_each_sample_alone(setup, case, outcome):
             torch.testing.assert_close(first, outcome.first_logits[b : b + 1], rtol=1e-4, atol=1e-4)
 
 
+def right_padded(batch: dict) -> dict:
+    """The batch with each row's padding moved from the left to the right (as a scoring batch may come)."""
+    out = dict(batch)
+    pads = (1 - batch["attention_mask"]).sum(dim=1).tolist()
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            out[key] = torch.stack([row.roll(-pad) for row, pad in zip(batch[key], pads, strict=True)])
+    return out
+
+
+def test_batch_with_right_padding_equals_each_sample_alone(setup, case):
+    """Scores come from each row's last real token, not from the pad at position -1. After the drop the rows hold
+    only their valid tokens, right-aligned, so position -1 is each row's last real token."""
+    batch = right_padded(setup.batch)
+    with attach(setup, case) as handle:
+        out = logits(setup.model, batch)
+        kept = handle.last_kept
+        for b in range(2):
+            expected = logits(setup.model, alone(setup, b))
+            assert torch.equal(handle.last_kept[0], kept[b])
+            torch.testing.assert_close(out[b, -1], expected[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_forward_of_a_left_padded_batch_keeps_what_each_sample_alone_keeps(setup, case):
+    """Without position_ids a forward numbers the pads too (LLaVA), so a row's positions start at its padding;
+    the choices depend on relative positions only (dart_llm's key norms are taken from the row's first token)."""
+    with attach(setup, case) as handle:
+        logits(setup.model, setup.batch)
+        kept = handle.last_kept
+        for b in range(2):
+            logits(setup.model, alone(setup, b))
+            assert torch.equal(handle.last_kept[0], kept[b])
+
+
 def test_cache_lengths_per_layer_are_the_reported_token_counts(setup, case, outcome):
     """After the prefill, layer l caches the tokens at its input: from the first drop layer on, the widest row's
     visual + text tokens (rows are re-padded on the left, padding removed); before it, the language model's input,

@@ -231,13 +231,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def key_l1_norms(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, config) -> torch.Tensor:
-    """[B, L] L1 norm of every token's key at ``layer`` (its input norm, k_proj, RoPE), heads concatenated."""
+def key_l1_norms(decoder: torch.nn.Module, index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] L1 norm of every token's key at layer ``index`` (its input norm, k_proj, RoPE), heads concatenated,
+    with each row's positions counted from its first real token, as for the sample alone (DART runs batch 1)."""
+    config, layer = decoder.config, decoder.layers[index]
     b, length, _ = hidden.shape
     head_dim = config.hidden_size // config.num_attention_heads
     keys = layer.self_attn.k_proj(layer.input_layernorm(hidden))
     keys = keys.view(b, length, config.num_key_value_heads, head_dim).transpose(1, 2)  # [B, KV, L, d]
-    cos, sin = (t.unsqueeze(1) for t in kwargs["position_embeddings"])
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cos, sin = (t.unsqueeze(1) for t in decoder.rotary_emb(hidden, positions))
     keys = keys * cos + rotate_half(keys) * sin
     return keys.abs().sum(dim=(1, 3))
 
@@ -276,9 +279,9 @@ def test_dart_llm_keeps_what_the_papers_greedy_selection_keeps(llava, layer, kee
     finally:
         for spy in spies.values():
             spy.remove()
-    hidden_k1, kwargs_k1 = spies[layer - 1].calls[0]
+    hidden_k1, _ = spies[layer - 1].calls[0]
     with torch.no_grad():
-        norms = key_l1_norms(decoder.layers[layer - 1], hidden_k1, kwargs_k1, decoder.config)
+        norms = key_l1_norms(decoder, layer - 1, hidden_k1, inputs["attention_mask"])
         features = decoder.norm(spies[layer].calls[0][0])
     with vtc.compress(model, DARTLLM(layer=layer), keep=keep) as handle, torch.no_grad():
         model(**inputs)

@@ -294,13 +294,14 @@ class Adapter(ABC):
             rows = torch.tensor([units[i].sample for i in members], device=embeds.device).unsqueeze(1)
             cols = torch.stack([units[i].positions for i in members])  # [U, n]
             features = embeds[rows, cols]  # [U, n, D]
-            signals: dict[str, Any] = {"features": features}
-            for name in self.method.requires:
-                if name != "features":
-                    signals[name] = torch.stack([units[i].signals[name] for i in members])
-            if grid is not None:
-                signals["grid"] = grid
-            plan = self.method.plan(signals, count)
+            with torch.no_grad():  # a choice has no gradient; merging (below) keeps the graph
+                signals: dict[str, Any] = {"features": features.detach()}
+                for name in self.method.requires:
+                    if name != "features":
+                        signals[name] = torch.stack([units[i].signals[name] for i in members])
+                if grid is not None:
+                    signals["grid"] = grid
+                plan = self.method.plan(signals, count)
             plans.append(plan)
             kept_cols = cols.gather(1, plan.kept)
             keep[rows.expand_as(kept_cols), kept_cols] = True

@@ -47,15 +47,35 @@ def layer_signals(
     keys = rotate(attn, attn.k_proj(normed).view(b, length, kv_heads, head_dim).transpose(1, 2), cos, sin)
     out = {}
     if "key_norm" in names:
-        out["key_norm"] = keys.transpose(1, 2).reshape(b, length, -1).float().abs().sum(-1)
+        # An L1 norm is not rotation-invariant: count positions from each row's first real token, as for the row
+        # alone (a plain forward of a left-padded batch numbers pads too). Rotating back by that token's angle
+        # is exact where positions already start there (generate(): cos 1, sin 0).
+        first = valid.int().argmax(dim=1)  # [B]
+        offset_sin = at_columns(sin, first)
+        row_keys = keys
+        if bool(offset_sin.any()):
+            row_keys = rotate(attn, keys, at_columns(cos, first), -offset_sin)
+        out["key_norm"] = row_keys.transpose(1, 2).reshape(b, length, -1).float().abs().sum(-1)
     if "last_row" in names:
-        query = attn.q_proj(normed[:, -1:]).view(b, 1, heads, head_dim).transpose(1, 2)
-        query = rotate(attn, query, cos[..., -1:, :], sin[..., -1:, :])
+        # Each row's last real token: with right padding, position -1 is a pad.
+        last = length - 1 - valid.flip(1).int().argmax(dim=1)  # [B]
+        query = attn.q_proj(normed[torch.arange(b, device=normed.device), last].unsqueeze(1))
+        query = query.view(b, 1, heads, head_dim).transpose(1, 2)
+        query = rotate(attn, query, at_columns(cos, last), at_columns(sin, last))
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
         logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, L]
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
         out["last_row"] = logits.softmax(dim=-1).mean(dim=1)[:, 0]
     return out
+
+
+def at_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """values [..., B|1, L, d] at one column per row, columns [B] -> [..., B, 1, d]."""
+    lead, (length, width) = values.shape[:-3], values.shape[-2:]
+    b = columns.shape[0]
+    values = values.expand(*lead, b, length, width)
+    index = columns.view(*([1] * len(lead)), b, 1, 1).expand(*lead, b, 1, width)
+    return values.gather(-2, index)
 
 
 def source_index(keep: torch.Tensor) -> torch.Tensor:
@@ -193,11 +213,11 @@ class LayerDropper:
         original = kwargs
         if state.stage_kwargs is not None:
             kwargs = {**kwargs, **state.stage_kwargs}
-        with torch.no_grad():
-            if index in self.signal_at:
+        if index in self.signal_at:
+            with torch.no_grad():
                 state.signals = layer_signals(layer, self.config, hidden, kwargs, state.valid, self.signal_at[index])
-            if index in self.schedule:
-                hidden, kwargs = self._drop(self.schedule.index(index), layer, hidden, original)
+        if index in self.schedule:
+            hidden, kwargs = self._drop(self.schedule.index(index), layer, hidden, original)
         if index >= 1:
             state.visual_counts.append(((state.image >= 0) & state.valid).sum(dim=1).tolist())
             state.token_counts.append(state.valid.sum(dim=1).tolist())
@@ -210,6 +230,25 @@ class LayerDropper:
         return args, {**kwargs, "hidden_states": hidden}
 
     def _drop(self, stage: int, layer: nn.Module, hidden: torch.Tensor, original: dict) -> tuple[torch.Tensor, dict]:
+        """Choose the survivors (no autograd: a choice has no gradient), then gather them (autograd kept, so
+        the layers before the drop still get gradients through the tokens that go on)."""
+        with torch.no_grad():
+            source = self._survivors(stage, hidden)
+        valid = source >= 0
+        safe = source.clamp(min=0)
+        hidden = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = torch.where(valid.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        state = self._prefill
+        state.order = take(state.order, source, -1)
+        state.image = take(state.image, source, -1)
+        state.valid = take(state.valid, source, False)
+        state.protected = take(state.protected, source, False)
+        state.maps.append((self.schedule[stage], state.order))
+        state.stage_kwargs = self._gather_prefill_kwargs(original, state.order, hidden.dtype)
+        return hidden, {**original, **state.stage_kwargs}
+
+    def _survivors(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, L'] index of each surviving position in the current sequence (see source_index)."""
         state = self._prefill
         keep = state.valid & (state.image < 0)  # text survives
         final_norm = self.norm(hidden)
@@ -230,18 +269,7 @@ class LayerDropper:
                 stage_view = Stage(stage, target, positions, text, signals, final_norm[b], protected)
                 chosen = self.method.choose(stage_view)
                 keep[b, positions[chosen]] = True
-        source = source_index(keep)
-        valid = source >= 0
-        safe = source.clamp(min=0)
-        hidden = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        hidden = torch.where(valid.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
-        state.order = take(state.order, source, -1)
-        state.image = take(state.image, source, -1)
-        state.valid = take(state.valid, source, False)
-        state.protected = take(state.protected, source, False)
-        state.maps.append((self.schedule[stage], state.order))
-        state.stage_kwargs = self._gather_prefill_kwargs(original, state.order, hidden.dtype)
-        return hidden, {**original, **state.stage_kwargs}
+        return source_index(keep)
 
     # -- gathering the decoder's shared arguments ---------------------------------------------------
 

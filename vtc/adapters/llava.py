@@ -138,12 +138,11 @@ class LlavaAdapter(Adapter):
         if visual is None:
             self._no_images(embeds)
             return None
-        with torch.no_grad():
-            images = self._locate_images(visual, embeds)
-            units = self._units(embeds, images)
-            keep, embeds, plan = self._plan_units(embeds, visual, units)
-            keep = self._complete_keep(keep, images)
-            self.last = self._compression(visual, keep, images, plan)
+        images = self._locate_images(visual, embeds)
+        units = self._units(embeds, images)
+        keep, embeds, plan = self._plan_units(embeds, visual, units)
+        keep = self._complete_keep(keep, images)
+        self.last = self._compression(visual, keep, images, plan)
         if bool(keep.all()):
             return None
         return keep, embeds

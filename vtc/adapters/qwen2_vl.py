@@ -224,12 +224,11 @@ class Qwen2VLAdapter(Adapter):
         if visual is None:
             self._no_images(embeds)
             return None
-        with torch.no_grad():
-            images = self._locate_images(visual, embeds)
-            self._vision = None  # used once: a later prefill must not reuse another forward's signals
-            units = [self._unit(b, positions, info) for b, positions, info in images]
-            keep, embeds, plan = self._plan_units(embeds, visual, units)
-            self.last = self._compression(visual, keep, [(b, positions) for b, positions, _ in images], plan)
+        images = self._locate_images(visual, embeds)
+        self._vision = None  # used once: a later prefill must not reuse another forward's signals
+        units = [self._unit(b, positions, info) for b, positions, info in images]
+        keep, embeds, plan = self._plan_units(embeds, visual, units)
+        self.last = self._compression(visual, keep, [(b, positions) for b, positions, _ in images], plan)
         if bool(keep.all()):
             return None
         return keep, embeds
