@@ -4,6 +4,13 @@
 in vtc/kernels/triton/<op>.py; ``"auto"`` takes the kernel for CUDA tensors when Triton imports (see
 vtc/kernels/dispatch.py). Both backends take fp32 / fp16 / bf16 inputs and accumulate in fp32; the
 kernels' results equal the reference's up to fp32 rounding (selections: exactly, barring near-ties).
+
+Non-finite values, on both backends: similarities, gathers and merges propagate NaN; the selections
+(``maxmin_select``, ``pivot_select``, ``nearest_kept``) always return exactly k distinct sorted
+indices (valid slots), treating a NaN similarity as the lowest. A finite token whose squared norm
+overflows fp32 (norm > ~1.8e19, possible in bf16 / fp32) has similarity 0 to everything, a zero
+vector, on both. One difference: a token with an inf feature has NaN similarity in the reference
+(inf / inf) and 0 in the kernels, which cannot tell it from an overflow; the counts hold either way.
 """
 
 from __future__ import annotations
@@ -170,10 +177,8 @@ def merge_rows(
 def nearest_kept(x: torch.Tensor, kept: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """For every token the slot (0..K-1) of its most cosine-similar kept token; kept tokens map to
     themselves: [B, N, D], [B, K] -> [B, N] long. Uses :func:`gather_rows` and
-    :func:`cosine_similarity` on the chosen backend, then torch argmax / scatter."""
+    :func:`cosine_similarity` on the chosen backend, then :func:`vtc.kernels.reference.nearest_slots`."""
     _check_tokens("x", x)
     _check_rows("kept", kept, x)
     sim = cosine_similarity(x, gather_rows(x, kept, backend=backend), backend=backend)  # [B, N, K]
-    targets = sim.argmax(dim=2)
-    slots = torch.arange(kept.shape[1], device=x.device).expand_as(kept)
-    return targets.scatter_(1, kept, slots)
+    return reference.nearest_slots(sim, kept)

@@ -3,6 +3,12 @@
 These are the CPU implementation and the oracle for any faster backend. All arithmetic is fp32:
 inputs of any floating dtype are upcast (bf16 matmuls on CPU are several times slower than fp32,
 and selection must not depend on the model's precision).
+
+Non-finite inputs: value ops (similarity, gather, merge) propagate NaN as IEEE arithmetic does. The
+selections never let it break their count: they return exactly k distinct sorted indices per row
+for any input. A NaN cosine similarity (a token with a NaN or inf feature) counts as the lowest
+similarity, i.e. the token is farthest from every other; a NaN score ranks above every number, as
+in torch.topk. vtc's methods refuse non-finite signals before they get here (vtc/methods/base.py).
 """
 
 from __future__ import annotations
@@ -69,20 +75,34 @@ def merge_rows(
 
 
 def mask_to_indices(chosen: torch.Tensor) -> torch.Tensor:
-    """[B, N] bool with the same count K in every row -> [B, K] sorted indices of the True entries."""
+    """[B, N] bool with the same count K in every row -> [B, K] sorted indices of the True entries.
+
+    Raises ValueError if the rows hold different counts: a [B, K] result would have to drop or invent
+    indices, and a short row means a selection picked some token twice.
+    """
     b, n = chosen.shape
-    k = int(chosen[0].sum())
+    counts = chosen.sum(dim=1)  # [B]
+    low, high = torch.stack(torch.aminmax(counts)).tolist() if b else (0, 0)
+    if low != high:
+        shown = counts.tolist() if b <= 16 else counts[:16].tolist() + ["..."]
+        raise ValueError(
+            f"mask_to_indices needs the same number of chosen tokens in every row, got counts {shown} "
+            f"(between {low} and {high}); a selection that picks a token twice leaves its row short"
+        )
     order = torch.arange(n, device=chosen.device).expand(b, n).masked_fill(~chosen, n)
-    return order.sort(dim=1).values[:, :k]
+    return order.sort(dim=1).values[:, :high]
 
 
 def fill_top(chosen: torch.Tensor, score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Add, per row, the ``counts[b]`` highest-scoring tokens not yet chosen.
 
+    Higher scores first; NaN ranks above every number (torch.topk's order) and a -inf score still
+    above every chosen token, so a row never takes a token twice while it has unchosen ones.
+
     Args:
         chosen: [B, N] bool, tokens already chosen (kept as they are).
         score: [B, N] fp32 scores.
-        counts: [B] int, how many more tokens each row takes.
+        counts: [B] int, how many more tokens each row takes (at most its unchosen tokens).
 
     Returns:
         [B, N] bool, a new mask.
@@ -90,7 +110,9 @@ def fill_top(chosen: torch.Tensor, score: torch.Tensor, counts: torch.Tensor) ->
     most = int(counts.max()) if counts.numel() else 0
     if most == 0:
         return chosen.clone()
-    top = score.masked_fill(chosen, float("-inf")).topk(most, dim=1).indices  # [B, most]
+    # Chosen tokens get -inf; an unchosen -inf is lifted to the lowest finite value so it cannot tie with them.
+    free_score = score.clamp(min=torch.finfo(score.dtype).min).masked_fill_(chosen, float("-inf"))
+    top = free_score.topk(most, dim=1).indices  # [B, most]
     take = torch.arange(most, device=score.device).unsqueeze(0) < counts.unsqueeze(1)
     return chosen.clone().scatter_(1, top, take | chosen.gather(1, top))
 
@@ -114,6 +136,10 @@ def maxmin_select(x: torch.Tensor, k: int, protected: torch.Tensor | None = None
     """
     b, n, _ = x.shape
     dist = cosine_similarity(x, x).neg_().add_(1.0)  # [B, N, N], 1 - cos rounded as the paper's 1.0 - sim
+    # torch.minimum and amin propagate NaN, which would undo the -inf "picked" marks and let argmax pick
+    # a token twice: a NaN distance counts as +inf (farthest, never the minimum), and -inf is lifted so
+    # that only picked tokens score -inf. The Triton kernel applies the same rule (_distance).
+    dist.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=torch.finfo(dist.dtype).min)
     rows = torch.arange(b, device=x.device)
     chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device) if protected is None else protected.clone()
     has_seed = chosen.any(dim=1)  # [B]
@@ -182,6 +208,7 @@ def pivot_select(
     rest = k - chosen.sum(dim=1)  # [B]
     share, extra = rest // used.clamp(min=1), rest % used.clamp(min=1)
     sim = torch.bmm(xn, gather_rows(xn, pivots).transpose(1, 2))  # [B, N, P], one pass over x
+    sim.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))  # NaN: least similar
     for j in range(p):
         counts = (share + (j < extra).long()) * is_used[:, j]
         chosen = fill_top(chosen, -sim[:, :, j], counts)
@@ -198,7 +225,13 @@ def nearest_kept(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, N] long.
     """
-    sim = cosine_similarity(x, gather_rows(x, kept))  # [B, N, K]
-    targets = sim.argmax(dim=2)
-    slots = torch.arange(kept.shape[1], device=x.device).expand_as(kept)
+    return nearest_slots(cosine_similarity(x, gather_rows(x, kept)), kept)
+
+
+def nearest_slots(sim: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[B, N, K] similarities of every token to the kept ones, [B, K] kept -> [B, N] slot of the most
+    similar kept token (ties: lowest slot); a NaN similarity counts as the lowest (torch.argmax would
+    take it as the largest); kept tokens map to their own slot."""
+    targets = sim.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).argmax(dim=2)
+    slots = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
     return targets.scatter_(1, kept, slots)

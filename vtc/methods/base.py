@@ -8,6 +8,8 @@ Methods import torch only; adapters obtain the signals from a model and apply th
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -44,15 +46,20 @@ class Budget:
                 f"give exactly one of keep= (tokens kept per image) or ratio= (fraction kept), "
                 f"got keep={self.keep!r}, ratio={self.ratio!r}"
             )
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
-            raise ValueError(f"keep must be an int >= 1 (visual tokens kept per image), got {self.keep!r}")
-        if self.ratio is not None and (
-            isinstance(self.ratio, bool)
-            or not isinstance(self.ratio, (int, float))
-            or not math.isfinite(self.ratio)
-            or not 0 < self.ratio <= 1
-        ):
-            raise ValueError(f"ratio must be a number in (0, 1] (fraction of visual tokens kept), got {self.ratio!r}")
+        # Any integral type for keep (int, numpy / torch integer scalars), any real one for ratio; stored as
+        # Python numbers so that every later use is plain arithmetic.
+        if self.keep is not None:
+            keep = _integral(self.keep)
+            if keep is None or keep < 1:
+                raise ValueError(f"keep must be an int >= 1 (visual tokens kept per image), got {self.keep!r}")
+            object.__setattr__(self, "keep", keep)
+        if self.ratio is not None:
+            ratio = _real(self.ratio)
+            if ratio is None or not math.isfinite(ratio) or not 0 < ratio <= 1:
+                raise ValueError(
+                    f"ratio must be a number in (0, 1] (fraction of visual tokens kept), got {self.ratio!r}"
+                )
+            object.__setattr__(self, "ratio", ratio)
 
     def tokens(self, num_tokens: int) -> int:
         """Kept count for an image of ``num_tokens`` visual tokens (ratio: round(ratio * N), at least 1)."""
@@ -66,6 +73,27 @@ class Budget:
 
     def __str__(self) -> str:
         return f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}"
+
+
+def _integral(value: Any) -> int | None:
+    """``value`` as an int if it is an integer of any type (not a bool, not a float such as 6.0), else None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number of any type (numpy, torch scalars too; not a bool), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -124,8 +152,9 @@ class Method(ABC):
         protected = signals.get("protected")
         if protected is not None and int(protected.sum(dim=1).max()) > keep:
             raise ValueError(f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept")
-        if keep == n:
-            return Plan(torch.arange(n, device=signal_device(signals)).expand(batch_size(signals), n).clone(), n)
+        if keep == n or batch_size(signals) == 0:  # an empty batch keeps [0, keep]: nothing to choose from
+            kept = torch.arange(n, device=signal_device(signals))[:keep].expand(batch_size(signals), keep)
+            return Plan(kept.clone(), n)
         return self._plan(signals, keep)
 
     def check_geometry(self, num_tokens: int | None, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
@@ -182,7 +211,13 @@ _NDIM = {"features": 3, "cls_attention": 2, "cls_attention_layers": 3, "attentio
 
 
 def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
-    """Validate names, ranks and shapes; return a copy with float signals in fp32."""
+    """Validate names, ranks, shapes and the values the method reads; return a copy with float signals in fp32.
+
+    Both vtc.select and the adapters (through :meth:`Method.plan`) come here. A signal the method
+    requires must be finite: a token ranked by NaN or inf has no place in an order (NaN wins an argmax,
+    inf ties), so the error comes here, naming the signal and its rows. Signals the method does not read
+    (e.g. features for "random") are carried as they are.
+    """
     unknown = sorted(set(signals) - set(SIGNALS))
     if unknown:
         raise ValueError(
@@ -208,7 +243,9 @@ def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
         elif not value.is_floating_point():
             raise ValueError(f"signal {name!r} must be a floating-point tensor, got {value.dtype}")
         else:
-            value = value.float()
+            source, value = value, value.float()
+            if name in method.requires:
+                check_finite(method, name, value, source)
         out[name] = value
         shapes[name] = (value.shape[0], value.shape[1] if name == "features" else value.shape[-1])
     if len(set(shapes.values())) > 1:
@@ -224,3 +261,30 @@ def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
     if "grid" in out and math.prod(out["grid"]) != n:
         raise ValueError(f"grid {out['grid']} does not cover the {n} visual tokens")
     return out
+
+
+def check_finite(method: Method, name: str, value: torch.Tensor, source: torch.Tensor) -> None:
+    """Raise a ValueError naming the batch rows of ``value`` ([B, ...] fp32, converted from ``source``)
+    that hold NaN or inf.
+
+    One pass (and one host sync) when all is well; the details are computed only on failure. Large
+    finite values (bf16 features can reach 3e38) pass: the ops handle them.
+    """
+    if bool(torch.isfinite(value).all()):
+        return
+    bad = ~torch.isfinite(value)
+    rows = bad.flatten(1).any(dim=1).nonzero().flatten().tolist()
+    shown = rows if len(rows) <= 16 else [*rows[:16], "..."]
+    kinds = {"NaN": value.isnan(), "+inf": value == float("inf"), "-inf": value == float("-inf")}
+    found = ", ".join(f"{int(mask.sum())} {kind}" for kind, mask in kinds.items() if bool(mask.any()))
+    widened = (
+        f" ({source.dtype} values beyond the fp32 range, which vtc converts signals to)"
+        if source.dtype != value.dtype and bool(torch.isfinite(source).all())
+        else ""
+    )
+    raise ValueError(
+        f"signal {name!r} of shape {tuple(value.shape)} holds non-finite values ({found}) in batch row(s) {shown} "
+        f"of {value.shape[0]}{widened}. Method {method.name!r} ranks tokens by it, and NaN / inf scores would "
+        f"decide which tokens survive. Find where they come from (e.g. an fp16 overflow in the vision tower or "
+        f"projector: run it in bf16 or fp32) or replace them before selecting (e.g. torch.nan_to_num)."
+    )

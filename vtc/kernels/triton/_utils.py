@@ -59,7 +59,7 @@ def cosine_tile(
 ):
     """Cosine similarity of two row tiles, [BM] x [BN] -> [BM, BN] fp32, normalisation fused:
     dot(a, b) / (max(|a|, EPS) * max(|b|, EPS)), the squared norms summed from the same loads.
-    Also returns the inverse norms [BM], [BN]."""
+    Also returns the inverse norms [BM], [BN] (0 for a row whose squared norm overflows fp32)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -76,4 +76,12 @@ def cosine_tile(
     # Rounded-to-nearest sqrt and division (tl.sqrt / "/" may be approximate on the GPU).
     a_inv = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(a_sq), 1e-12))  # [BM]
     b_inv = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(b_sq), 1e-12))  # [BN]
-    return acc * a_inv[:, None] * b_inv[None, :], a_inv, b_inv
+    return scale_cosine(acc, a_inv[:, None], b_inv[None, :]), a_inv, b_inv
+
+
+@triton.jit
+def scale_cosine(dot, a_inv, b_inv):
+    """dot * a_inv * b_inv, but 0 where an inverse norm is 0: a finite row whose squared norm overflows
+    fp32 (|x| > ~1.8e19) acts as a zero vector, as in the reference (x / inf = 0), not as NaN (inf * 0)."""
+    # Nested, not "|": a scalar a_inv (one pick's row) would make Triton 3.9's interpreter fail on bool | tensor.
+    return tl.where(a_inv == 0.0, 0.0, tl.where(b_inv == 0.0, 0.0, dot * a_inv * b_inv))

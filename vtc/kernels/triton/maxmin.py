@@ -31,11 +31,20 @@ import triton
 import triton.language as tl
 
 from vtc.kernels.triton import _utils
-from vtc.kernels.triton._utils import cosine_tile
+from vtc.kernels.triton._utils import cosine_tile, scale_cosine
 
 # The similarity matrix is stored for as many samples at a time as fit here (N = 576: 1.3 MB per
 # image, 2880: 33 MB, 8192: 268 MB); a sample whose N x N alone is larger (N > 11585) is recomputed.
 MATERIALIZE_BYTES = 512 * 2**20
+
+
+@triton.jit
+def _distance(cos):
+    """1 - cos as the running min and argmax may use it (the reference's rule): NaN (a non-finite token)
+    counts as +inf, farthest and never a minimum, and -inf is lifted to the lowest finite value, so the
+    only -inf scores are the picked marks; otherwise a token could be picked twice or never written."""
+    dist = 1.0 - cos
+    return tl.where(dist != dist, float("inf"), tl.maximum(dist, -3.4028234663852886e38))  # fp32 lowest
 
 
 @triton.jit
@@ -78,7 +87,8 @@ def _nearest_kernel(
         tl.store(out, sim, mask=row_ok[:, None] & col_ok[None, :])
     elif tl.program_id(2) == 0:
         tl.store(inv_ptr + b * n + rows, row_inv, mask=row_ok)
-    others = col_ok[None, :] & (rows[:, None] != cols[None, :])
+    # A NaN similarity is the lowest (distance +inf): it never becomes a nearest neighbour.
+    others = col_ok[None, :] & (rows[:, None] != cols[None, :]) & (sim == sim)
     best = tl.max(tl.where(others, sim, float("-inf")), axis=1)  # [BM]
     tl.atomic_max(nearest_ptr + b * n + rows, best, mask=row_ok)
 
@@ -117,7 +127,7 @@ def _pick_kernel(
         offs = n0 + tl.arange(0, BLOCK_N)  # [BN]
         valid = offs < n
         nearest = tl.load(nearest_ptr + b * n + offs, mask=valid, other=0.0)
-        score = tl.where(seeded, float("inf"), 1.0 - nearest)
+        score = tl.where(seeded, float("inf"), _distance(nearest))
         tl.store(score_b + offs, score, mask=valid)
         cand = tl.where(valid, score, float("-inf"))
         top = tl.max(cand, axis=0)
@@ -155,8 +165,8 @@ def _pick_kernel(
                     row = tl.load(x_b + pick * stride_xn + cols, mask=in_d, other=0.0).to(tl.float32)  # [BD]
                     dot += tl.sum(tile * row[None, :], axis=1)
                 inv = tl.load(inv_ptr + b * n + offs, mask=valid, other=0.0)
-                cos = dot * pick_inv * inv
-            dist = 1.0 - cos
+                cos = scale_cosine(dot, pick_inv, inv)
+            dist = _distance(cos)
             old = tl.load(score_b + offs, mask=valid, other=float("-inf"))
             new = tl.where(replace, dist, tl.minimum(old, dist))
             new = tl.where(offs == pick, float("-inf"), new)

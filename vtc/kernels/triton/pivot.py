@@ -95,6 +95,9 @@ def _pivot_pick_kernel(
         count = tl.where(j < used, share + (j < extra).to(tl.int64), 0)
         if count > 0:
             sim = tl.load(sim_ptr + b * p * n + j * n + offs, mask=valid, other=0.0)  # [BN]
+            # NaN (a non-finite token) is the least similar, as in the reference; its key would otherwise
+            # depend on the NaN's sign bit.
+            sim = tl.where(sim != sim, float("-inf"), sim)
             bits = (-sim).to(tl.int32, bitcast=True)
             key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # [BN] int32 ordered like -sim: larger = less similar
             free = valid & ~chosen
