@@ -34,7 +34,7 @@ def fresh_log(monkeypatch):
 
 def fake_cuda_tensor(dtype: torch.dtype = torch.float32) -> SimpleNamespace:
     """What dispatch looks at, for CUDA-path decisions on a machine without CUDA."""
-    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype)
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype, requires_grad=False)
 
 
 def calls_of_every_op(backend: str) -> dict[str, torch.Tensor]:
@@ -112,6 +112,28 @@ def test_unsupported_inputs_fall_back_or_raise(monkeypatch, caplog):
         kernels.gather_rows(x, torch.zeros(1, 2, dtype=torch.long), backend="triton")
     with pytest.raises(RuntimeError, match="different devices"):
         dispatch.use_triton("gather_rows", "triton", (fake_cuda_tensor(), x), ())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("op", ["gather_rows", "merge_rows"])
+def test_inputs_that_need_a_gradient_take_the_torch_ops(op, caplog):
+    """The Triton kernels have no backward: an input that requires grad (compression inside a training step or
+    a saliency map) takes the torch op, which keeps the graph; backend="triton" says why it cannot."""
+    caplog.set_level(logging.INFO, logger="vtc.kernels")
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    kept = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    args = (x, kept) if op == "gather_rows" else (x, kept, torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2]]))
+    with pytest.raises(RuntimeError, match="requires grad and the triton kernels have no backward"):
+        getattr(kernels, op)(*args, backend="triton")
+    out = getattr(kernels, op)(*args, backend="auto")
+    out.sum().backward()
+    assert x.grad is not None and bool((x.grad != 0).any())
+    with torch.no_grad():  # no graph wanted: the kernel runs, with the torch op's result
+        assert torch.equal(getattr(kernels, op)(*args, backend="triton"), getattr(ref, op)(*args))
+    assert dispatch.use_triton(op, "auto", (fake_cuda_tensor(),), (fake_cuda_tensor(),))
+    needs_grad = SimpleNamespace(**{**vars(fake_cuda_tensor()), "requires_grad": True})
+    assert not dispatch.use_triton(op, "auto", (needs_grad,), (needs_grad,))
+    assert "requires grad" in caplog.records[-1].getMessage()
 
 
 METHODS = [("divprune", {}), ("dart", {}), ("dart", {"merge": True})]

@@ -76,6 +76,8 @@ def _why_not(tensors: tuple[torch.Tensor, ...], floats: tuple[torch.Tensor, ...]
     for t in floats:
         if t.dtype not in DTYPES:
             return f"dtype {t.dtype} is not supported by the triton kernels (float32, float16, bfloat16)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in floats):
+        return "an input requires grad and the triton kernels have no backward; the torch ops keep the graph"
     return limit
 
 
