@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,6 +37,8 @@ def test_registries():
 
 BAD_CALLS = [
     ({"method": "fastervlm", "keep": 577}, ValueError, r"keep=577 exceeds the 576 visual tokens"),
+    ({"method": "fastv", "keep": 577, "layer": 1}, ValueError, r"keep=577 exceeds the 576 visual tokens"),
+    ({"method": ["divprune", "fastv"], "keep": [64, 65]}, ValueError, r"keep=65 exceeds the 64 visual tokens"),
     ({"method": "fastervlm", "keep": 0}, ValueError, r"keep must be an int >= 1"),
     ({"method": "fastervlm", "keep": -3}, ValueError, r"keep must be an int >= 1"),
     ({"method": "fastervlm", "keep": 6.0}, ValueError, r"keep must be an int >= 1"),
@@ -180,3 +185,39 @@ def test_a_model_whose_handle_is_dropped_can_be_freed():
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        ({"keep": np.int64(20)}, 20),
+        ({"keep": np.uint8(20)}, 20),
+        ({"keep": torch.tensor(20)}, 20),
+        ({"ratio": np.float32(0.25)}, 144),
+        ({"ratio": np.float64(0.25)}, 144),
+        ({"ratio": torch.tensor(0.25)}, 144),
+        ({"ratio": Fraction(1, 4)}, 144),
+    ],
+    ids=lambda v: type(next(iter(v.values()))).__name__ if isinstance(v, dict) else "",
+)
+def test_budgets_of_any_integral_or_real_type(model, inputs, budget, expected):
+    with vtc.compress(model, "divprune", **budget) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats["visual_tokens_after"] == [expected]
+    assert type(handle.budget.keep if "keep" in budget else handle.budget.ratio) in (int, float)
+    assert vtc.select("uniform", features=torch.randn(2, 576, 4), **budget).shape == (2, expected)
+
+
+@pytest.mark.parametrize("budget", [{"keep": np.float64(6.0)}, {"keep": torch.tensor(6.0)}, {"ratio": np.bool_(True)}])
+def test_budgets_of_the_wrong_kind_are_refused(budget):
+    with pytest.raises(ValueError, match="keep must be an int >= 1|ratio must be a number"):
+        vtc.select("uniform", features=torch.randn(1, 9, 4), **budget)
+
+
+@pytest.mark.parametrize("method", vtc.list_methods("pre"))
+def test_select_on_an_empty_batch_returns_an_empty_selection(method):
+    signals = {"features": torch.randn(0, 16, 8), "cls_attention": torch.rand(0, 16)}
+    if method == "vtc_cls":
+        signals = {"features": signals["features"], "cls_attention_layers": torch.rand(0, 3, 16)}
+    kept = vtc.select(method, keep=5, **signals)
+    assert kept.shape == (0, 5) and kept.dtype == torch.long

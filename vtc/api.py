@@ -135,6 +135,23 @@ def _stages(
     return pre, budgets[0], llm, budgets[1]
 
 
+def _refuse_overlap(model: nn.Module) -> None:
+    """One attachment per module tree: hooks of two adapters on one model would each see half the story."""
+    modules = {id(m) for m in model.modules()}
+    for attached, description in list(_ATTACHED.items()):
+        if attached is model:
+            where = "this model"
+        elif id(attached) in modules:
+            where = f"its submodule {type(attached).__name__}"
+        elif any(m is model for m in attached.modules()):
+            where = f"the {type(attached).__name__} that contains it"
+        else:
+            continue
+        raise RuntimeError(
+            f"vtc is already attached to {where} ({description}); call that handle's remove() before attaching again"
+        )
+
+
 def compress(
     model: nn.Module,
     method: str | Method | LayerwiseMethod | list,
@@ -170,10 +187,7 @@ def compress(
     """
     pre, pre_budget, llm, llm_budget = _stages(method, keep, ratio, method_options)
     adapter_class = get_adapter_class(model)
-    if model in _ATTACHED:
-        raise RuntimeError(
-            f"vtc is already attached to this model ({_ATTACHED[model]}); call handle.remove() before attaching again"
-        )
+    _refuse_overlap(model)
     options = {name: value for name, value in (("budget", budget), ("cls_model", cls_model)) if value is not None}
     adapter = adapter_class(model, pre, pre_budget, options, layerwise=llm, layer_budget=llm_budget)
     adapter.check()

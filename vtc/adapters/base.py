@@ -10,6 +10,7 @@ generate() keeps passing onto the shortened KV cache.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -61,7 +62,34 @@ class _Dropped:
     source: torch.Tensor  # [B, L'] index of each new position in the original sequence, -1 = padding
     prefill_mask: torch.Tensor  # [B, L'] attention mask of the shortened prefill
     original_length: int  # L0
+    last_position: torch.Tensor  # [B] the largest position id of each row's prompt
     cache: weakref.ref | None = None
+
+
+class _Hook:
+    """A hook as vtc registers it. A copy of the model (copy.deepcopy, pickle) would carry it with no handle able
+    to remove it, still pointing at this adapter's state: refused, with what to do instead."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        raise _copy_refused()
+
+    def __reduce_ex__(self, protocol: int) -> None:
+        raise _copy_refused()
+
+
+def _copy_refused() -> RuntimeError:
+    return RuntimeError(
+        "cannot copy or pickle a model while vtc is attached: the copy would carry vtc's hooks, which no handle "
+        "could remove. Copy it before vtc.compress (or after handle.remove()), then attach vtc to each copy"
+    )
 
 
 class Adapter(ABC):
@@ -106,6 +134,10 @@ class Adapter(ABC):
         self._visual_index: torch.Tensor | None = None  # [B, L] index among the row's visual tokens, else -1
         self._prefill_tokens: tuple[list[int], torch.Tensor] | None = None  # original and LM-input token counts
         self._vision_score: torch.Tensor | None = None  # [B, L] [CLS] attention of visual positions (key sets)
+        # KV caches this adapter has shortened: decoding one of them needs the state of its own prefill.
+        self._shortened: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._running: tuple[int, int] | None = None  # (thread id, forward depth) of the forward in progress
 
     # -- attach / detach --------------------------------------------------------------------------
 
@@ -121,17 +153,40 @@ class Adapter(ABC):
                 f"provide for this model (it provides {list(self.provides)}); methods that work here: {usable}"
             )
         if self.tokens_per_image is not None:
-            self.budget.tokens(self.tokens_per_image)  # raises if keep > N
+            reach_llm = self.budget.tokens(self.tokens_per_image)  # raises if keep > N
+            if self.layer_budget is not None:
+                self.layer_budget.tokens(reach_llm)  # the same for the in-LLM budget, of what the LLM receives
         self.method.check_geometry(self.tokens_per_image, self.vision_layers_used)
         if self.layerwise is not None:
             self.dropper = LayerDropper(self.layerwise, self.layer_budget, self.base.language_model)
 
     def attach(self) -> None:
         try:
+            self._hooks.append(self.model.register_forward_pre_hook(_Hook(self._enter), prepend=True))
+            self._hooks.append(self.model.register_forward_hook(_Hook(self._leave), always_call=True))
             self._register_hooks()
         except BaseException:
             self.detach()
             raise
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        """A forward of the attached model starts. Its state lives on this adapter, so a forward from a second
+        thread while one runs is refused (before it does anything) rather than mixed with the first one's."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._running is not None and self._running[0] != me:
+                raise RuntimeError(
+                    f"vtc: a forward of this {type(module).__name__} is already running in another thread, and vtc "
+                    "keeps one forward's state per attached model. Run generate() calls one after another (a lock "
+                    "around them), or give each thread its own model copy with its own vtc.compress"
+                )
+            self._running = (me, 1 if self._running is None else self._running[1] + 1)
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        with self._lock:
+            if self._running is not None and self._running[0] == threading.get_ident():
+                depth = self._running[1] - 1
+                self._running = (self._running[0], depth) if depth else None
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -160,9 +215,9 @@ class Adapter(ABC):
 
     def _hook(self, module: nn.Module, fn: Callable, *, pre: bool, with_kwargs: bool = True) -> None:
         if pre:
-            self._hooks.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+            self._hooks.append(module.register_forward_pre_hook(_Hook(fn), with_kwargs=with_kwargs))
         else:
-            self._hooks.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+            self._hooks.append(module.register_forward_hook(_Hook(fn), with_kwargs=with_kwargs))
 
     @abstractmethod
     def _register_hooks(self) -> None:
@@ -190,6 +245,7 @@ class Adapter(ABC):
         cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
+            self._refuse_fixed_cache(cache)
             self._dropped = None
             self._vision_score = None
             original = self._token_counts(kwargs, embeds)
@@ -206,6 +262,13 @@ class Adapter(ABC):
                 "vtc cannot compress images in a forward that continues an existing KV cache "
                 "(chunked prefill or a multi-turn cache); start generation from an empty cache"
             )
+        if cache in self._shortened and not self._holds_state_of(cache):
+            raise RuntimeError(
+                "vtc: this KV cache was shortened by vtc in an earlier prefill, but another prefill has run on this "
+                "model since (a second generation interleaved with this one, e.g. from another thread), and vtc "
+                "keeps the state of one generation per attached model. Run generations one after another, or give "
+                "each thread its own model copy with its own vtc.compress"
+            )
         if self.dropper is not None:
             self.dropper.decoding(cache)
         dropped = self._dropped
@@ -213,12 +276,33 @@ class Adapter(ABC):
             return None
         return args, self._remap_decode(kwargs, dropped, past, embeds.shape[1])
 
+    def _holds_state_of(self, cache: Any) -> bool:
+        dropped = self._dropped
+        if dropped is not None and dropped.cache is not None and dropped.cache() is cache:
+            return True
+        return self.dropper is not None and self.dropper.holds_state_of(cache)
+
+    def _refuse_fixed_cache(self, cache: Any) -> None:
+        """A prefill with images cannot shorten a cache of fixed shapes: refused before any planning."""
+        if cache is None or not getattr(cache, "is_compileable", False):
+            return
+        if self._visual is None or not bool(self._visual.any()):
+            return  # no images: nothing is dropped
+        self._visual = None
+        raise ValueError(
+            f"{self.method_names!r} shortens the KV cache (pre-LLM methods the prompt, in-LLM methods the later "
+            f"layers), which a {type(cache).__name__} (fixed shapes, cache_implementation='static', torch.compile) "
+            "cannot hold; use the default DynamicCache (no cache_implementation)"
+        )
+
     def _language_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = output_cache(output)
         if self._dropped is not None and self._dropped.cache is None and cache is not None:
             self._dropped.cache = weakref.ref(cache)
         if self.dropper is not None:
             self.dropper.bind_cache(cache)
+        if cache is not None and self._prefill_tokens is not None and self._holds_state_of(cache):
+            self._shortened.add(cache)
         if self._prefill_tokens is not None and self.last is not None:
             self._record_layers()
         self._prefill_tokens = None
@@ -400,7 +484,9 @@ class Adapter(ABC):
         if kwargs.get("cache_position") is not None:  # transformers 4.x indexes the cache with it
             out["cache_position"] = torch.arange(source.shape[1], device=embeds.device)
         cache = kv_cache(kwargs)
-        self._dropped = _Dropped(source, new_mask, length, weakref.ref(cache) if cache is not None else None)
+        last_position = new_positions.reshape(-1, b, new_positions.shape[-1]).amax(dim=(0, 2))
+        reference = weakref.ref(cache) if cache is not None else None
+        self._dropped = _Dropped(source, new_mask, length, last_position, reference)
         return out
 
     def _remap_decode(self, kwargs: dict, dropped: _Dropped, past: int, q_len: int) -> dict:
@@ -425,8 +511,18 @@ class Adapter(ABC):
             out["attention_mask"] = torch.cat([prefix, mask[:, dropped.original_length :]], dim=1)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: slots in the shortened cache
             out["cache_position"] = torch.arange(past, past + q_len, device=dropped.source.device)
-        if kwargs.get("position_ids") is None:
+        positions = kwargs.get("position_ids")
+        if positions is None:
             # What the uncompressed model would use: continue after the ORIGINAL prompt length.
             start = dropped.original_length + past - short
             out["position_ids"] = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
+        elif bool((positions.reshape(-1, *positions.shape[-2:])[..., 0].amax(dim=0) <= dropped.last_position).any()):
+            # generate() given the whole conversation and this cache feeds input_ids[cache length:], history the
+            # cache holds in compressed form, at positions numbered as if the cache were uncompressed.
+            raise ValueError(
+                f"this forward continues a KV cache that vtc shortened from {dropped.original_length} to {short} "
+                "prompt tokens, but its positions restart inside that prompt: a new turn cannot reuse a compressed "
+                "cache (generate() would re-feed history the cache no longer holds as such). Start the turn from "
+                "an empty cache: pass the whole conversation without past_key_values"
+            )
         return out

@@ -153,11 +153,6 @@ class LayerDropper:
     ) -> None:
         """A prefill starts: ``image`` [B, L] image id per LM-input position (-1 = text), ``valid`` [B, L],
         ``vision_score`` [B, L] the vision-side [CLS] attention of visual positions (if the method needs it)."""
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError(
-                f"in-LLM method {self.method.name!r} shortens the KV cache of later layers, which a "
-                f"{type(cache).__name__} (fixed shapes, torch.compile) cannot hold; use the default DynamicCache"
-            )
         ids, sizes = image[image >= 0].unique(return_counts=True)
         targets = {}
         for image_id, size in zip(ids.tolist(), sizes.tolist(), strict=True):
@@ -191,9 +186,13 @@ class LayerDropper:
         if self._cache is None and cache is not None and self._maps:
             self._cache = weakref.ref(cache)
 
+    def holds_state_of(self, cache: Any) -> bool:
+        """Whether the last prefill shortened this cache's later layers (its maps are kept to decode it)."""
+        return bool(self._maps) and self._cache is not None and self._cache() is cache
+
     def decoding(self, cache: Any) -> None:
         self._prefill = None
-        self._decoding = bool(self._maps) and self._cache is not None and self._cache() is cache
+        self._decoding = self.holds_state_of(cache)
 
     # -- the layer hooks ----------------------------------------------------------------------------
 

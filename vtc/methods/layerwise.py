@@ -9,7 +9,9 @@ states, positions, masks and the KV cache of every later layer shrink.
 Signals a method can ask for (``signal_layers``), each [L] over the current sequence of one row:
   * ``"last_row"``: softmax attention of the last token's query over all keys at that layer (its
     input norm, q/k projections and RoPE), mean over heads.
-  * ``"key_norm"``: L1 norm of each token's key at that layer (post-RoPE, heads concatenated).
+  * ``"key_norm"``: L1 norm of each token's key at that layer (post-RoPE, heads concatenated), with positions
+    counted from the row's first real token, as for the sample alone (an L1 norm is not rotation-invariant, so
+    a left-padded row numbered from its padding would otherwise pick other pivots).
 The ``hidden`` states at the drop layer are always available, after the model's final norm.
 """
 
