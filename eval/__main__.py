@@ -14,12 +14,17 @@ Data-parallel: ``accelerate launch --num_processes N -m eval ...`` (results are 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from vtc import loading
+from vtc.adapters.llava_next import BUDGETS
+from vtc.method_spec import split_specs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +54,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--keep takes comma-separated integers, got {args.keep!r}")
     if any(k < 1 for k in args.keeps):
         parser.error(f"--keep values must be >= 1, got {args.keeps}")
-    args.method_specs = [m for m in args.methods.split(",") if m.strip()]
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.budget is not None and args.budget not in BUDGETS:
+        parser.error(f"--budget must be one of {', '.join(BUDGETS)}, got {args.budget!r}")
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+            parser.error(f"--dtype must be auto or a floating dtype (float32, bfloat16, float16), got {args.dtype!r}")
+    if args.device is not None:
+        try:
+            loading.available_device(args.device)
+        except ValueError as error:
+            parser.error(str(error))
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {args.output!r} is a file, not a directory")
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output {args.output!r}: cannot create a directory under {str(existing)!r}")
+    args.method_specs = split_specs(args.methods)
+    if not args.method_specs:
+        parser.error("--methods names no method")
     return args
 
 
@@ -78,6 +104,15 @@ class _Processes:
             return self.state.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    def close(self) -> None:
+        """Leave the process group together, once the main process has written the results. A process that
+        exits while the group lives on (gloo's threads, the main process's store still serving) can die in
+        C++ teardown ("terminate called without an active exception") and fail the launch after good work."""
+        if self.state is None:
+            return
+        self.state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
     def gather(self, items: list) -> list:
         if self.state is None:
             return items
@@ -105,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     processes = _Processes()
     device = torch.device(args.device) if args.device else processes.device()
 
-    from vtc import loading
-
     try:
         model, processor = loading.load(args.model, device=device, dtype=args.dtype)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:  # now, not after the whole run; every process, so that all of them stop alike
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: --output {args.output!r}: {error}", file=sys.stderr)
         return 2
     mine = [(i, s) for i, s in enumerate(samples) if i % processes.world == processes.rank]
     if processes.main:
@@ -161,24 +199,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {setting.name:<12} keep={str(setting.keep):<5} tokens={summary['visual_tokens_last_layer']:6.1f}"
                 f"  accuracy={summary['accuracy']:.4f}  prefill/sample={summary['prefill_ms_per_sample']:.1f} ms"
             )
-    if not processes.main:
-        return 0
-    header = {
-        "model": args.model,
-        "task": task.name,
-        "data": args.data,
-        "limit": args.limit,
-        "questions": len(samples),
-        "processes": processes.world,
-        "batch_size": args.batch_size,
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype),
-        "environment": _environment(device),
-        "skipped": skipped,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    paths = report.write(Path(args.output), header, summaries, all_records)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    if processes.main:
+        header = {
+            "model": args.model,
+            "task": task.name,
+            "data": args.data,
+            "limit": args.limit,
+            "questions": len(samples),
+            "processes": processes.world,
+            "batch_size": args.batch_size,
+            "device": str(device),
+            "dtype": str(next(model.parameters()).dtype),
+            "environment": _environment(device),
+            "skipped": skipped,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        paths = report.write(Path(args.output), header, summaries, all_records)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    processes.close()
     return 0
 
 

@@ -7,7 +7,6 @@ each sample must appear exactly once per setting.
 
 from __future__ import annotations
 
-import ast
 import resource
 import statistics
 import time
@@ -18,6 +17,7 @@ import torch
 
 import vtc
 from eval.tasks import Sample, Task
+from vtc.method_spec import parse_method
 
 
 @dataclass(frozen=True)
@@ -32,26 +32,6 @@ class Setting:
     @property
     def name(self) -> str:
         return self.label or self.method
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"fastervlm:signal=attention_received"`` -> ("fastervlm", {"signal": "attention_received"}); the method and its
-    options are checked now, before any model is loaded."""
-    name, *pairs = spec.strip().split(":")
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"method option {pair!r} in {spec!r} must be key=value, e.g. 'fastv:layer=3'")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    if name != "none":
-        vtc.get_method(name, **options)  # unknown names and options fail here
-    elif options:
-        raise ValueError("'none' (the uncompressed model) takes no options")
-    return name, options
 
 
 def settings(methods: list[str], keeps: list[int]) -> list[Setting]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+import torch
 from PIL import Image
 
 import vtc
@@ -84,3 +86,80 @@ def test_default_is_the_shipped_organism_answering_a_scene(capsys):
     for name, keep in (("none", None), ("fastervlm", 64)):
         records = runner.run_setting(model, processor, task, samples, runner.Setting(name, keep), batch_size=6)
         assert right[name] == sum(r["score"] for r in records), name
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """The one-line error of a refused command (argparse's convention: exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--methods", "foo"], "unknown method 'foo'"),
+        (["--methods", "dart,foo"], "unknown method 'foo'"),
+        (["--methods", " , "], "--methods names no method"),
+        (["--methods", "fastervlm:signal=bogus"], "signal must be one of"),
+        (["--methods", "dart:merge"], "must be key=value"),
+        (["--methods", "pdrop:layers=3"], "bad option value in method 'pdrop:layers=3'"),
+        (["--image", "/no/such/image.png"], "--image '/no/such/image.png': [Errno 2] No such file"),
+        (["--image", __file__], "cannot identify image file"),
+        (["--model", "tiny", "--image", __file__], "--image needs a real model"),
+        (["--keep", "0"], "--keep must be >= 1, got 0"),
+        (["--keep", "-5"], "--keep must be >= 1, got -5"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--scene", "-1"], "--scene must be >= 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--seed", str(2**64)], "--seed must be < 2**64"),
+        (["--budget", "everything"], "--budget must be one of global, per_crop, thumbnail"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--device", "cuda:99"], "--device 'cuda:99'"),
+        (["--model", "tiny", "--device", "cuda:99"], "--device 'cuda:99'"),
+    ],
+)
+def test_bad_values_are_refused_before_a_model_is_built(args, message, capsys, monkeypatch):
+    import vtc.__main__ as cli
+
+    def no_model(*_):
+        raise AssertionError("a model was loaded or built before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    line = _refused(["--repeats", "1", *args], capsys)
+    assert line.startswith("python -m vtc: error: ") and message in line
+
+
+def test_a_model_that_cannot_be_loaded_is_a_clean_error(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing"), "--methods", "random", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and "Traceback" not in err
+
+
+def test_tiny_models_run_on_the_device_asked_for(capsys):
+    argv = ["--model", "tiny", "--methods", "random", "--repeats", "1", "--max-new-tokens", "1"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert "device cpu" in capsys.readouterr().out
+    if torch.cuda.is_available():
+        assert main([*argv, "--device", "cuda"]) == 0
+        assert "visual tokens in the prompt, device cuda:0" in capsys.readouterr().out
+    else:  # the header said "device cuda" while the model ran on the CPU
+        assert "no cuda device is available" in _refused([*argv, "--device", "cuda"], capsys)
+
+
+def test_method_options_as_python_m_eval_takes_them(capsys):
+    from eval import runner
+
+    specs = "none,fastervlm:signal=attention_received,pdrop:layers=(1,3)"
+    argv = ["--model", "tiny-qwen2-vl", "--methods", specs, "--repeats", "1", "--max-new-tokens", "1"]
+    assert main(argv) == 0
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if " -> " in line}
+    assert set(table) == {"none", "fastervlm:signal=attention_received", "pdrop:layers=(1,3)"}
+    assert "384 -> 64 " in table["fastervlm:signal=attention_received"] and "384 -> 64 " in table["pdrop:layers=(1,3)"]
+    plan = runner.settings(["none", "fastervlm:signal=attention_received", "pdrop:layers=(1,3)"], [64])
+    assert [s.name for s in plan] == ["none", "fastervlm:signal=attention_received", "pdrop:layers=(1,3)"]
+    assert plan[2].options == {"layers": (1, 3)}

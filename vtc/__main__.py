@@ -21,7 +21,9 @@ import time
 import torch
 
 import vtc
-from vtc import organisms
+from vtc import loading, organisms
+from vtc.adapters.llava_next import BUDGETS
+from vtc.method_spec import parse_method, split_specs
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -55,21 +57,17 @@ def _tiny(name: str, seed: int):
     return model, tiny.tiny_qwen_inputs(model, image_grids=(((32, 48),),), seed=seed)
 
 
-def _load(args: argparse.Namespace):
-    """(model, inputs, processor, true answers or None)."""
+def _load(args: argparse.Namespace, image):
+    """(model, inputs, processor, true answers or None), on ``args.device``; ``image``: the opened ``--image``."""
     if args.model in TINY_MODELS:
-        return *_tiny(args.model, args.seed), None, None
-    from PIL import Image
-
-    from vtc import loading
+        model, inputs = _tiny(args.model, args.seed)
+        inputs = {key: value.to(args.device) for key, value in inputs.items()}
+        return model.to(args.device), inputs, None, None
     from vtc.organisms import scenes
 
-    try:
-        model, processor = loading.load(args.model, device=args.device)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
-    if args.image is not None:
-        images, questions, truth = [Image.open(args.image).convert("RGB")], [args.prompt], None
+    model, processor = loading.load(args.model, device=args.device)
+    if image is not None:
+        images, questions, truth = [image], [args.prompt], None
     else:  # the six questions of a test scene, one batch row each
         scene = scenes.scene("test", args.scene)
         images = [scene.image] * len(scene.questions)
@@ -83,6 +81,50 @@ def _load(args: argparse.Namespace):
     if truth is not None:
         print(f"scene {args.scene} of the shapes test split; questions: " + " | ".join(questions))
     return model, inputs.to(args.device), processor, truth
+
+
+def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """``(method specs as (label, name, options), the opened --image or None)``; every bad value ends here in
+    ``parser.error`` (a one-line message, exit code 2), before any model is loaded or built."""
+    for option, value, least in (
+        ("--keep", args.keep, 1),
+        ("--repeats", args.repeats, 1),
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--scene", args.scene, 0),
+        ("--seed", args.seed, 0),
+    ):
+        if value < least:
+            parser.error(f"{option} must be >= {least}, got {value}")
+    if args.seed >= 2**64:
+        parser.error(f"--seed must be < 2**64, got {args.seed}")
+    if args.budget is not None and args.budget not in BUDGETS:
+        parser.error(f"--budget must be one of {', '.join(BUDGETS)}, got {args.budget!r}")
+    try:
+        loading.available_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    specs = split_specs(args.methods)
+    if not specs:
+        parser.error("--methods names no method")
+    methods = []
+    for spec in specs:
+        try:
+            name, options = parse_method(spec)
+        except ValueError as error:
+            parser.error(f"--methods: {error}")
+        if name != "none":  # the uncompressed row is always shown
+            methods.append((spec, name, options))
+    image = None
+    if args.image is not None:
+        if args.model in TINY_MODELS:
+            parser.error(f"--image needs a real model; {args.model!r} builds its own random inputs")
+        from PIL import Image
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except OSError as error:  # missing, unreadable or not an image
+            parser.error(f"--image {args.image!r}: {error}")
+    return methods, image
 
 
 def _shown(answers: list[str], truth: list[str] | None) -> str:
@@ -103,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"a shipped organism ({', '.join(organisms.ORGANISMS)}), one of {TINY_MODELS} (random weights), "
         "a local dir or hub id",
     )
-    parser.add_argument("--methods", default=",".join(vtc.list_methods()), help="comma-separated method names")
+    parser.add_argument(
+        "--methods",
+        default=",".join(vtc.list_methods()),
+        help="comma-separated method names, options after colons (fastervlm:signal=attention_received)",
+    )
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
     parser.add_argument("--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail")
     parser.add_argument("--image", help="image file (real models)")
@@ -111,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scene", type=int, default=0, help="without --image: the shapes test scene to ask about")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills per method (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any, else cpu"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name in methods:
-        vtc.get_method(name)  # unknown names fail here, before any model is built
+    methods, image = _checked(parser, args)
 
-    model, inputs, processor, truth = _load(args)
+    try:
+        model, inputs, processor, truth = _load(args, image)
+    except (ValueError, OSError) as error:  # not a supported model, or no such directory / hub id
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     n_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())  # per prompt (row 0)
-    print(f"model: {type(model).__name__} ({args.model}), {n_tokens} visual tokens in the prompt, device {args.device}")
+    device = next(model.parameters()).device  # where it runs, as said
+    print(f"model: {type(model).__name__} ({args.model}), {n_tokens} visual tokens in the prompt, device {device}")
 
     def prefill():
         with torch.no_grad():
@@ -137,25 +188,26 @@ def main(argv: list[str] | None = None) -> int:
     baseline_ms = _median_ms(prefill, args.repeats)
     rows = [("none", n_tokens, n_tokens, baseline_ms, 1.0, answer())]
     skipped = []
-    for name in methods:
+    for label, name, options in methods:
         try:
-            handle = vtc.compress(model, name, keep=args.keep, budget=args.budget)
+            handle = vtc.compress(model, name, keep=args.keep, budget=args.budget, **options)
         except ValueError as error:  # e.g. a [CLS] method on a tower without [CLS]
-            skipped.append(f"{name}: {error}")
+            skipped.append(f"{label}: {error}")
             continue
         with handle:
             ms = _median_ms(prefill, args.repeats)
             text = answer()
         before, after = handle.stats["visual_tokens_before"][0], handle.stats["visual_tokens_after"][0]
-        rows.append((name, before, after, ms, baseline_ms / ms, text))
+        rows.append((label, before, after, ms, baseline_ms / ms, text))
 
-    header = f"{'method':<10} {'visual tokens':>14} {'prefill ms':>11} {'speed-up':>9}  " + (
+    width = max(10, *(len(row[0]) for row in rows))
+    header = f"{'method':<{width}} {'visual tokens':>14} {'prefill ms':>11} {'speed-up':>9}  " + (
         "answers" if processor is not None else "output"
     )
     print(header)
     print("-" * len(header))
-    for name, before, after, ms, speedup, text in rows:
-        print(f"{name:<10} {before:>6} -> {after:<5} {ms:>11.1f} {speedup:>8.2f}x  {text}")
+    for label, before, after, ms, speedup, text in rows:
+        print(f"{label:<{width}} {before:>6} -> {after:<5} {ms:>11.1f} {speedup:>8.2f}x  {text}")
     for line in skipped:
         print(f"skipped {line}")
     if processor is None:

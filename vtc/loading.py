@@ -143,3 +143,20 @@ class QwenProcessor:
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def available_device(text: str) -> torch.device:
+    """``torch.device(text)`` if this machine has that device, else a ValueError saying why (for ``--device``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(f"--device {text!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from error
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"--device {text!r}: no {device.type} device is available here")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {text!r}: this machine has {count} {device.type} device(s)")
+    return device

@@ -178,3 +178,55 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
     strip = [{k: v for k, v in r.items() if k not in volatile} for r in double]
     assert strip == [{k: v for k, v in r.items() if k not in volatile} for r in single]
     assert {r["batch"].split("/")[0] for r in double} == {"0", "1"}  # both processes did work
+
+
+def _eval_refused(argv: list[str], capsys) -> str:
+    """The error of a refused ``python -m eval`` (exit code 2, from argparse or from main, no traceback)."""
+    try:
+        code = main(argv)
+    except SystemExit as exited:
+        code = exited.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "float99"], "--dtype must be auto or a floating dtype"),
+        (["--dtype", "int8"], "--dtype must be auto or a floating dtype"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--device", "cuda:99"], "--device 'cuda:99'"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
+        (["--budget", "everything"], "--budget must be one of global, per_crop, thumbnail"),
+        (["--methods", " , "], "--methods names no method"),
+        (["--methods", "pdrop:layers=3"], "bad option value in method 'pdrop:layers=3'"),
+        (["--output", __file__], "is a file, not a directory"),
+        (["--output", f"{__file__}/out"], "cannot create a directory under"),
+    ],
+)
+def test_bad_values_are_refused_before_a_model_is_loaded(args, message, capsys, monkeypatch):
+    def no_model(*_, **__):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("vtc.loading.load", no_model)
+    line = _eval_refused(["--model", "shapes-llava", "--output", "/tmp/unused", "--limit", "1", *args], capsys)
+    assert message in line
+
+
+def test_method_options_may_hold_commas():
+    from eval.__main__ import parse_args
+
+    methods = " none, pdrop:layers=(2,6) ,adaptive:layers=[2, 6]:mass=0.8,,fastv"
+    args = parse_args(["--model", "m", "--output", "/tmp/unused", "--methods", methods])
+    assert args.method_specs == ["none", "pdrop:layers=(2,6)", "adaptive:layers=[2, 6]:mass=0.8", "fastv"]
+    plan = runner.settings(args.method_specs, [16])
+    assert [(s.method, s.options) for s in plan] == [
+        ("none", {}),
+        ("pdrop", {"layers": (2, 6)}),
+        ("adaptive", {"layers": [2, 6], "mass": 0.8}),
+        ("fastv", {}),
+    ]
