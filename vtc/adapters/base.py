@@ -493,36 +493,39 @@ class Adapter(ABC):
         """Map a decode step's full-length mask / default positions onto the shortened cache."""
         short = dropped.source.shape[1]
         new_tokens = past - short + q_len  # tokens after the prefill, this step's included
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        new_turn = (
+            "a new turn cannot reuse a compressed cache (given the whole conversation and this cache, generate() "
+            "re-feeds history the cache holds in compressed form). Start the turn from an empty cache: pass the "
+            "whole conversation without past_key_values"
+        )
+        if positions is not None:
+            first = positions.reshape(-1, *positions.shape[-2:])[..., 0].amax(dim=0)  # [B]
+            if bool((first <= dropped.last_position).any()):
+                raise ValueError(
+                    f"this forward continues a KV cache that vtc shortened from {dropped.original_length} to "
+                    f"{short} prompt tokens, but its positions restart inside that prompt: {new_turn}"
+                )
+        if mask is not None and (mask.ndim != 2 or mask.shape[1] != dropped.original_length + new_tokens):
+            raise ValueError(
+                f"during decoding vtc expects the full 2-D attention_mask of length "
+                f"{dropped.original_length + new_tokens} (prompt + generated), got shape {tuple(mask.shape)}. If "
+                f"this forward starts a new turn over the cache of an earlier one: {new_turn}"
+            )
         out = dict(kwargs)
-        mask = kwargs.get("attention_mask")
         if mask is None:
             if not bool(dropped.prefill_mask.all()):
                 prefill = dropped.prefill_mask
                 tail = torch.ones(prefill.shape[0], new_tokens, dtype=prefill.dtype, device=prefill.device)
                 out["attention_mask"] = torch.cat([dropped.prefill_mask, tail], dim=1)
         else:
-            if mask.ndim != 2 or mask.shape[1] != dropped.original_length + new_tokens:
-                raise ValueError(
-                    f"during decoding vtc expects the full 2-D attention_mask of length "
-                    f"{dropped.original_length + new_tokens} (prompt + generated), got shape {tuple(mask.shape)}"
-                )
             valid = dropped.source >= 0
             prefix = mask.gather(1, dropped.source.clamp(min=0)) * valid.to(mask.dtype)
             out["attention_mask"] = torch.cat([prefix, mask[:, dropped.original_length :]], dim=1)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: slots in the shortened cache
             out["cache_position"] = torch.arange(past, past + q_len, device=dropped.source.device)
-        positions = kwargs.get("position_ids")
         if positions is None:
             # What the uncompressed model would use: continue after the ORIGINAL prompt length.
             start = dropped.original_length + past - short
             out["position_ids"] = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
-        elif bool((positions.reshape(-1, *positions.shape[-2:])[..., 0].amax(dim=0) <= dropped.last_position).any()):
-            # generate() given the whole conversation and this cache feeds input_ids[cache length:], history the
-            # cache holds in compressed form, at positions numbered as if the cache were uncompressed.
-            raise ValueError(
-                f"this forward continues a KV cache that vtc shortened from {dropped.original_length} to {short} "
-                "prompt tokens, but its positions restart inside that prompt: a new turn cannot reuse a compressed "
-                "cache (generate() would re-feed history the cache no longer holds as such). Start the turn from "
-                "an empty cache: pass the whole conversation without past_key_values"
-            )
         return out
