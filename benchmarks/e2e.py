@@ -10,10 +10,17 @@ to first token (from the generate() call to the end of the first forward), and d
 most memory allocated during the generate() call above what was live before it (CUDA: the allocator's peak; CPU:
 torch's profiler, from every allocation and free); KV-cache bytes are those held after the prefill.
 
-The Amdahl bound of keeping K of N visual tokens is the uncompressed time to first token with its LLM prefill
-replaced by the prefill of a prompt N - K tokens shorter (measured on the language model directly): vision time
-unchanged, selection free. "of bound" is bound time / achieved time (100% = vtc costs nothing beyond the shorter
-prompt; in-LLM methods cannot reach it, since their first layers still see every token).
+The Amdahl bound of keeping K visual tokens is, round by round, the uncompressed request's time to first token with its
+LLM prefill replaced by the bound's prefill: TTFT(none) - LLM prefill(none) + bound prefill(K), the median over rounds.
+Vision and the rest of the request (generate()'s set-up, the embedding, the last token's logits) stay as uncompressed;
+selection is free. The bound's prefill is one call of the language model (decoder stack) with exactly the call vtc's
+pre-LLM dropping makes at K: recorded by a forward pre-hook behind vtc's in a compressed prefill (BOUND_METHOD), it has
+the same keyword arguments, dtypes and shapes (text + K tokens, vtc's 2-D attention mask and position ids, the cache
+class generate() passes, empty: a fresh copy each call), and is timed in the timed rounds right before each run at K,
+after the same warm-up. Each row records its prefill's call (``prefill_call``) and the bound's (``bound_call``) as
+name -> dtype[shape]; they are equal for pre-LLM methods. "of bound" is bound time / achieved time: 100% = vtc costs
+nothing beyond the shorter prompt; pre-LLM methods sit below it by their selection and hooks (and noise); in-LLM
+methods cannot reach it, since their first layers still see every token.
 
 Default model: a LLaVA-1.5-7B-shaped config scaled down to run on a CPU in minutes: CLIP 336 px / 14 px patches (576
 visual tokens + [CLS]), the vision tower about 4.6% of the LLM's per-token FLOPs as in LLaVA-1.5-7B (CLIP-L 0.30
@@ -24,10 +31,12 @@ warm-up rounds. A full run appends one JSON row to benchmarks/results/e2e.jsonl 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
 PLOT = ROOT / "benchmarks" / "results" / "e2e.png"
 DEFAULT_METHODS = ("fastervlm", "vtc_cls", "divprune", "dart", "random", "uniform", "fastv", "pdrop")
+# The bound's prefill call is recorded from this method's: every pre-LLM method hands the language model the same call
+# at a budget (text + K tokens, vtc's mask and position ids); uniform needs no signal, so it runs on every adapter.
+BOUND_METHOD = "uniform"
 # LLaVA-1.5-7B: CLIP-L/14-336 (24 x 1024) + Vicuna-7B (32 x 4096, FFN 11008). Scaled: same visual token count and
 # vision / LLM FLOP ratio (4.6%), widths / 5.3, fewer layers.
 SHAPES = {
@@ -173,23 +185,88 @@ def peak_bytes(fn, device: torch.device) -> int:
     return top
 
 
-def language_prefill_ms(model, length: int, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median ms of the language model alone on a ``length``-token prompt (the bound's prefill)."""
+def attach(model, method: str, keep: int | None):
+    """vtc's handle for ``method`` at ``keep`` (None for the uncompressed model, "none")."""
+    return None if method == "none" else vtc.compress(model, method, keep=keep)
+
+
+def record_prefill(model, call: Callable[[], Any]) -> dict[str, Any]:
+    """A deep copy of the keyword arguments the language model (decoder stack) receives in the first forward of
+    ``call()``.
+
+    The pre-hook is registered after vtc's, so it sees what the decoder stack gets: for a pre-LLM method the prompt
+    already shortened to text + K tokens, with vtc's 2-D mask and position ids. It copies before the call runs, so the
+    KV cache in the copy is the one generate() passes, still empty.
+    """
     _, _, language = parts(model)
-    dtype = next(model.parameters()).dtype
-    embeds = torch.randn(1, length, model.config.text_config.hidden_size, dtype=dtype, device=device)
-    mask = torch.ones(1, length, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples = []
-    for round_ in range(warmup + repeats):
-        sync()
-        start = time.perf_counter()
+    seen: list[dict[str, Any]] = []
+
+    def hook(module, args, kwargs):
+        if not seen:
+            seen.append(copy.deepcopy(kwargs))
+
+    handle = language.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        call()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def prefill_call(model, inputs: dict, method: str, keep: int | None) -> tuple[dict[str, Any], Any]:
+    """The language model's keyword arguments in the prefill of a one-token generate() with ``method`` at ``keep``
+    attached (see :func:`record_prefill`), and the KV cache that prefill left."""
+    handle = attach(model, method, keep)
+    outputs = []
+    options = {"max_new_tokens": 1, "do_sample": False, "num_beams": 1, "return_dict_in_generate": True}
+    try:
         with torch.no_grad():
-            language(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-        sync()
-        if round_ >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
-    return median(samples)
+            kwargs = record_prefill(model, lambda: outputs.append(model.generate(**inputs, **options)))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return kwargs, output_cache(outputs[0])
+
+
+def bound_call(model, inputs: dict, keep: int) -> dict[str, Any]:
+    """The bound's prefill at ``keep``: the language-model call a pre-LLM method makes, recorded from one
+    (:data:`BOUND_METHOD`); replayed with a fresh copy of its empty cache, it costs no selection."""
+    return prefill_call(model, inputs, BOUND_METHOD, keep)[0]
+
+
+def signature(kwargs: dict[str, Any]) -> dict[str, str]:
+    """What decides which path a language-model call takes: each argument by name with its dtype and shape (a
+    tensor), class and length (a KV cache) or value (a flag). Arguments passed as None are left out (same as absent)."""
+    out = {}
+    for name, value in sorted(kwargs.items()):
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            out[name] = f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+        elif hasattr(value, "get_seq_length"):
+            out[name] = f"{type(value).__name__} of {value.get_seq_length()} tokens"
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = repr(value)
+        else:
+            out[name] = type(value).__name__
+    return out
+
+
+def path_signatures(model, inputs: dict, method: str, keep: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Signatures (:func:`signature`) of the language-model call in ``method``'s compressed prefill at ``keep`` and of
+    the bound's prefill call at ``keep``: equal for every pre-LLM method."""
+    return signature(prefill_call(model, inputs, method, keep)[0]), signature(bound_call(model, inputs, keep))
+
+
+def call_ms(language: torch.nn.Module, kwargs: dict[str, Any], sync: Callable[[], None]) -> float:
+    """Milliseconds of one language-model call with a deep copy of ``kwargs`` (a fresh, empty cache each time)."""
+    call = copy.deepcopy(kwargs)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        language(**call)
+    sync()
+    return (time.perf_counter() - start) * 1e3
 
 
 def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: torch.device, args) -> dict[str, Any]:
@@ -198,29 +275,28 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
     prompt = int(inputs["attention_mask"].sum())
     new = args.decode_tokens
     options = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "num_beams": 1}
+    _, _, language = parts(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def generate():
         with torch.no_grad():
             return model.generate(**inputs, **options, return_dict_in_generate=True)
 
-    def attach(method: str, keep: int | None):
-        return None if method == "none" else vtc.compress(model, method, keep=keep)
-
     skipped, measured = [], {}
-    for method, keep in settings:  # untimed: errors, memory, cache bytes, token counts
+    for method, keep in settings:  # untimed: errors, memory, cache bytes, token counts, the prefill's call
         try:
-            handle = attach(method, keep)
+            call, cache = prefill_call(model, inputs, method, keep)
         except ValueError as error:
             skipped.append({"method": method, "keep": keep, "reason": str(error)})
             continue
+        handle = attach(model, method, keep)
         try:
-            with torch.no_grad():
-                cache = output_cache(model(**inputs, use_cache=True))
             row = {
                 "method": method,
                 "keep": keep,
                 "kv_bytes": kv_bytes(cache),
                 "peak_bytes": peak_bytes(generate, device),
+                "prefill_call": signature(call),
             }
             if handle is not None:
                 row["visual_tokens_per_layer"] = handle.stats["visual_tokens_per_layer"][0]
@@ -228,10 +304,18 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
             if handle is not None:
                 handle.remove()
         measured[(method, keep)] = row
+    full = measured[("none", None)]["prefill_call"]["inputs_embeds"]
+    bounds = {}  # keep -> the bound's prefill call, for budgets that cut tokens (else the bound is "none" itself)
+    for keep in sorted({k for _, k in measured if k is not None}):
+        call = bound_call(model, inputs, keep)
+        if signature(call)["inputs_embeds"] != full:
+            bounds[keep] = call
     samples: dict[tuple, list[dict[str, float]]] = {key: [] for key in measured}
     for round_ in range(args.warmup + args.repeats):
         for method, keep in measured:
-            handle = attach(method, keep)
+            # The bound's prefill right before the run it bounds: same round, same warm-up, same load.
+            bound_ms = call_ms(language, bounds[keep], sync) if keep in bounds else None
+            handle = attach(model, method, keep)
             watch = Stopwatch(model, device)
             try:
                 began = time.perf_counter()
@@ -242,23 +326,44 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
                 watch.remove()
                 if handle is not None:
                     handle.remove()
+            if bound_ms is not None:
+                split["bound_prefill_ms"] = bound_ms
             if round_ >= args.warmup:
                 samples[(method, keep)].append(split)
-    lengths = sorted({prompt} | {prompt - visual + k for _, k in measured if k is not None and k < visual})
-    llm = {n: language_prefill_ms(model, n, device, args.repeats, args.warmup) for n in lengths}
-    none = {k: median([s[k] for s in samples[("none", None)]]) for k in samples[("none", None)][0]}
+    none = samples[("none", None)]
+    none_ttft = median([n["ttft_ms"] for n in none])
     rows = []
     for key, row in measured.items():
         for part in samples[key][0]:
             row[part] = median([s[part] for s in samples[key]])
-        keep = key[1]
-        length = prompt if keep is None or keep >= visual else prompt - visual + keep
-        row["bound_ttft_ms"] = none["ttft_ms"] + (llm[length] - llm[prompt])  # exactly none's when nothing is cut
-        row["speedup"] = none["ttft_ms"] / row["ttft_ms"]
-        row["bound_speedup"] = none["ttft_ms"] / row["bound_ttft_ms"]
+        if key[1] in bounds:
+            # Round by round: the uncompressed request with its LLM prefill replaced by the bound's prefill.
+            pairs = zip(none, samples[key], strict=True)
+            per_round = [n["ttft_ms"] - n["prefill_ms"] + s["bound_prefill_ms"] for n, s in pairs]
+            row["bound_ttft_ms"] = median(per_round)
+            row["bound_call"] = signature(bounds[key[1]])
+        else:
+            row["bound_ttft_ms"] = none_ttft  # nothing cut: the bound is the uncompressed request itself
+        row["speedup"] = none_ttft / row["ttft_ms"]
+        row["bound_speedup"] = none_ttft / row["bound_ttft_ms"]
         row["of_bound"] = row["bound_ttft_ms"] / row["ttft_ms"]
         rows.append(row)
-    return {"visual_tokens": visual, "prompt_tokens": prompt, "llm_prefill_ms": llm, "rows": rows, "skipped": skipped}
+    bound_prefill = [
+        {
+            "keep": keep,
+            "tokens": call["inputs_embeds"].shape[1],
+            "ms": median([s["bound_prefill_ms"] for (_, k), runs in samples.items() if k == keep for s in runs]),
+            "call": signature(call),
+        }
+        for keep, call in bounds.items()
+    ]
+    return {
+        "visual_tokens": visual,
+        "prompt_tokens": prompt,
+        "bound_prefill": bound_prefill,
+        "rows": rows,
+        "skipped": skipped,
+    }
 
 
 def print_table(result: dict[str, Any], title: str) -> None:
@@ -277,6 +382,11 @@ def print_table(result: dict[str, Any], title: str) -> None:
         )
     for s in result["skipped"]:
         print(f"skipped {s['method']} keep={s['keep']}: {s['reason']}")
+    if result["bound_prefill"]:
+        prefills = ", ".join(
+            f"keep {b['keep']}: {b['tokens']} tokens, {b['ms']:.1f} ms" for b in result["bound_prefill"]
+        )
+        print(f"bound's LLM prefill (the compressed call, no selection): {prefills}")
 
 
 def plot(result: dict[str, Any], path: Path, title: str) -> None:
@@ -371,8 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "repeats": args.repeats,
         "decode_tokens": args.decode_tokens,
-        **{k: v for k, v in result.items() if k != "llm_prefill_ms"},
-        "llm_prefill_ms": {str(k): v for k, v in result["llm_prefill_ms"].items()},
+        **result,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

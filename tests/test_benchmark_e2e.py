@@ -1,14 +1,35 @@
-"""benchmarks/e2e.py: its whole code path in a CPU smoke run, and numbers that follow from the token counts."""
+"""benchmarks/e2e.py: its whole code path in a CPU smoke run, numbers that follow from the token counts, and a bound
+whose prefill takes the compressed prefill's path."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import transformers
+from packaging.version import Version
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    """benchmarks/e2e.py as a module; it imports its sibling scripts by bare name, as when run from benchmarks/."""
+    folder = str(SCRIPT.parent)
+    sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module("e2e")
+    finally:
+        sys.path.remove(folder)
+    yield module
+    for name, loaded in list(sys.modules.items()):
+        if Path(getattr(loaded, "__file__", None) or "/").parent == SCRIPT.parent:
+            del sys.modules[name]
 
 
 def test_smoke_run_splits_the_request_and_bounds_it(tmp_path):
@@ -35,5 +56,34 @@ def test_smoke_run_splits_the_request_and_bounds_it(tmp_path):
         assert r["decode_tokens_per_s"] > 0 and r["peak_bytes"] > 0
         assert r["bound_ttft_ms"] > 0
     assert rows[("fastervlm", 64)]["bound_speedup"] > 1  # a shorter prompt bounds a faster first token
+    # The bound's prefill is the compressed prefill's call, replayed: recorded in the row, beside the run's own.
+    assert rows[("fastervlm", 64)]["bound_call"] == rows[("fastervlm", 64)]["prefill_call"]
+    assert "bound_call" not in rows[("fastervlm", 576)] and "bound_call" not in none
+    ((bound,),) = [[b for b in row["bound_prefill"] if b["keep"] == 64]]
+    assert bound["tokens"] == prompt - 576 + 64 and bound["ms"] > 0
     assert png.read_bytes().startswith(b"\x89PNG")
     assert "| fastervlm | 64 |" in done.stdout
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "divprune"])
+def test_the_bound_prefill_is_the_compressed_prefill_call(e2e, method):
+    model, inputs = e2e.shaped_llava(e2e.SHAPES["quick"])
+    tokens = int(inputs["attention_mask"].sum()) - 576 + 64  # text + K
+    compressed, bound = e2e.path_signatures(model, inputs, method, keep=64)
+    assert bound == compressed  # same names, dtypes and shapes, same cache class
+    expected = {
+        "attention_mask": f"int64[1, {tokens}]",  # 2-D, as vtc hands it over after a drop
+        "cache": "DynamicCache of 0 tokens",  # the class generate() passes, empty
+        "inputs_embeds": f"float32[1, {tokens}, 128]",
+        "position_ids": f"int64[1, {tokens}]",
+        "use_cache": "True",
+    }
+    if Version(transformers.__version__) < Version("5.24"):  # the cache's old name, and cache slots
+        expected["past_key_values"] = expected.pop("cache")
+        expected["cache_position"] = f"int64[{tokens}]"
+    assert bound == expected
+    # Each timed replay gets its own copy: the recorded cache stays empty for the next round.
+    call = e2e.bound_call(model, inputs, keep=64)
+    _, _, language = e2e.parts(model)
+    assert e2e.call_ms(language, call, lambda: None) > 0
+    assert e2e.signature(call) == bound
