@@ -1,6 +1,8 @@
-"""Shared test helpers: tiny models and greedy references."""
+"""Shared test helpers: tiny models, greedy references, refused command lines."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -67,3 +69,16 @@ class Replay:
 
     def replay(self) -> None:
         self.replaying, self._next = True, 0
+
+
+def refused(main: Callable[[list[str]], int], argv: list[str], capsys) -> str:
+    """The one-line error of a command line that ``main`` refuses (argparse's convention: exit code 2, whether
+    returned or raised as SystemExit, and no traceback)."""
+    try:
+        code = main(argv)
+    except SystemExit as exited:
+        code = exited.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import vtc
+from tests.helpers import refused
 from vtc.__main__ import main
 from vtc.tiny import save_tiny_llava
 
@@ -88,16 +89,6 @@ def test_default_is_the_shipped_organism_answering_a_scene(capsys):
         assert right[name] == sum(r["score"] for r in records), name
 
 
-def _refused(argv: list[str], capsys) -> str:
-    """The one-line error of a refused command (argparse's convention: exit code 2, no traceback)."""
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -130,7 +121,7 @@ def test_bad_values_are_refused_before_a_model_is_built(args, message, capsys, m
         raise AssertionError("a model was loaded or built before the arguments were checked")
 
     monkeypatch.setattr(cli, "_load", no_model)
-    line = _refused(["--repeats", "1", *args], capsys)
+    line = refused(main, ["--repeats", "1", *args], capsys)
     assert line.startswith("python -m vtc: error: ") and message in line
 
 
@@ -148,7 +139,7 @@ def test_tiny_models_run_on_the_device_asked_for(capsys):
         assert main([*argv, "--device", "cuda"]) == 0
         assert "visual tokens in the prompt, device cuda:0" in capsys.readouterr().out
     else:  # the header said "device cuda" while the model ran on the CPU
-        assert "no cuda device is available" in _refused([*argv, "--device", "cuda"], capsys)
+        assert "no cuda device is available" in refused(main, [*argv, "--device", "cuda"], capsys)
 
 
 def test_method_options_as_python_m_eval_takes_them(capsys):

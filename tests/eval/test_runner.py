@@ -20,6 +20,7 @@ from eval.__main__ import main
 from eval.scoring import parse_yes_no
 from eval.tasks import get_task
 from eval.tasks.shapes import normalize as shapes_normalize
+from tests.helpers import refused
 from vtc.organisms import build, scenes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,18 +181,6 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
     assert {r["batch"].split("/")[0] for r in double} == {"0", "1"}  # both processes did work
 
 
-def _eval_refused(argv: list[str], capsys) -> str:
-    """The error of a refused ``python -m eval`` (exit code 2, from argparse or from main, no traceback)."""
-    try:
-        code = main(argv)
-    except SystemExit as exited:
-        code = exited.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -213,7 +202,7 @@ def test_bad_values_are_refused_before_a_model_is_loaded(args, message, capsys, 
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr("vtc.loading.load", no_model)
-    line = _eval_refused(["--model", "shapes-llava", "--output", "/tmp/unused", "--limit", "1", *args], capsys)
+    line = refused(main, ["--model", "shapes-llava", "--output", "/tmp/unused", "--limit", "1", *args], capsys)
     assert message in line
 
 
