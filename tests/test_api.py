@@ -221,3 +221,5 @@ def test_select_on_an_empty_batch_returns_an_empty_selection(method):
         signals = {"features": signals["features"], "cls_attention_layers": torch.rand(0, 3, 16)}
     kept = vtc.select(method, keep=5, **signals)
     assert kept.shape == (0, 5) and kept.dtype == torch.long
+    protected = vtc.select(method, keep=5, protected=torch.zeros(0, 16, dtype=torch.bool), **signals)
+    assert protected.shape == (0, 5)

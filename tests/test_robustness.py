@@ -87,6 +87,16 @@ def test_attaching_to_a_model_inside_an_attached_one_is_refused(model, batch, fi
     assert handle.stats["visual_tokens_after"] == [4]
 
 
+def test_attaching_to_a_model_that_shares_modules_with_an_attached_one_is_refused(model, batch):
+    """Two wrappers around one LlavaModel (or a copy.copy, which shares every submodule) hook the same modules."""
+    twin = copy.copy(model)
+    with vtc.compress(model, "divprune", keep=8) as handle:
+        with pytest.raises(RuntimeError, match=r"already attached to a LlavaForConditionalGeneration that shares"):
+            vtc.compress(twin, "random", keep=4)
+        logits(twin, batch)
+        assert handle.stats["visual_tokens_after"] == [8]
+
+
 # -- threads --------------------------------------------------------------------------------------------------------
 
 
@@ -106,27 +116,52 @@ def in_thread(fn):
     return out.get("result"), out.get("error")
 
 
-@pytest.mark.parametrize("method", ["divprune", "fastv"])
-def test_a_forward_from_a_second_thread_while_one_runs_is_refused(model, batch, other, method):
+THREAD_BUSY = "another thread is inside this LlavaForConditionalGeneration"
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastervlm", "fastv"])
+def test_a_call_from_a_second_thread_while_one_runs_is_refused(model, batch, other, method):
+    """While the first thread is inside the model, a second one's forward, or its generate() (which on transformers
+    5 encodes the image, writing vtc's vision-side state, before its forward), is refused before it does anything."""
     with vtc.compress(model, method, keep=8) as handle:
-        expected = logits(model, batch)
+        expected, expected_tokens = logits(model, batch), greedy(model, batch)
         seen: list = []
 
-        def meanwhile(module, args):  # inside the first thread's forward
+        def meanwhile(module, args):  # inside the first thread's prefill, its image already encoded
             if not seen:
                 seen.append(in_thread(lambda: logits(model, other)))
+                seen.append(in_thread(lambda: greedy(model, other)))
 
-        hook = model.model.language_model.layers[1].register_forward_pre_hook(meanwhile)
+        hook = model.model.language_model.register_forward_pre_hook(meanwhile)
         try:
             out = logits(model, batch)
+            seen.clear()
+            tokens = greedy(model, batch)
         finally:
             hook.remove()
-        ((result, error),) = seen
-        assert result is None and isinstance(error, RuntimeError)
-        assert "already running in another thread" in str(error) and "one after another" in str(error)
-        assert torch.equal(out, expected)  # the first forward was not disturbed
+        for result, error in seen:
+            assert result is None and isinstance(error, RuntimeError) and THREAD_BUSY in str(error), error
+            assert "one after another" in str(error)
+        assert torch.equal(out, expected) and torch.equal(tokens, expected_tokens)  # the first calls undisturbed
         assert handle.stats["visual_tokens_after"] == [8]
         assert in_thread(lambda: torch.equal(logits(model, batch), expected)) == (True, None)  # later: fine
+
+
+def test_an_interrupted_call_leaves_nothing_behind(model, batch):
+    """Ctrl-C (KeyboardInterrupt) in the middle of a forward: later calls from any thread run."""
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    with vtc.compress(model, "fastervlm", keep=8):
+        expected = logits(model, batch)
+        hook = model.model.language_model.layers[1].register_forward_pre_hook(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                logits(model, batch)
+        finally:
+            hook.remove()
+        assert in_thread(lambda: torch.equal(logits(model, batch), expected)) == (True, None)
 
 
 @pytest.mark.parametrize("method", ["divprune", "fastv"])

@@ -136,7 +136,8 @@ def _stages(
 
 
 def _refuse_overlap(model: nn.Module) -> None:
-    """One attachment per module tree: hooks of two adapters on one model would each see half the story."""
+    """One attachment per module: hooks of two adapters on shared modules would each see half the story (a model
+    inside or around an attached one, two wrappers around one LlavaModel, a copy.copy sharing submodules)."""
     modules = {id(m) for m in model.modules()}
     for attached, description in list(_ATTACHED.items()):
         if attached is model:
@@ -145,6 +146,8 @@ def _refuse_overlap(model: nn.Module) -> None:
             where = f"its submodule {type(attached).__name__}"
         elif any(m is model for m in attached.modules()):
             where = f"the {type(attached).__name__} that contains it"
+        elif not modules.isdisjoint(id(m) for m in attached.modules()):
+            where = f"a {type(attached).__name__} that shares modules with it"
         else:
             continue
         raise RuntimeError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import vtc
 from vtc.tiny import tiny_llava, tiny_llava_inputs
@@ -63,3 +64,27 @@ def test_no_grad_forward_builds_no_graph(llava):
     model, batch = llava
     with vtc.compress(model, ["dart", "fastv"], keep=[32, 8]), torch.no_grad():
         assert not model(**batch).logits.requires_grad
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv", ["dart", "pdrop"]])
+def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused(method):
+    """transformers 5 checkpoints a layer's forward, outside vtc's hooks: the same gradients as without. 4.x
+    recomputes the whole call, hooks included, after the prefill: refused for in-LLM methods before any layer runs."""
+    model = tiny_llava(image_size=112, text_layers=4)
+    batch = tiny_llava_inputs(model, images_per_sample=(1, 2), seed=3)
+    keep = [32, 8] if isinstance(method, list) else 8
+    with vtc.compress(model, method, keep=keep):
+        expected = gradients(model, batch)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "divprune" and int(transformers.__version__.split(".")[0]) < 5:
+            with pytest.raises(ValueError, match="cannot run under gradient checkpointing on transformers 4"):
+                gradients(model, batch)
+            with torch.no_grad():  # inference needs no recompute
+                model(**batch)
+            return
+        checkpointed = gradients(model, batch)
+    for name, grad in expected.items():
+        assert (grad is None) == (checkpointed[name] is None), name
+        if grad is not None:
+            assert torch.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-7), name

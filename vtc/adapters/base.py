@@ -10,6 +10,7 @@ generate() keeps passing onto the shortened KV cache.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -137,7 +138,7 @@ class Adapter(ABC):
         # KV caches this adapter has shortened: decoding one of them needs the state of its own prefill.
         self._shortened: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._running: tuple[int, int] | None = None  # (thread id, forward depth) of the forward in progress
+        self._owner: int | None = None  # the thread whose call the per-call state belongs to (see _claim)
 
     # -- attach / detach --------------------------------------------------------------------------
 
@@ -162,31 +163,42 @@ class Adapter(ABC):
 
     def attach(self) -> None:
         try:
-            self._hooks.append(self.model.register_forward_pre_hook(_Hook(self._enter), prepend=True))
-            self._hooks.append(self.model.register_forward_hook(_Hook(self._leave), always_call=True))
+            self._hooks.append(self.model.register_forward_pre_hook(_Hook(self._claim), prepend=True))
             self._register_hooks()
         except BaseException:
             self.detach()
             raise
 
-    def _enter(self, module: nn.Module, args: tuple) -> None:
-        """A forward of the attached model starts. Its state lives on this adapter, so a forward from a second
-        thread while one runs is refused (before it does anything) rather than mixed with the first one's."""
+    def _claim(self, module: nn.Module, *_: Any) -> None:
+        """A call starts that writes per-call state (a forward of the model, or of its vision tower, which
+        transformers 5's generate() runs before the forward). The state lives on this adapter, so while another
+        thread is inside the model (between its image encoding and its prefill, or in a forward) the call is
+        refused before it does anything, rather than mixed with the other one's. Whether the last owner is still
+        inside is read off its stack, only when threads change: an interrupted call (KeyboardInterrupt) or a
+        finished one leaves nothing behind."""
         me = threading.get_ident()
+        if self._owner == me:
+            return
         with self._lock:
-            if self._running is not None and self._running[0] != me:
+            owner = self._owner
+            if owner is not None and owner != me and self._inside_model(owner):
                 raise RuntimeError(
-                    f"vtc: a forward of this {type(module).__name__} is already running in another thread, and vtc "
-                    "keeps one forward's state per attached model. Run generate() calls one after another (a lock "
+                    f"vtc: another thread is inside this {type(self.model).__name__} (a forward or generate()), and "
+                    "vtc keeps one call's state per attached model. Run generate() calls one after another (a lock "
                     "around them), or give each thread its own model copy with its own vtc.compress"
                 )
-            self._running = (me, 1 if self._running is None else self._running[1] + 1)
+            self._owner = me
 
-    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        with self._lock:
-            if self._running is not None and self._running[0] == threading.get_ident():
-                depth = self._running[1] - 1
-                self._running = (self._running[0], depth) if depth else None
+    def _inside_model(self, thread: int) -> bool:
+        """Whether that thread is running a method of the attached model (generate, forward, its encoders)."""
+        frame = sys._current_frames().get(thread)
+        models = (self.model, getattr(self, "base", self.model))
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if any(owner is model for model in models):
+                return True
+            frame = frame.f_back
+        return False
 
     def detach(self) -> None:
         for hook in self._hooks:
@@ -499,7 +511,7 @@ class Adapter(ABC):
             "re-feeds history the cache holds in compressed form). Start the turn from an empty cache: pass the "
             "whole conversation without past_key_values"
         )
-        if positions is not None:
+        if positions is not None and q_len > 1:  # a new turn re-feeds more than one token (a decode step: one)
             first = positions.reshape(-1, *positions.shape[-2:])[..., 0].amax(dim=0)  # [B]
             if bool((first <= dropped.last_position).any()):
                 raise ValueError(

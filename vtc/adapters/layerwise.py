@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from vtc.methods.base import Budget
@@ -108,6 +109,13 @@ def take(values: torch.Tensor, index: torch.Tensor, fill: int | float | bool = 0
     return out.masked_fill(index < 0, fill)
 
 
+def _recompute_runs_hooks(layers: nn.ModuleList) -> bool:
+    """Whether a checkpointed decoder layer's backward recompute would call its forward hooks again: transformers 4.x
+    checkpoints the layer's ``__call__`` (hooks included), 5.x its ``forward``."""
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
+    return checkpointed and int(transformers.__version__.split(".")[0]) < 5
+
+
 @dataclass
 class _Prefill:
     order: torch.Tensor  # [B, L] LM-input position of each current position, -1 = padding
@@ -160,6 +168,13 @@ class LayerDropper:
             targets[image_id] = self.method.stage_counts(size, final, len(self.schedule))
         order = torch.arange(image.shape[1], device=image.device).expand_as(image)
         protected = self._key_set(image, vision_score, ids.tolist(), sizes.tolist())
+        if targets and torch.is_grad_enabled() and _recompute_runs_hooks(self.layers):
+            raise ValueError(
+                f"in-LLM method {self.method.name!r} cannot run under gradient checkpointing on transformers "
+                f"{transformers.__version__}: its recompute in backward runs vtc's layer hooks again, after the "
+                "prefill, on the full-length inputs. Use transformers >= 5 (it checkpoints the layers' forward, "
+                "outside their hooks), a pre-LLM method, or model.gradient_checkpointing_disable()"
+            )
         self._prefill = _Prefill(order, image, valid, targets, protected) if targets else None
         # Nothing of an earlier generation carries over: its maps index a sequence this prefill does not have.
         self._maps = []

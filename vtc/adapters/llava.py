@@ -117,6 +117,7 @@ class LlavaAdapter(Adapter):
         self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._claim(module)
         self._cls_rows = {}
         self._first_tokens = None
 

@@ -149,6 +149,7 @@ class Qwen2VLAdapter(Adapter):
         self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._claim(module)
         bound = self._vision_signature.bind_partial(*args, **kwargs).arguments
         grid_thw = bound["grid_thw"]
         self._vision = None

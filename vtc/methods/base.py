@@ -149,12 +149,12 @@ class Method(ABC):
         n = num_tokens(signals)
         if not 1 <= keep <= n:
             raise ValueError(f"keep must be in [1, {n}] for {n} visual tokens, got {keep}")
-        protected = signals.get("protected")
-        if protected is not None and int(protected.sum(dim=1).max()) > keep:
-            raise ValueError(f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept")
         if keep == n or batch_size(signals) == 0:  # an empty batch keeps [0, keep]: nothing to choose from
             kept = torch.arange(n, device=signal_device(signals))[:keep].expand(batch_size(signals), keep)
             return Plan(kept.clone(), n)
+        protected = signals.get("protected")
+        if protected is not None and int(protected.sum(dim=1).max()) > keep:
+            raise ValueError(f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept")
         return self._plan(signals, keep)
 
     def check_geometry(self, num_tokens: int | None, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
