@@ -177,3 +177,27 @@ def test_adapter_forward(llava, name):
             model(**inputs)
             assert handle.stats["visual_tokens_after"] == [5, 5]
     assert count_hooks(model) == hooks
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_llava_next_names_the_nan_whichever_way_it_locates_the_crops(via):
+    """generate() on transformers 5 drops image_sizes, so LLaVA-NeXT's adapter finds the AnyRes crops by matching
+    the packed tokens to the projector's output, bit for bit: a copied NaN matches itself, and the error is the
+    NaN's, not a failed match."""
+    from vtc.tiny import tiny_llava_next, tiny_llava_next_inputs
+
+    model = tiny_llava_next(text_layers=4)
+    inputs = tiny_llava_next_inputs(model, image_sizes=(((56, 112),),), seed=1)
+
+    def one_nan(module, args, output):
+        output = output.clone()
+        output[0, 0, 0] = float("nan")
+        return output
+
+    hook = model.model.multi_modal_projector.register_forward_hook(one_nan)
+    try:
+        nan_error = pytest.raises(ValueError, match=r"signal 'features'.*non-finite values \(1 NaN\)")
+        with vtc.compress(model, "divprune", keep=12), torch.no_grad(), nan_error:
+            model(**inputs) if via == "forward" else model.generate(**inputs, max_new_tokens=2)
+    finally:
+        hook.remove()

@@ -158,8 +158,8 @@ class LlavaNextAdapter(LlavaAdapter):
         order = keys.argsort()
         found = torch.searchsorted(keys[order], _bit_keys(tokens)).clamp(max=len(order) - 1)
         candidate = order[found]
-        exact = (flat[candidate] == tokens).all(-1)
-        newline = (tokens == self.base.image_newline.to(tokens.dtype)).all(-1)
+        exact = (_bits(flat[candidate]) == _bits(tokens)).all(-1)  # bit for bit: a copied NaN matches itself
+        newline = (_bits(tokens) == _bits(self.base.image_newline.to(tokens.dtype))).all(-1)
         if not bool((exact | newline).all()):
             raise ValueError("vtc could not match the packed image tokens to the vision encoder's output")
         base_row = int(candidate[0]) // self.patch_tokens
@@ -273,10 +273,15 @@ class LlavaNextAdapter(LlavaAdapter):
         return keep
 
 
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """The raw bits of fp32 / fp16 / bf16 values as integers of the same width."""
+    return values.contiguous().view(torch.int16 if values.element_size() == 2 else torch.int32)
+
+
 def _bit_keys(rows: torch.Tensor) -> torch.Tensor:
     """[R, D] -> [R] int64 hash of each row's exact bits. Integer arithmetic, so equal rows get equal keys
     whatever the shapes (a float mat-vec may round the same row differently in differently shaped calls)."""
-    bits = rows.contiguous().view(torch.int16 if rows.element_size() == 2 else torch.int32).long()
+    bits = _bits(rows).long()
     weights = torch.randint(1, 1 << 16, (bits.shape[-1],), generator=torch.Generator().manual_seed(0))
     return (bits * weights.to(bits.device)).sum(-1)  # |bits * weights| < 2**47: no overflow below 2**16 columns
 
