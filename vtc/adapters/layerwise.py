@@ -51,18 +51,18 @@ def layer_signals(
         # An L1 norm is not rotation-invariant: count positions from each row's first real token, as for the row
         # alone (a plain forward of a left-padded batch numbers pads too). Rotating back by that token's angle
         # is exact where positions already start there (generate(): cos 1, sin 0).
-        first = valid.int().argmax(dim=1)  # [B]
-        offset_sin = at_columns(sin, first)
+        first = valid.int().argmax(dim=1, keepdim=True)  # [B, 1]
+        offset_sin = gather_tokens(sin, first)
         row_keys = keys
         if bool(offset_sin.any()):
-            row_keys = rotate(attn, keys, at_columns(cos, first), -offset_sin)
+            row_keys = rotate(attn, keys, gather_tokens(cos, first), -offset_sin)
         out["key_norm"] = row_keys.transpose(1, 2).reshape(b, length, -1).float().abs().sum(-1)
     if "last_row" in names:
         # Each row's last real token: with right padding, position -1 is a pad.
-        last = length - 1 - valid.flip(1).int().argmax(dim=1)  # [B]
-        query = attn.q_proj(normed[torch.arange(b, device=normed.device), last].unsqueeze(1))
+        last = length - 1 - valid.flip(1).int().argmax(dim=1, keepdim=True)  # [B, 1]
+        query = attn.q_proj(normed.gather(1, last.unsqueeze(-1).expand(-1, -1, normed.shape[-1])))
         query = query.view(b, 1, heads, head_dim).transpose(1, 2)
-        query = rotate(attn, query, at_columns(cos, last), at_columns(sin, last))
+        query = rotate(attn, query, gather_tokens(cos, last), gather_tokens(sin, last))
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
         logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, L]
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -70,12 +70,12 @@ def layer_signals(
     return out
 
 
-def at_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """values [..., B|1, L, d] at one column per row, columns [B] -> [..., B, 1, d]."""
-    lead, (length, width) = values.shape[:-3], values.shape[-2:]
-    b = columns.shape[0]
-    values = values.expand(*lead, b, length, width)
-    index = columns.view(*([1] * len(lead)), b, 1, 1).expand(*lead, b, 1, width)
+def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [..., B|1, L, d] gathered along L with index [B, L'] -> [..., B, L', d]."""
+    b, short = index.shape
+    lead = values.shape[:-3]
+    values = values.expand(*lead, b, values.shape[-2], values.shape[-1])
+    index = index.view(*([1] * len(lead)), b, short, 1).expand(*lead, b, short, values.shape[-1])
     return values.gather(-2, index)
 
 
@@ -299,20 +299,11 @@ class LayerDropper:
             out["position_ids"] = positions.gather(-1, safe.expand(*lead, b, short))
         embeddings = kwargs.get("position_embeddings")
         if embeddings is not None:
-            out["position_embeddings"] = tuple(self._gather_tokens(t, safe) for t in embeddings)
+            out["position_embeddings"] = tuple(gather_tokens(t, safe) for t in embeddings)
         if kwargs.get("cache_position") is not None:  # transformers 4.x
             out["cache_position"] = torch.arange(short, device=order.device)
         out["attention_mask"] = self._gather_mask(kwargs.get("attention_mask"), safe, safe, valid, valid, dtype)
         return out
-
-    @staticmethod
-    def _gather_tokens(values: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
-        """[..., B|1, L, d] gathered along L with safe [B, L']."""
-        b, short = safe.shape
-        lead = values.shape[:-3]
-        values = values.expand(*lead, b, values.shape[-2], values.shape[-1])
-        index = safe.view(*([1] * len(lead)), b, short, 1).expand(*lead, b, short, values.shape[-1])
-        return values.gather(-2, index)
 
     def _gather_mask(
         self,
