@@ -63,6 +63,13 @@ SHAPES = {
         "text": {"hidden_size": 768, "intermediate_size": 2064, "num_hidden_layers": 8, "num_attention_heads": 8},
         "text_lengths": (35, 25),  # LLaVA-1.5's system prompt + a short question: ~640 prompt tokens in all
     },
+    # LLaVA-1.5-7B at full size (CLIP-L/14-336 + Vicuna-7B), random bf16 weights, built on the device: for a GPU.
+    "llava-1.5-7b": {
+        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+        "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
+        "text_lengths": (35, 25),
+        "dtype": torch.bfloat16,
+    },
     "quick": {
         "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
         "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4},
@@ -71,8 +78,9 @@ SHAPES = {
 }
 
 
-def shaped_llava(shape: dict[str, Any]):
-    """A random-weight LLaVA-1.5-shaped model with separate vision and text widths, and a matching prompt."""
+def shaped_llava(shape: dict[str, Any], device: torch.device | str = "cpu"):
+    """A random-weight LLaVA-1.5-shaped model with separate vision and text widths, built on ``device``, and a
+    matching prompt."""
     from transformers import CLIPVisionConfig
 
     from vtc.tiny import _build_llava, tiny_llava_config, tiny_llava_inputs
@@ -89,7 +97,10 @@ def shaped_llava(shape: dict[str, Any]):
     config.vision_config = CLIPVisionConfig(
         image_size=336, patch_size=14, projection_dim=text["hidden_size"], **shape["vision"]
     )
-    model = _build_llava(transformers.LlavaForConditionalGeneration, config, seed=0, dtype=torch.float32)
+    with torch.device(device):
+        model = _build_llava(
+            transformers.LlavaForConditionalGeneration, config, seed=0, dtype=shape.get("dtype", torch.float32)
+        )
     return model, tiny_llava_inputs(model, text_lengths=(shape["text_lengths"],))
 
 
@@ -416,7 +427,8 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="llava-7b-shape", help="llava-7b-shape, an organism, a local dir, a hub id")
+    shapes = ", ".join(SHAPES)
+    parser.add_argument("--model", default="llava-7b-shape", help=f"{shapes}, an organism, a local dir, a hub id")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated vtc method names")
     parser.add_argument("--keep", default="576,192,128,64", help="comma-separated budgets (visual tokens per image)")
@@ -445,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.warmup, args.model = 1, 1, "quick"
     if args.model in SHAPES:
-        model, inputs = shaped_llava(SHAPES[args.model])
-        model = model.to(device)
+        model, inputs = shaped_llava(SHAPES[args.model], device)
     else:
         model, inputs = loaded_model(args.model, args.image, args.prompt, device)
     settings = [("none", None)] + [(m, k) for m in methods for k in keeps]
