@@ -210,3 +210,29 @@ def test_vtc_without_triton(tmp_path: Path):
     assert [level for level, _ in messages] == ["INFO", "WARNING"], messages  # CPU reason, then CUDA without triton
     assert "tensors are on cpu" in messages[0][1]
     assert "triton is not importable" in messages[1][1] and "vtc[triton]" in messages[1][1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_auto_takes_the_torch_op_where_it_was_measured_faster(monkeypatch, caplog):
+    """fp32 cosine similarity ran at 0.15-0.23x of cuBLAS on an H200 (benchmarks/kernel_ops.py): auto takes torch
+    there, logged at INFO (a choice, not a fault); backend="triton" still runs the kernel; fp16 keeps the kernel."""
+    caplog.set_level(logging.INFO, logger="vtc.kernels")
+    t = fake_cuda_tensor()
+    assert not dispatch.use_triton("cosine_similarity", "auto", (t,), (t,), slower="cuBLAS is faster")
+    assert dispatch.use_triton("cosine_similarity", "triton", (t,), (t,), slower="cuBLAS is faster")
+    assert dispatch.use_triton("cosine_similarity", "auto", (t,), (t,))
+    (record,) = [r for r in caplog.records if r.name == "vtc.kernels"]
+    assert record.levelno == logging.INFO and "cuBLAS is faster" in record.getMessage()
+
+    seen = {}
+
+    def record_call(op, backend, tensors, floats=(), limit=None, slower=None):
+        seen[floats[0].dtype] = slower
+        return False
+
+    monkeypatch.setattr(ops, "use_triton", record_call)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(1, 4, 8).to(dtype)
+        kernels.cosine_similarity(x, x)
+        kernels.nearest_kept(x, torch.tensor([[0, 2]]))
+    assert seen[torch.float32] and seen[torch.float16] is None and seen[torch.bfloat16] is None

@@ -3,9 +3,10 @@
 - ``"torch"``: the pure-torch reference (vtc/kernels/reference.py), any device.
 - ``"triton"``: the Triton kernel; raises a clear error when it cannot run (Triton not importable,
   tensors not on CUDA outside the interpreter, unsupported dtype or size).
-- ``"auto"``: Triton when every tensor is on CUDA and the kernel can run, else torch (CPU tensors are
-  decided without importing Triton). The reason for using torch is logged once per distinct reason
-  (logger ``vtc.kernels``): at WARNING when CUDA tensors miss the kernels, at INFO otherwise.
+- ``"auto"``: Triton when every tensor is on CUDA, the kernel can run and was not measured slower than
+  torch on such input (``slower``), else torch (CPU tensors are decided without importing Triton). The reason
+  for using torch is logged once per distinct reason (logger ``vtc.kernels``): at WARNING when CUDA tensors miss
+  the kernels, at INFO otherwise.
 
 ``TRITON_INTERPRET=1`` (read by Triton when the kernel modules are first imported, i.e. at the first
 Triton-backend call) runs the kernels on CPU tensors; ``backend="triton"`` then accepts CPU tensors,
@@ -87,6 +88,7 @@ def use_triton(
     tensors: tuple[torch.Tensor, ...],
     floats: tuple[torch.Tensor, ...] = (),
     limit: str | None = None,
+    slower: str | None = None,
 ) -> bool:
     """Decide whether ``op`` runs its Triton kernel.
 
@@ -96,22 +98,28 @@ def use_triton(
         tensors: every tensor argument (device check).
         floats: the floating tensors whose dtype the kernel must support.
         limit: an op-specific reason the kernel cannot take this input (e.g. too many tokens), or None.
+        slower: why the torch op is faster on this input (benchmarks/kernel_ops.py), or None. Only "auto" reads
+            it; backend="triton" still runs the kernel.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
+    quiet = False  # a choice made for speed is logged at INFO
     if backend == "auto" and not all(t.is_cuda for t in tensors):
         # Decided before importing triton: CPU work never pays for the import.
         reason = f"tensors are on {tensors[0].device.type}; auto uses the triton kernels for CUDA tensors only"
     else:
         reason = _why_not(tensors, floats, limit)
-        if reason is None:
+        if reason is None and (backend == "triton" or slower is None):
             return True
+        if reason is None:
+            reason, quiet = slower, True
     if backend == "triton":
         raise RuntimeError(f"vtc.kernels.{op}(backend='triton') cannot run: {reason}. Use backend='auto' or 'torch'.")
     if reason not in _logged:
         _logged.add(reason)
         on_cuda = any(t.is_cuda for t in tensors)
-        logger.log(logging.WARNING if on_cuda else logging.INFO, "vtc.kernels: using the torch ops: %s", reason)
+        level = logging.WARNING if on_cuda and not quiet else logging.INFO
+        logger.log(level, "vtc.kernels: using the torch ops: %s", reason)
     return False

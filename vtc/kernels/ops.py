@@ -45,7 +45,10 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto"
     _check_tokens("y", y)
     if y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
         raise ValueError(f"y must be [{x.shape[0]}, M, {x.shape[2]}], got {tuple(y.shape)}")
-    if use_triton("cosine_similarity", backend, (x, y), (x, y)):
+    # On an H200 (benchmarks/kernel_ops.py) the fp32 kernel ran at 0.15-0.23x of cuBLAS: its dot products use no
+    # tensor cores, which would change the result. fp16 / bf16 run at 2.3-5.7x.
+    slower = "float32 cosine similarity: cuBLAS is faster than the kernel" if x.dtype == torch.float32 else None
+    if use_triton("cosine_similarity", backend, (x, y), (x, y), slower=slower):
         from vtc.kernels.triton import cosine
 
         return cosine.cosine_similarity(x, y)
