@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import vtc.adapters  # noqa: F401  (registers the families)
+import vtc.methods  # noqa: F401  (registers the methods)
 from vtc.adapters.base import Adapter
 from vtc.methods.base import Budget, Method, Plan, check_signals, num_tokens
 from vtc.methods.keep_all import KeepAll

@@ -18,17 +18,18 @@ Two kinds of rows carry no area:
   of a LLaVA model with ``vision_feature_select_strategy="full"``).
 * empty boxes (``x0 == x1`` or ``y0 == y1``): tokens that see only padding the processor added.
 
-What is inverted, per family (each step is the processor's own arithmetic, with transformers' helpers):
+What is inverted, per token layout (each family's adapter names its ``layout``; each step is the processor's own
+arithmetic, with transformers' helpers):
 
-* LLaVA-1.5 (``CLIPImageProcessor`` / ``LlavaImageProcessor``): optional pad to a square (``LlavaImageProcessor``
-  with ``do_pad``), resize (shortest edge, or a fixed size), center crop, then a grid of ``patch_size`` patches in
-  row-major order. The crop can cut parts of the image off: no token covers them.
-* LLaVA-NeXT (AnyRes): the base image (the whole image squeezed to the crop size) and the high-resolution crops of
+* ``grid``, LLaVA-1.5 (``CLIPImageProcessor`` / ``LlavaImageProcessor``): optional pad to a square
+  (``LlavaImageProcessor`` with ``do_pad``), resize (shortest edge, or a fixed size), center crop, then a grid of
+  ``patch_size`` patches in row-major order. The crop can cut parts of the image off: no token covers them.
+* ``anyres``, LLaVA-NeXT: the base image (the whole image squeezed to the crop size) and the high-resolution crops of
   the image resized into its best grid resolution and padded to it; tokens in the model's packed order, taken from
   :meth:`vtc.adapters.llava_next.LlavaNextAdapter.packing` (the model's own ``pack_image_features``, with unpadding
   and newline tokens).
-* Qwen2-VL / Qwen2.5-VL: the image is resized (``smart_resize``) to ``image_grid_thw`` patches; each visual token
-  is a ``merge x merge`` group of patches, in row-major order of the merged grid.
+* ``merged_grid``, Qwen2-VL / Qwen2.5-VL: the image is resized (``smart_resize``) to ``image_grid_thw`` patches;
+  each visual token is a ``merge x merge`` group of patches, in row-major order of the merged grid.
 
 A box is the area the token's pixels were resampled FROM (the resize maps output pixel u to input
 [u * s, (u + 1) * s]); a bicubic filter also gives a little weight to pixels just outside it.
@@ -45,10 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-_LLAVA = ("llava",)
-_LLAVA_NEXT = ("llava_next",)
-_QWEN = ("qwen2_vl", "qwen2_5_vl")
-SUPPORTED = _LLAVA + _LLAVA_NEXT + _QWEN
+from vtc.registry import ADAPTERS, list_models
 
 _packers: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
@@ -94,7 +92,7 @@ def token_boxes(
     """Rectangles of every visual token of a processed batch, in original image pixels.
 
     Args:
-        model: a supported VLM (``config.model_type`` in :data:`SUPPORTED`), or anything with its ``config``.
+        model: a supported VLM (``config.model_type`` in :func:`vtc.list_models`), or anything with its ``config``.
         inputs: the processor's output for the batch (``input_ids``; ``image_sizes`` for LLaVA-NeXT,
             ``image_grid_thw`` for Qwen2-VL / Qwen2.5-VL).
         images: the images given to the processor, in the same order (all samples' images, flattened): PIL images,
@@ -111,9 +109,7 @@ def token_boxes(
         the tokens that sample b kept.
     """
     config = model.config
-    model_type = config.model_type
-    if model_type not in SUPPORTED:
-        raise ValueError(f"token_boxes supports model_types {sorted(SUPPORTED)}, got {model_type!r}")
+    layout = _layout(config)
     input_ids = inputs["input_ids"]
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
@@ -121,11 +117,11 @@ def token_boxes(
     per_row = (input_ids == image_token).sum(dim=1).tolist()
     sizes = None if images is None else [image_size(image) for image in images]
 
-    if model_type in _LLAVA:
+    if layout == "grid":
         if sizes is None:
             raise ValueError("token_boxes needs the images (or their (height, width)) for LLaVA-1.5 inputs")
         per_image = [image_token_boxes(model, size, processor) for size in sizes]
-    elif model_type in _LLAVA_NEXT:
+    elif layout == "anyres":
         recorded = [tuple(int(v) for v in size) for size in inputs["image_sizes"].tolist()]
         if sizes is not None and [tuple(s) for s in sizes] != recorded:
             raise ValueError(f"the images have sizes {sizes} but inputs['image_sizes'] records {recorded}")
@@ -156,14 +152,19 @@ def image_token_boxes(
     height, width = (int(v) for v in size)
     if height < 1 or width < 1:
         raise ValueError(f"an image size is (height, width) in pixels, got {size!r}")
-    model_type = config.model_type
-    if model_type in _LLAVA:
+    layout = _layout(config)
+    if layout == "grid":
         return _llava_boxes(config, (height, width), _image_processor(processor))
-    if model_type in _LLAVA_NEXT:
+    if layout == "anyres":
         return _llava_next_boxes(model, (height, width), _image_processor(processor))
-    if model_type in _QWEN:
-        return _qwen_boxes(config, (height, width), _image_processor(processor), grid_thw)
-    raise ValueError(f"token_boxes supports model_types {sorted(SUPPORTED)}, got {model_type!r}")
+    return _qwen_boxes(config, (height, width), _image_processor(processor), grid_thw)
+
+
+def _layout(config: Any) -> str:
+    """The token layout of the model's family (its adapter's ``layout``)."""
+    if config.model_type not in ADAPTERS:
+        raise ValueError(f"token_boxes supports model_types {list_models()}, got {config.model_type!r}")
+    return ADAPTERS[config.model_type].layout
 
 
 def image_size(image: Any) -> tuple[int, int]:
@@ -454,4 +455,4 @@ def union_area(boxes: torch.Tensor) -> float:
     return float((cell * covered).sum())
 
 
-__all__ = ["SUPPORTED", "image_size", "image_token_boxes", "token_boxes", "union_area"]
+__all__ = ["image_size", "image_token_boxes", "token_boxes", "union_area"]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vtc import organisms
-from vtc.registry import ADAPTERS
+from vtc.registry import ADAPTERS, get_adapter_class
 
 
 def resolve(name: str) -> str:
@@ -73,7 +73,7 @@ def _is_qwen(source: str | Path) -> bool:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source).model_type in ("qwen2_vl", "qwen2_5_vl")
+        return get_adapter_class(AutoConfig.from_pretrained(source)).layout == "merged_grid"
     except (OSError, ValueError):  # a directory of processor files only
         path = Path(source) / "processor_config.json"
         if not path.is_file():

@@ -1,47 +1,53 @@
-"""Name -> class registries for methods and model adapters (explicit, greppable)."""
+"""Name -> class registries of methods and model families, filled by the classes themselves.
+
+A method file decorates its class with ``@register``; a family's adapter file decorates its adapter with
+``@register_family``. ``vtc.methods`` and ``vtc.adapters`` import every such file, and ``import vtc`` imports
+both, so the tables are complete once vtc is imported. This module imports no method and no adapter.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, TypeVar
 
-from vtc.adapters.base import Adapter
-from vtc.adapters.llava import LlavaAdapter
-from vtc.adapters.llava_next import LlavaNextAdapter
-from vtc.adapters.qwen2_vl import Qwen2VLAdapter
 from vtc.methods.base import Method
-from vtc.methods.dart import DART
-from vtc.methods.divprune import DivPrune
-from vtc.methods.fastervlm import FasterVLM
-from vtc.methods.layerwise import DARTLLM, Adaptive, FastV, LayerwiseMethod, PDrop
-from vtc.methods.random import Random
-from vtc.methods.uniform import Uniform
-from vtc.methods.vtc_cls import VTCCLS
+from vtc.methods.layerwise import LayerwiseMethod
 
-METHODS: dict[str, type[Method]] = {
-    "fastervlm": FasterVLM,
-    "vtc_cls": VTCCLS,
-    "divprune": DivPrune,
-    "dart": DART,
-    "random": Random,
-    "uniform": Uniform,
-}
+METHODS: dict[str, type[Method]] = {}  # pre-LLM methods: choose visual tokens before the language model
+LAYERWISE_METHODS: dict[str, type[LayerwiseMethod]] = {}  # in-LLM methods: drop between decoder layers
+ADAPTERS: dict[str, type] = {}  # config.model_type -> adapter class (a vtc.adapters.base.Adapter)
 
-# In-LLM methods: drop visual tokens between decoder layers.
-LAYERWISE_METHODS: dict[str, type[LayerwiseMethod]] = {
-    "fastv": FastV,
-    "pdrop": PDrop,
-    "dart_llm": DARTLLM,
-    "adaptive": Adaptive,
-}
+T = TypeVar("T", bound=type)
 
-# config.model_type -> adapter
-ADAPTERS: dict[str, type[Adapter]] = {
-    "llava": LlavaAdapter,
-    "llava_next": LlavaNextAdapter,
-    "qwen2_vl": Qwen2VLAdapter,
-    "qwen2_5_vl": Qwen2VLAdapter,
-}
+
+def register(cls: T) -> T:
+    """Class decorator of a method: makes it available by its ``name`` to vtc.compress, vtc.select and the CLIs."""
+    if issubclass(cls, LayerwiseMethod):
+        table: dict[str, Any] = LAYERWISE_METHODS
+    elif issubclass(cls, Method):
+        table = METHODS
+    else:
+        raise TypeError(f"@register takes a vtc.Method or vtc.LayerwiseMethod subclass, got {cls!r}")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute name = '...' to be registered")
+    if name in METHODS or name in LAYERWISE_METHODS:
+        raise ValueError(f"a method named {name!r} is already registered ({({**METHODS, **LAYERWISE_METHODS})[name]})")
+    table[name] = cls
+    return cls
+
+
+def register_family(cls: T) -> T:
+    """Class decorator of a model-family adapter: serves every ``config.model_type`` in its ``model_types``."""
+    types = getattr(cls, "model_types", ())
+    if not types:
+        raise TypeError(f"{cls.__name__} needs model_types = ('...',): the config.model_type values it serves")
+    taken = sorted(t for t in types if t in ADAPTERS)
+    if taken:
+        raise ValueError(f"model_type(s) {taken} already have an adapter ({ADAPTERS[taken[0]].__name__})")
+    for model_type in types:
+        ADAPTERS[model_type] = cls
+    return cls
 
 
 def list_methods(stage: str | None = None) -> list[str]:
@@ -81,8 +87,10 @@ def get_method(name: str, **options: Any) -> Method | LayerwiseMethod:
     return cls(**options)
 
 
-def get_adapter_class(model: Any) -> type[Adapter]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def get_adapter_class(model: Any) -> type:
+    """The adapter of ``model`` (or of a config), by its ``config.model_type``; a clear error if none."""
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(
             f"vtc does not support model_type {model_type!r} ({type(model).__name__}); "

@@ -22,7 +22,7 @@ from transformers import StaticCache
 import vtc
 from tests import helpers
 from tests.helpers import Replay, count_hooks
-from vtc.methods.layerwise import DARTLLM, Adaptive, FastV, PDrop
+from vtc.methods import DARTLLM, Adaptive, FastV, PDrop
 from vtc.tiny import (
     IMAGE_TOKEN_ID,
     QWEN_IMAGE_TOKEN_ID,

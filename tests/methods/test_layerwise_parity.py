@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vtc
-from vtc.methods.layerwise import DARTLLM, Adaptive, FastV, PDrop, Stage
+from vtc.methods import DARTLLM, Adaptive, FastV, PDrop, Stage
 from vtc.tiny import (
     IMAGE_TOKEN_ID,
     QWEN_IMAGE_TOKEN_ID,

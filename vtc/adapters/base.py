@@ -24,6 +24,7 @@ from torch import nn
 from vtc.adapters.layerwise import LayerDropper, kv_cache, output_cache, source_index, take
 from vtc.methods.base import Budget, Method, Plan
 from vtc.methods.layerwise import LayerwiseMethod, total_flops
+from vtc.registry import METHODS, adapter_options
 
 
 @dataclass
@@ -97,7 +98,10 @@ class Adapter(ABC):
     """Base class of model-family adapters. Subclasses find modules, register signal hooks and
     implement :meth:`_plan_prefill`; the base drops tokens and keeps decoding consistent."""
 
-    model_types: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[dict[str, str]] = {}  # config.model_type -> the family's name, e.g. {"llava": "LLaVA-1.5"}
+    # How visual tokens tile an image (vtc.geometry): "grid" (one row-major patch grid per image), "anyres" (a base
+    # image + high-resolution crops, packed with newline tokens), "merged_grid" (groups of patches per token).
+    layout: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # adapter options accepted by vtc.compress (e.g. "budget")
 
     def __init__(
@@ -111,8 +115,6 @@ class Adapter(ABC):
     ):
         unknown = sorted(set(options or {}) - set(self.options))
         if unknown:
-            from vtc.registry import adapter_options
-
             raise ValueError(
                 f"option(s) {unknown} do not apply to {type(model).__name__}; "
                 + "; ".join(f"{name}= applies to model_types {types}" for name, types in adapter_options().items())
@@ -146,8 +148,6 @@ class Adapter(ABC):
         """Raise if the method cannot run on this model; called before any hook is attached."""
         missing = [s for s in self.requires if s not in self.provides]
         if missing:
-            from vtc.registry import METHODS
-
             usable = sorted(name for name, cls in METHODS.items() if set(cls.requires) <= set(self.provides))
             raise ValueError(
                 f"method {self.method_names!r} needs signal(s) {missing}, which {type(self).__name__} cannot "

@@ -11,7 +11,6 @@ images, adaptive methods) are re-padded on the left, with an explicit mask.
 
 from __future__ import annotations
 
-import math
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -186,15 +185,15 @@ class LayerDropper:
     def _key_set(
         self, image: torch.Tensor, score: torch.Tensor | None, ids: list[int], sizes: list[int]
     ) -> torch.Tensor:
-        """[B, L] bool: per image, the ceil(protect * size) tokens of highest vision-side score (MustDrop)."""
+        """[B, L] bool: per image, the tokens the method protects from its vision-side score (its key_set)."""
         protected = torch.zeros_like(image, dtype=torch.bool)
-        fraction = getattr(self.method, "protect", 0.0)
-        if not fraction or score is None:
+        if score is None:
             return protected
-        for image_id, size in zip(ids, sizes, strict=True):
+        for image_id in ids:
             rows, cols = (image == image_id).nonzero(as_tuple=True)
-            top = score[rows, cols].topk(min(size, math.ceil(fraction * size))).indices
-            protected[rows[top], cols[top]] = True
+            chosen = self.method.key_set(score[rows, cols])
+            if chosen is not None:
+                protected[rows[chosen], cols[chosen]] = True
         return protected
 
     def bind_cache(self, cache: Any) -> None:

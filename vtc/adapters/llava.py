@@ -23,6 +23,7 @@ from torch import nn
 
 from vtc.adapters.base import Adapter, Unit
 from vtc.methods.base import Budget, Method
+from vtc.registry import register_family
 
 _CLS_SIGNALS = ("cls_attention", "cls_attention_layers")
 
@@ -41,10 +42,12 @@ def cls_attention_row(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+@register_family
 class LlavaAdapter(Adapter):
     """Adapter for LLaVA-1.5-style models (config.model_type "llava")."""
 
-    model_types = ("llava",)
+    model_types = {"llava": "LLaVA-1.5"}
+    layout = "grid"
     watches_projector = False  # hook the projector even when no [CLS] signal is needed
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):

@@ -38,14 +38,17 @@ from torch import nn
 from vtc.adapters.base import Unit
 from vtc.adapters.llava import LlavaAdapter
 from vtc.methods.base import Budget, Method
+from vtc.registry import register_family
 
 BUDGETS = ("global", "per_crop", "thumbnail")
 
 
+@register_family
 class LlavaNextAdapter(LlavaAdapter):
     """Adapter for LLaVA-NeXT models (config.model_type "llava_next")."""
 
-    model_types = ("llava_next",)
+    model_types = {"llava_next": "LLaVA-NeXT"}
+    layout = "anyres"
     options = ("budget",)
     watches_projector = True
 

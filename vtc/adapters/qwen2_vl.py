@@ -32,9 +32,7 @@ from torch import nn
 
 from vtc.adapters.base import Adapter, Unit
 from vtc.methods.base import Budget, Method
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image processor normalisation
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from vtc.registry import register_family
 
 
 def attention_received(attn: nn.Module, hidden: torch.Tensor, cos_sin: tuple, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -61,10 +59,12 @@ def attention_received(attn: nn.Module, hidden: torch.Tensor, cos_sin: tuple, cu
     return received
 
 
+@register_family
 class Qwen2VLAdapter(Adapter):
     """Adapter for Qwen2-VL and Qwen2.5-VL (config.model_type "qwen2_vl" / "qwen2_5_vl")."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+    layout = "merged_grid"
     options = ("cls_model",)
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
@@ -209,9 +209,7 @@ class Qwen2VLAdapter(Adapter):
             patch_size=vision.patch_size,
             temporal_patch_size=vision.temporal_patch_size,
             merge_size=self.merge,
-            mean=OPENAI_CLIP_MEAN,
-            std=OPENAI_CLIP_STD,
-        )
+        )  # Qwen2-VL's image processor normalises with CLIP's mean / std, the default
         rows = []
         for image, (_, h, w) in zip(images, grid_thw.tolist(), strict=True):
             maps = self.aux.cls_attention(image.unsqueeze(0))  # [1, V, gh, gw]

@@ -7,8 +7,10 @@ from typing import Any
 
 from vtc import kernels as ops
 from vtc.methods.base import Method, Plan, protected_mask
+from vtc.registry import register
 
 
+@register
 @dataclass
 class DART(Method):
     """Keep a few pivot tokens and the tokens least similar to them: duplicates of a pivot go.

@@ -7,8 +7,10 @@ from typing import Any
 
 from vtc import kernels as ops
 from vtc.methods.base import Method, Plan
+from vtc.registry import register
 
 
+@register
 @dataclass
 class DivPrune(Method):
     """Diversity pruning on the projected visual tokens, before the language model.

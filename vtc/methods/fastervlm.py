@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from vtc.methods.base import ScoredMethod
+from vtc.registry import register
 
 
+@register
 @dataclass
 class FasterVLM(ScoredMethod):
     """[CLS]-attention pruning before the language model.

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from vtc.methods.base import ScoredMethod, batch_size, num_tokens, signal_device
+from vtc.registry import register
 
 
+@register
 @dataclass
 class Random(ScoredMethod):
     """Keep a uniformly random subset of ``keep`` tokens per image, reproducibly.

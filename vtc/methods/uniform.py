@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vtc.methods.base import ScoredMethod, batch_size, num_tokens, protected_mask, signal_device
+from vtc.registry import register
 
 
 def lattice(height: int, width: int, keep: int) -> torch.Tensor:
@@ -37,6 +38,7 @@ def bit_reversed_order(n: int) -> torch.Tensor:
     return reversed_bits.float() / (1 << bits)
 
 
+@register
 @dataclass
 class Uniform(ScoredMethod):
     """Keep ``keep`` tokens spread evenly over the image's token grid (no signal needed).

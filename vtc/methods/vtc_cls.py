@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from vtc.methods.base import ScoredMethod
+from vtc.registry import register
 
 
+@register
 @dataclass
 class VTCCLS(ScoredMethod):
     """[CLS]-attention ensemble over vision layers, before the language model.
