@@ -8,7 +8,7 @@ import transformers
 
 import vtc
 from tests.helpers import count_hooks, greedy_generate, greedy_no_cache
-from vtc.adapters.llava import cls_attention_row
+from vtc.probes import ClsRow
 from vtc.tiny import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
@@ -196,7 +196,7 @@ def test_cls_attention_row_equals_eager_attention_weights():
     layers = vision_layers(model)
     hooks = [
         layer.self_attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: captured.__setitem__(i, cls_attention_row(m, kw["hidden_states"])), with_kwargs=True
+            lambda m, a, kw, i=i: captured.__setitem__(i, ClsRow(m).row(kw["hidden_states"])), with_kwargs=True
         )
         for i, layer in enumerate(layers)
     ]
@@ -216,7 +216,7 @@ def test_fastervlm_keeps_top_cls_attention_at_the_feature_layer(model):
     layer = vision_layers(model)[2]
     rows = []
     hook = layer.self_attn.register_forward_pre_hook(
-        lambda m, a, kw: rows.append(cls_attention_row(m, kw["hidden_states"])), with_kwargs=True
+        lambda m, a, kw: rows.append(ClsRow(m).row(kw["hidden_states"])), with_kwargs=True
     )
     try:
         with vtc.compress(model, "fastervlm", keep=50) as handle:

@@ -459,12 +459,12 @@ def test_thumbnail_split_follows_the_documented_formula(model, monkeypatch, colu
     """All thumbnail attention on one column: s = (1, 0), weights 16 * (1 + 1 - 1/2) : 16 * (1 + 0 - 1/2) = 3 : 1,
     so after the base's proportional 8 of 24 the two crops of 16 get 12 and 4."""
 
-    def one_column(attn, hidden):
+    def one_column(self, hidden):
         row = torch.zeros(hidden.shape[0], hidden.shape[1])
         row[:, 1 + column + SIDE * torch.arange(SIDE)] = 1.0 / SIDE  # column 0 is [CLS] itself
         return row
 
-    monkeypatch.setattr("vtc.adapters.llava.cls_attention_row", one_column)
+    monkeypatch.setattr("vtc.probes.ClsRow.row", one_column)
     inputs = tiny_llava_next_inputs(model, image_sizes=(((56, 112),),), seed=3)
     (image,) = images_of(model, inputs)
     assert crop_sizes(image["source"]) == [16, 16, 16]

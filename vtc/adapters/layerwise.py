@@ -11,7 +11,6 @@ images, adaptive methods) are re-padded on the left, with an explicit mask.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,29 +21,22 @@ from torch import nn
 
 from vtc.methods.base import Budget
 from vtc.methods.layerwise import LayerwiseMethod, Stage
-
-
-def rotate(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply the attention module's own RoPE to ``x`` [B, H, L, d] (Llama/Qwen2; Qwen2-VL M-RoPE on 4.x)."""
-    module = sys.modules[type(attn).__module__]
-    multimodal = getattr(module, "apply_multimodal_rotary_pos_emb", None)
-    if multimodal is not None and cos.ndim == 4:
-        section = attn.rope_scaling["mrope_section"]
-        return multimodal(x, x, cos, sin, section)[0]
-    return module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+from vtc.probes import DecoderAttention, probe
 
 
 def layer_signals(
-    layer: nn.Module, config: Any, hidden: torch.Tensor, kwargs: dict, valid: torch.Tensor, names: tuple[str, ...]
+    layer: nn.Module,
+    probe: DecoderAttention,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    valid: torch.Tensor,
+    names: tuple[str, ...],
 ) -> dict[str, torch.Tensor]:
     """Signals at a decoder layer's input (see vtc.methods.layerwise), each [B, L] fp32."""
-    attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
     b, length, _ = normed.shape
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = attn.head_dim
     cos, sin = kwargs["position_embeddings"]
-    keys = rotate(attn, attn.k_proj(normed).view(b, length, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    keys = probe.keys(normed, cos, sin)
     out = {}
     if "key_norm" in names:
         # An L1 norm is not rotation-invariant: count positions from each row's first real token, as for the row
@@ -54,16 +46,15 @@ def layer_signals(
         offset_sin = gather_tokens(sin, first)
         row_keys = keys
         if bool(offset_sin.any()):
-            row_keys = rotate(attn, keys, gather_tokens(cos, first), -offset_sin)
+            row_keys = probe.rotate(keys, gather_tokens(cos, first), -offset_sin)
         out["key_norm"] = row_keys.transpose(1, 2).reshape(b, length, -1).float().abs().sum(-1)
     if "last_row" in names:
         # Each row's last real token: with right padding, position -1 is a pad.
         last = length - 1 - valid.flip(1).int().argmax(dim=1, keepdim=True)  # [B, 1]
-        query = attn.q_proj(normed.gather(1, last.unsqueeze(-1).expand(-1, -1, normed.shape[-1])))
-        query = query.view(b, 1, heads, head_dim).transpose(1, 2)
-        query = rotate(attn, query, gather_tokens(cos, last), gather_tokens(sin, last))
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-        logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, L]
+        rows = normed.gather(1, last.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
+        query = probe.queries(rows, gather_tokens(cos, last), gather_tokens(sin, last))
+        keys = keys.repeat_interleave(probe.heads // probe.kv_heads, dim=1)
+        logits = (query.float() @ keys.float().transpose(-1, -2)) * probe.scaling  # [B, H, 1, L]
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
         out["last_row"] = logits.softmax(dim=-1).mean(dim=1)[:, 0]
     return out
@@ -142,6 +133,8 @@ class LayerDropper:
         method.check_depth(depth)
         self.schedule = method.schedule(depth)
         self.signal_at = method.signal_layers(depth)
+        purpose = f"the in-LLM signals of {method.name!r}"
+        self.probes = {i: probe(DecoderAttention, self.layers[i].self_attn, purpose) for i in self.signal_at}
         self._prefill: _Prefill | None = None
         self._maps: list[tuple[int, torch.Tensor]] = []  # of the last finished prefill
         self._lm_length = 0
@@ -228,7 +221,8 @@ class LayerDropper:
             kwargs = {**kwargs, **state.stage_kwargs}
         if index in self.signal_at:
             with torch.no_grad():
-                state.signals = layer_signals(layer, self.config, hidden, kwargs, state.valid, self.signal_at[index])
+                names = self.signal_at[index]
+                state.signals = layer_signals(layer, self.probes[index], hidden, kwargs, state.valid, names)
         if index in self.schedule:
             hidden, kwargs = self._drop(self.schedule.index(index), layer, hidden, original)
         if index >= 1:

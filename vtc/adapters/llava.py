@@ -23,23 +23,10 @@ from torch import nn
 
 from vtc.adapters.base import Adapter, Unit
 from vtc.methods.base import Budget, Method
+from vtc.probes import ClsRow, probe
 from vtc.registry import register_family
 
 _CLS_SIGNALS = ("cls_attention", "cls_attention_layers")
-
-
-def cls_attention_row(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of the first ([CLS]) query over all keys, mean over heads: [B, T, C] -> [B, T] fp32.
-
-    Equal to row 0 of the eager attention weights of a CLIP-style attention module (q_proj, k_proj,
-    num_heads, head_dim, scale), at O(T * C) cost instead of O(T^2 * C).
-    """
-    b, t, _ = hidden.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    query = attn.q_proj(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
-    keys = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
-    logits = query.float() @ keys.float().transpose(-1, -2) * attn.scale  # [B, H, 1, T]
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 @register_family
@@ -81,9 +68,15 @@ class LlavaAdapter(Adapter):
                 "cls_attention_layers": f"vision layers 0..{self.feature_layer} ([CLS] query rows)",
             }
         self._cls_layers = self._needed_vision_layers()
+        self._cls_probes: dict[int, ClsRow] = {}
         self._signature = inspect.signature(base.forward)
         self._cls_rows: dict[int, torch.Tensor] = {}
         self._first_tokens: torch.Tensor | None = None
+
+    def check(self) -> None:
+        super().check()
+        purpose = "the [CLS] attention of the vision tower"
+        self._cls_probes = {i: probe(ClsRow, self.vision_layers[i].self_attn, purpose) for i in self._cls_layers}
 
     @staticmethod
     def _feature_layer(vision_feature_layer: int | list[int], num_layers: int) -> int | None:
@@ -128,7 +121,7 @@ class LlavaAdapter(Adapter):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             with torch.no_grad():
-                self._cls_rows[layer] = cls_attention_row(module, hidden)
+                self._cls_rows[layer] = self._cls_probes[layer].row(hidden)
 
         return hook
 

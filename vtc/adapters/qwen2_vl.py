@@ -24,7 +24,6 @@ Video inputs (pixel_values_videos / <|video_pad|> tokens) are refused with a cle
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any
 
 import torch
@@ -32,31 +31,8 @@ from torch import nn
 
 from vtc.adapters.base import Adapter, Unit
 from vtc.methods.base import Budget, Method
+from vtc.probes import QwenVisionReceived, probe
 from vtc.registry import register_family
-
-
-def attention_received(attn: nn.Module, hidden: torch.Tensor, cos_sin: tuple, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[seq] mean softmax attention each patch receives from the queries of its own chunk (image), mean
-    over heads, for a Qwen2-VL / Qwen2.5-VL vision attention module (qkv, num_heads, scaling) and its
-    input ``hidden`` [seq, C] (already normed) and rotary ``cos_sin``. fp32; O(n^2) per chunk, computed
-    in blocks of queries so memory stays O(block * n)."""
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-    seq = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = rotate(q, k, *cos_sin)
-    q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, seq, d]
-    received = torch.zeros(seq, dtype=torch.float32, device=hidden.device)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        n = end - start
-        block = max(1, (1 << 24) // max(1, attn.num_heads * n))
-        keys = k[:, start:end]
-        for first in range(start, end, block):
-            last = min(end, first + block)
-            probs = (q[:, first:last] @ keys.transpose(1, 2) * attn.scaling).softmax(dim=-1)  # [H, b, n]
-            received[start:end] += probs.sum(dim=(0, 1))
-        received[start:end] /= n * attn.num_heads
-    return received
 
 
 @register_family
@@ -99,6 +75,8 @@ class Qwen2VLAdapter(Adapter):
         if "attention_received" in method.requires:
             scope = "full attention" if not self.windowed or full else "window attention: no full-attention block"
             self.signal_sources["attention_received"] = f"vision block {self.signal_block} ({scope})"
+            purpose = "the attention received in the vision tower"
+            self._received_probe = probe(QwenVisionReceived, blocks[self.signal_block].attn, purpose)
         if self.aux is not None:
             self.signal_sources["cls_attention"] = f"auxiliary open_clip {self.aux.name}, last block"
             self.signal_sources["cls_attention_layers"] = f"auxiliary open_clip {self.aux.name}, every block"
@@ -161,7 +139,7 @@ class Qwen2VLAdapter(Adapter):
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         with torch.no_grad():
-            self._received = attention_received(module, hidden, kwargs["position_embeddings"], kwargs["cu_seqlens"])
+            self._received = self._received_probe.received(hidden, kwargs["position_embeddings"], kwargs["cu_seqlens"])
 
     def _vision_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         merged = getattr(output, "pooler_output", output)  # [tokens, D] in original order

@@ -1,0 +1,149 @@
+"""Attention probes against each supported class's eager attention weights, and the refusal of any other class.
+
+The Qwen2-VL / Qwen2.5-VL vision probe is checked against the vision blocks' eager weights in
+tests/adapters/test_qwen2_vl.py::test_attention_received_equals_the_models_attention_weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+import vtc
+from tests.helpers import count_hooks
+from vtc.probes import ClsRow, DecoderAttention, probe
+from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl
+
+TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def causal_lm(config):
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms away from 1, so that a skipped QK-norm shows
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+def language_layers(model):
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "language_model", inner)
+    return inner.layers
+
+
+def attention_layers_inputs(layers):
+    """Record each decoder attention module's input (normed hidden states and rotary cos / sin)."""
+    captured = {}
+
+    def record(i):
+        return lambda m, a, kw: captured.__setitem__(i, (kw["hidden_states"], kw["position_embeddings"]))
+
+    hooks = [layer.self_attn.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    return captured, hooks
+
+
+DECODERS = {
+    "llama": lambda: causal_lm(LlamaConfig(**TEXT, **HEADS)),
+    "qwen2": lambda: causal_lm(Qwen2Config(**TEXT, **HEADS)),
+    "qwen3 (QK-norm)": lambda: causal_lm(Qwen3Config(**TEXT, **HEADS, head_dim=8)),
+    "qwen2_vl (M-RoPE)": lambda: tiny_qwen2_vl(attn_implementation="eager"),
+    "qwen2_5_vl (M-RoPE)": lambda: tiny_qwen2_5_vl(attn_implementation="eager"),
+}
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_decoder_probe_equals_the_eager_attention_weights(family):
+    model = DECODERS[family]()
+    layers = language_layers(model)
+    input_ids = torch.randint(10, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    captured, hooks = attention_layers_inputs(layers)
+    try:
+        with torch.no_grad():
+            weights = model(input_ids=input_ids, output_attentions=True).attentions
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(weights) == len(layers)
+    for i, expected in enumerate(weights):  # [B, H, L, L]
+        hidden, (cos, sin) = captured[i]
+        attention = probe(DecoderAttention, layers[i].self_attn, "a test")
+        queries = attention.queries(hidden, cos, sin)
+        keys = attention.keys(hidden, cos, sin).repeat_interleave(attention.heads // attention.kv_heads, dim=1)
+        logits = queries.float() @ keys.float().transpose(-1, -2) * attention.scaling
+        future = torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1)
+        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+        torch.testing.assert_close(probs, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_qk_norm_is_part_of_the_scores():
+    """Without Qwen3's q_norm / k_norm the rows differ: the test above would catch a probe that skipped them."""
+    model = DECODERS["qwen3 (QK-norm)"]()
+    layer = language_layers(model)[0]
+    hidden = torch.randn(1, 5, TEXT["hidden_size"])
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(5).unsqueeze(0))
+    attention = DecoderAttention(layer.self_attn)
+    with_norm = attention.keys(hidden, cos, sin)
+    layer.self_attn.k_norm = torch.nn.Identity()
+    assert not torch.allclose(with_norm, attention.keys(hidden, cos, sin))
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_cls_probe_equals_clip_eager_attention_weights(layers):
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, image_size=56,
+        patch_size=14, attn_implementation="eager",
+    )  # fmt: skip
+    tower = CLIPVisionModel(config).eval()
+    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+    rows = {}
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: rows.__setitem__(i, ClsRow(m).row(kw["hidden_states"])), with_kwargs=True
+        )
+        for i, layer in enumerate(encoder_layers)
+    ]
+    try:
+        with torch.no_grad():
+            out = tower(torch.randn(2, 3, 56, 56), output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for i, weights in enumerate(out.attentions):
+        torch.testing.assert_close(rows[i], weights[:, :, 0].mean(1), rtol=1e-5, atol=1e-6)
+
+
+class PatchedAttention(LlamaAttention):
+    """A user's own attention class: vtc has no probe for it."""
+
+
+def test_an_attention_class_without_a_probe_is_refused_at_attach_time():
+    model = tiny_llava(text_layers=4)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.__class__ = PatchedAttention
+    inputs = tiny_llava_inputs(model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hooks = count_hooks(model)
+    for method in ("fastv", "pdrop", "dart_llm"):
+        with pytest.raises(ValueError, match=r"vtc cannot compute the in-LLM signals of .*PatchedAttention"):
+            vtc.compress(model, method, keep=4)
+        assert count_hooks(model) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    # Pre-LLM methods do not score the language model's attention: they still attach.
+    with vtc.compress(model, "divprune", keep=4) as handle:
+        model(**inputs)
+    assert handle.last_kept[0].numel() == 4
+
+
+def test_the_refusal_names_the_supported_classes():
+    module = PatchedAttention(LlamaConfig(**TEXT, **HEADS), layer_idx=0)
+    with pytest.raises(ValueError, match=r"knows \['LlamaAttention', 'Qwen2Attention'.*add a probe in vtc/probes.py"):
+        probe(DecoderAttention, module, "a test")

@@ -1,0 +1,128 @@
+"""Attention probes: the attention rows vtc needs, recomputed from an attention module's input.
+
+vtc never asks a model for attention maps (only eager attention returns them, as [L, L] per layer and head). A hook
+on the attention module recomputes the one row, or the column means, a method needs, from the module's own
+projections. That reads the module's internals (fused or separate projections, QK-norm, which rotary embedding), so
+each supported attention implementation has a probe, found by the module's class: an attention class without one is
+refused when vtc attaches, never scored with the wrong arithmetic. Each probe is tested against its classes' eager
+attention weights (tests/test_probes.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+
+class Probe:
+    """Binds one attention module; a subclass lists the transformers attention classes whose internals it reads."""
+
+    classes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+
+
+P = TypeVar("P", bound=Probe)
+
+
+def probe(kind: type[P], attn: nn.Module, purpose: str) -> P:
+    """``kind`` bound to ``attn``, or a ValueError saying which attention classes ``kind`` supports."""
+    cls = type(attn)
+    if cls.__name__ in kind.classes and cls.__module__.startswith("transformers.models."):
+        return kind(attn)
+    raise ValueError(
+        f"vtc cannot compute {purpose} on attention class {cls.__module__}.{cls.__name__}: it recomputes attention "
+        f"rows with a probe per attention implementation, and knows {list(kind.classes)} (from transformers) here. "
+        "Choose a method that needs no attention scores (e.g. 'divprune', 'dart', 'uniform'), or add a probe in "
+        "vtc/probes.py"
+    )
+
+
+class ClsRow(Probe):
+    """CLIP-style vision attention (q_proj, k_proj, num_heads, head_dim, scale; no rotary embedding)."""
+
+    classes = ("CLIPAttention",)
+
+    def row(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the first ([CLS]) query over all keys, mean over heads: [B, T, C] -> [B, T] fp32.
+
+        Row 0 of the module's eager attention weights, at O(T * C) cost instead of O(T^2 * C). ``hidden`` is the
+        module's input (already layer-normed)."""
+        attn = self.attn
+        b, t, _ = hidden.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        query = attn.q_proj(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
+        keys = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
+        logits = query.float() @ keys.float().transpose(-1, -2) * attn.scale  # [B, H, 1, T]
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+class QwenVisionReceived(Probe):
+    """Qwen2-VL / Qwen2.5-VL vision attention (fused qkv, 2-D rotary embedding, chunks by ``cu_seqlens``)."""
+
+    classes = ("VisionAttention", "Qwen2_5_VLVisionAttention")
+
+    def received(self, hidden: torch.Tensor, cos_sin: tuple, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """[seq] mean softmax attention each patch receives from the queries of its own chunk (image), mean over
+        heads, from the module's input ``hidden`` [seq, C] (already normed) and rotary ``cos_sin``. fp32; O(n^2)
+        per chunk, in blocks of queries so that memory stays O(block * n)."""
+        attn = self.attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        seq = hidden.shape[0]
+        q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rotate(q, k, *cos_sin)
+        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, seq, d]
+        received = torch.zeros(seq, dtype=torch.float32, device=hidden.device)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            n = end - start
+            block = max(1, (1 << 24) // max(1, attn.num_heads * n))
+            keys = k[:, start:end]
+            for first in range(start, end, block):
+                last = min(end, first + block)
+                probs = (q[:, first:last] @ keys.transpose(1, 2) * attn.scaling).softmax(dim=-1)  # [H, b, n]
+                received[start:end] += probs.sum(dim=(0, 1))
+            received[start:end] /= n * attn.num_heads
+        return received
+
+
+class DecoderAttention(Probe):
+    """Llama-style decoder self-attention: q_proj / k_proj on the layer-normed input, optional QK-norm on the head
+    dim (Qwen3), then the module's own rotary embedding (1-D RoPE, or Qwen2-VL's M-RoPE)."""
+
+    classes = ("LlamaAttention", "Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen3Attention")
+
+    def __init__(self, attn: nn.Module):
+        super().__init__(attn)
+        config = attn.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+
+    def keys(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] layer-normed input, the layer's rotary (cos, sin) -> [B, kv_heads, L, d] rotated keys."""
+        return self._project(self.attn.k_proj, getattr(self.attn, "k_norm", None), normed, self.kv_heads, cos, sin)
+
+    def queries(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[B, l, C] (some positions' layer-normed input) and their (cos, sin) -> [B, heads, l, d] rotated queries."""
+        return self._project(self.attn.q_proj, getattr(self.attn, "q_norm", None), normed, self.heads, cos, sin)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The module's own rotary embedding applied to ``x`` [B, H, L, d]."""
+        module = sys.modules[type(self.attn).__module__]
+        multimodal = getattr(module, "apply_multimodal_rotary_pos_emb", None)
+        if multimodal is not None and cos.ndim == 4:  # Qwen2-VL's M-RoPE on transformers 4.x
+            return multimodal(x, x, cos, sin, self.attn.rope_scaling["mrope_section"])[0]
+        return module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    def _project(self, linear, norm, normed, heads, cos, sin) -> torch.Tensor:
+        b, length, _ = normed.shape
+        x = linear(normed).view(b, length, heads, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return self.rotate(x.transpose(1, 2), cos, sin)
