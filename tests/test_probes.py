@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 import vtc
 from tests.helpers import count_hooks
-from vtc.probes import ClsRow, DecoderAttention, probe
+from vtc.probes import ClsRow, DecoderAttention, MultiheadClsRow, probe
 from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -147,3 +147,15 @@ def test_the_refusal_names_the_supported_classes():
     module = PatchedAttention(LlamaConfig(**TEXT, **HEADS), layer_idx=0)
     with pytest.raises(ValueError, match=r"knows \['LlamaAttention', 'Qwen2Attention'.*add a probe in vtc/probes.py"):
         probe(DecoderAttention, module, "a test")
+
+
+@pytest.mark.parametrize("same_dims", [True, False])
+def test_multihead_probe_equals_torch_attention_weights(same_dims):
+    """open_clip's towers use torch's nn.MultiheadAttention (vtc.aux_clip)."""
+    torch.manual_seed(0)
+    kdim = None if same_dims else 24
+    attn = torch.nn.MultiheadAttention(32, 4, batch_first=True, kdim=kdim, vdim=kdim).eval()
+    query, key = torch.randn(2, 7, 32), torch.randn(2, 7, kdim or 32)
+    _, weights = attn(query, key, key, need_weights=True)  # averaged over heads
+    row = probe(MultiheadClsRow, attn, "a test").row(query, key)
+    torch.testing.assert_close(row, weights[:, 0], rtol=1e-5, atol=1e-6)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtc.probes import MultiheadClsRow
+
 __all__ = ["AuxiliaryCLIP", "images_from_qwen_patches"]
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD; also Qwen2-VL's image processor defaults.
@@ -176,7 +178,7 @@ class AuxiliaryCLIP:
                         f"block {index} of {self.name} sees {key.shape[1]} tokens where [CLS] + {patches} patches "
                         "were expected (patch dropout or extra tokens are not supported)"
                     )
-                rows[index] = cls_attention_row(module, query, key)[:, 1:]
+                rows[index] = MultiheadClsRow(module).row(query, key)[:, 1:]
                 if index == needed[-1]:
                     raise _Done
 
@@ -264,29 +266,6 @@ class AuxiliaryCLIP:
         mean = torch.tensor(self.mean, device=weight.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=weight.device).view(1, 3, 1, 1)
         return ((pixels - mean) / std).to(weight.dtype)
-
-
-def cls_attention_row(attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of the first query token over all keys, mean over heads: [B, L, D] -> [B, L] fp32.
-
-    Equal to row 0 of ``attn(query, key, key, need_weights=True)[1]`` (batch-first inputs). The key
-    projection is folded into the query: per head, q_h . (W_kh x + b_kh) = (W_kh^T q_h) . x + q_h . b_kh,
-    and the last term is the same for every key, which softmax ignores. Cost O(L * D * heads), without
-    projecting the keys (O(L * D^2)) or forming the [L, L] matrix (O(L^2 * D)).
-    """
-    b = query.shape[0]
-    heads = attn.num_heads
-    head_dim = attn.embed_dim // heads
-    if attn._qkv_same_embed_dim:
-        w_q = attn.in_proj_weight[: attn.embed_dim]
-        w_k = attn.in_proj_weight[attn.embed_dim : 2 * attn.embed_dim]
-    else:
-        w_q, w_k = attn.q_proj_weight, attn.k_proj_weight
-    b_q = None if attn.in_proj_bias is None else attn.in_proj_bias[: attn.embed_dim].float()
-    q = F.linear(query[:, 0].float(), w_q.float(), b_q).view(b, heads, head_dim) * head_dim**-0.5  # [B, H, d]
-    folded = torch.einsum("bhd,hdk->bhk", q, w_k.float().view(heads, head_dim, -1))  # [B, H, Dk]
-    logits = torch.einsum("bhk,blk->bhl", folded, key.float())  # [B, H, L]
-    return logits.softmax(dim=-1).mean(dim=1)
 
 
 def _attention_inputs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

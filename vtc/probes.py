@@ -5,7 +5,7 @@ on the attention module recomputes the one row, or the column means, a method ne
 projections. That reads the module's internals (fused or separate projections, QK-norm, which rotary embedding), so
 each supported attention implementation has a probe, found by the module's class: an attention class without one is
 refused when vtc attaches, never scored with the wrong arithmetic. Each probe is tested against its classes' eager
-attention weights (tests/test_probes.py).
+attention weights (tests/test_probes.py; open_clip's in tests/test_aux_clip.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from typing import ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,6 +22,7 @@ class Probe:
     """Binds one attention module; a subclass lists the transformers attention classes whose internals it reads."""
 
     classes: ClassVar[tuple[str, ...]]
+    modules: ClassVar[tuple[str, ...]] = ("transformers.models.",)  # where those classes are defined
 
     def __init__(self, attn: nn.Module):
         self.attn = attn
@@ -32,11 +34,12 @@ P = TypeVar("P", bound=Probe)
 def probe(kind: type[P], attn: nn.Module, purpose: str) -> P:
     """``kind`` bound to ``attn``, or a ValueError saying which attention classes ``kind`` supports."""
     cls = type(attn)
-    if cls.__name__ in kind.classes and cls.__module__.startswith("transformers.models."):
+    if cls.__name__ in kind.classes and cls.__module__.startswith(kind.modules):
         return kind(attn)
     raise ValueError(
         f"vtc cannot compute {purpose} on attention class {cls.__module__}.{cls.__name__}: it recomputes attention "
-        f"rows with a probe per attention implementation, and knows {list(kind.classes)} (from transformers) here. "
+        f"rows with a probe per attention implementation, and knows {list(kind.classes)} (from {kind.modules[0]}) "
+        "here. "
         "Choose a method that needs no attention scores (e.g. 'divprune', 'dart', 'uniform'), or add a probe in "
         "vtc/probes.py"
     )
@@ -59,6 +62,36 @@ class ClsRow(Probe):
         keys = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
         logits = query.float() @ keys.float().transpose(-1, -2) * attn.scale  # [B, H, 1, T]
         return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+class MultiheadClsRow(Probe):
+    """torch's nn.MultiheadAttention (open_clip's vision towers, for vtc.aux_clip)."""
+
+    classes = ("MultiheadAttention",)
+    modules = ("torch.nn.",)
+
+    def row(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the first query token over all keys, mean over heads: [B, L, D] -> [B, L] fp32.
+
+        Equal to row 0 of ``attn(query, key, key, need_weights=True)[1]`` (batch-first inputs). The key
+        projection is folded into the query: per head, q_h . (W_kh x + b_kh) = (W_kh^T q_h) . x + q_h . b_kh,
+        and the last term is the same for every key, which softmax ignores. Cost O(L * D * heads), without
+        projecting the keys (O(L * D^2)) or forming the [L, L] matrix (O(L^2 * D)).
+        """
+        attn = self.attn
+        b = query.shape[0]
+        heads = attn.num_heads
+        head_dim = attn.embed_dim // heads
+        if attn._qkv_same_embed_dim:
+            w_q = attn.in_proj_weight[: attn.embed_dim]
+            w_k = attn.in_proj_weight[attn.embed_dim : 2 * attn.embed_dim]
+        else:
+            w_q, w_k = attn.q_proj_weight, attn.k_proj_weight
+        b_q = None if attn.in_proj_bias is None else attn.in_proj_bias[: attn.embed_dim].float()
+        q = F.linear(query[:, 0].float(), w_q.float(), b_q).view(b, heads, head_dim) * head_dim**-0.5  # [B, H, d]
+        folded = torch.einsum("bhd,hdk->bhk", q, w_k.float().view(heads, head_dim, -1))  # [B, H, Dk]
+        logits = torch.einsum("bhk,blk->bhl", folded, key.float())  # [B, H, L]
+        return logits.softmax(dim=-1).mean(dim=1)
 
 
 class QwenVisionReceived(Probe):
