@@ -10,6 +10,7 @@ generate() keeps passing onto the shortened KV cache.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import weakref
@@ -58,6 +59,16 @@ class Unit:
 
 
 @dataclass
+class Image:
+    """One image of a prefill: its batch row, its tokens' sequence positions, and what the vision side recorded
+    for it (family-specific: its token grid, vision-side signals, ...)."""
+
+    sample: int
+    positions: torch.Tensor  # [n]
+    vision: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class _Dropped:
     """How the prefill sequence was shortened, kept to remap masks and positions while decoding."""
 
@@ -95,14 +106,25 @@ def _copy_refused() -> RuntimeError:
 
 
 class Adapter(ABC):
-    """Base class of model-family adapters. Subclasses find modules, register signal hooks and
-    implement :meth:`_plan_prefill`; the base drops tokens and keeps decoding consistent."""
+    """The pipeline every model family shares; a family's subclass declares what differs.
+
+    A prefill goes: the model's pre-hook records where the image placeholders are (:meth:`_read_inputs` lets the
+    family refuse or note inputs); the family's vision hooks (:meth:`_vision_hooks`) capture vision-side signals;
+    the language model's pre-hook finds the images (:meth:`_locate_images`), splits them into units with budgets
+    (:meth:`_units`), runs the method on each unit, lets the family adjust the kept set (:meth:`_complete_keep`),
+    drops the rest, and keeps decoding consistent. In-LLM methods run in the decoder layers (LayerDropper).
+    """
 
     model_types: ClassVar[dict[str, str]] = {}  # config.model_type -> the family's name, e.g. {"llava": "LLaVA-1.5"}
     # How visual tokens tile an image (vtc.geometry): "grid" (one row-major patch grid per image), "anyres" (a base
     # image + high-resolution crops, packed with newline tokens), "merged_grid" (groups of patches per token).
     layout: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # adapter options accepted by vtc.compress (e.g. "budget")
+    # Submodules of the inner model (model.model) the family hooks; the first is the vision tower.
+    modules: ClassVar[tuple[str, ...]]
+    # Keyword arguments of the language model, besides inputs_embeds / attention_mask / position_ids /
+    # cache_position, with a [B, L, ...] token axis that dropping must shorten too.
+    token_aligned: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -119,7 +141,20 @@ class Adapter(ABC):
                 f"option(s) {unknown} do not apply to {type(model).__name__}; "
                 + "; ".join(f"{name}= applies to model_types {types}" for name, types in adapter_options().items())
             )
+        base = getattr(model, "model", model)
+        for name in self.modules:
+            if not isinstance(getattr(base, name, None), nn.Module):
+                family = " / ".join(self.model_types.values())
+                raise ValueError(
+                    f"{type(model).__name__} has no {name} module where a transformers {family} model has one; "
+                    "vtc supports transformers >= 4.57"
+                )
         self.model = model
+        self.base = base
+        config = model.config
+        token = getattr(config, "image_token_id", None)
+        self.image_token_id = token if token is not None else config.image_token_index
+        self._signature = inspect.signature(base.forward)
         self.method = method
         self.budget = budget
         self.layerwise = layerwise
@@ -231,15 +266,57 @@ class Adapter(ABC):
         else:
             self._hooks.append(module.register_forward_hook(_Hook(fn), with_kwargs=with_kwargs))
 
-    @abstractmethod
     def _register_hooks(self) -> None:
-        """Register every hook through :meth:`_hook`, including :meth:`_language_pre_hook` and
-        :meth:`_language_post_hook` on the decoder stack."""
+        if self.model is not self.base:
+            self._hook(self.model, self._top_pre_hook, pre=True)
+        self._hook(self.base, self._model_pre_hook, pre=True)
+        self._vision_hooks()
+        self._language_hooks(self.base.language_model)
+
+    # -- what a family declares -------------------------------------------------------------------
+
+    def _vision_hooks(self) -> None:
+        """Register (through :meth:`_hook`) the hooks that capture vision-side signals. Default: none."""
+        return None
+
+    def _read_inputs(self, bound: dict[str, Any]) -> None:
+        """The model's forward arguments by name, before anything else: refuse or note inputs. Default: nothing."""
+        return None
 
     @abstractmethod
+    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
+        """The images of a prefill, in sequence order, from its placeholders ``visual`` [B, L] and embeds."""
+
+    @abstractmethod
+    def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
+        """The units (an image, or a part of it) the method plans over, with their budgets and signals."""
+
+    def _complete_keep(self, keep: torch.Tensor, images: list[Image]) -> torch.Tensor:
+        """Adjust the kept set [B, L] after planning (LLaVA-NeXT keeps newline tokens with their rows)."""
+        return keep
+
+    # -- the shared pipeline ----------------------------------------------------------------------
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        self._read_inputs(bound)
+        encoded = bound.get("mm_encoder_outputs") or {}
+        self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
+
     def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For a prefill's ``inputs_embeds`` [B, L, D]: None when it holds no visual tokens, else
-        (keep [B, L] bool, embeds with merged values written at kept positions). Sets ``self.last``."""
+        """For a prefill's ``inputs_embeds`` [B, L, D]: None when nothing is dropped, else (keep [B, L] bool,
+        embeds with merged values written at kept positions). Sets ``self.last``."""
+        visual = self._take_placeholders(embeds)
+        if visual is None:
+            self._no_images(embeds)
+            return None
+        images = self._locate_images(visual, embeds)
+        keep, embeds, plan = self._plan_units(embeds, visual, self._units(embeds, images))
+        keep = self._complete_keep(keep, images)
+        self.last = self._compression(visual, keep, images, plan)
+        if bool(keep.all()):
+            return None
+        return keep, embeds
 
     def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs.get("labels") is not None:
@@ -411,17 +488,17 @@ class Adapter(ABC):
         self,
         visual: torch.Tensor,
         keep: torch.Tensor,
-        images: list[tuple[int, torch.Tensor]],
+        images: list[Image],
         plan: Plan | None,
     ) -> Compression:
-        """What the handle reports: per sample, the indices (among its visual tokens) that survive.
-        ``images``: (sample, positions) of every image of the prefill, in sequence order."""
+        """What the handle reports: per sample, the indices (among its visual tokens) that survive."""
         rank = visual.long().cumsum(dim=1) - 1
         self._visual_index = torch.where(visual, rank, -1)
         self._image_of = torch.full_like(rank, -1)
-        for i, (b, positions) in enumerate(images):
-            self._image_of[b, positions] = i
-        per_sample = torch.bincount(torch.tensor([b for b, _ in images]), minlength=visual.shape[0]).tolist()
+        for i, image in enumerate(images):
+            self._image_of[image.sample, image.positions] = i
+        samples = torch.tensor([image.sample for image in images])
+        per_sample = torch.bincount(samples, minlength=visual.shape[0]).tolist()
         survives = keep & visual
         kept = [rank[b][survives[b]] for b in range(visual.shape[0])]
         return Compression(
@@ -541,3 +618,20 @@ class Adapter(ABC):
             start = dropped.original_length + past - short
             out["position_ids"] = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
         return out
+
+
+def match_images(first: torch.Tensor, seen: torch.Tensor, fits: Callable[[int, int], bool] | None = None) -> list[int]:
+    """For each image of a prefill, given by its first token ``first`` [I, D], the index of the image the vision
+    encoder saw with exactly that first token (``seen`` [I_vision, D]; ``fits(i, j)`` may require more): generate()
+    repeats images for beam search and num_return_sequences, so several may map to one."""
+    same = (first.unsqueeze(1) == seen.to(first.dtype).unsqueeze(0)).all(-1)  # [I, I_vision]
+    matches = []
+    for i, row in enumerate(same):
+        found = [j for j in row.nonzero().squeeze(1).tolist() if fits is None or fits(i, j)]
+        if not found:
+            raise ValueError(
+                f"vtc could not match image {i} of the {first.shape[0]} images in the prompt to one of the "
+                f"{seen.shape[0]} images the vision encoder saw"
+            )
+        matches.append(found[0])
+    return matches

@@ -156,8 +156,7 @@ class LayerDropper:
         ids, sizes = image[image >= 0].unique(return_counts=True)
         targets = {}
         for image_id, size in zip(ids.tolist(), sizes.tolist(), strict=True):
-            final = min(self.budget.keep, size) if self.budget.keep is not None else self.budget.tokens(size)
-            targets[image_id] = self.method.stage_counts(size, final, len(self.schedule))
+            targets[image_id] = self.method.stage_counts(size, self.budget.cap(size), len(self.schedule))
         order = torch.arange(image.shape[1], device=image.device).expand_as(image)
         protected = self._key_set(image, vision_score, ids.tolist(), sizes.tolist())
         if targets and torch.is_grad_enabled() and _recompute_runs_hooks(self.layers):

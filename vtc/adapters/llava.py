@@ -16,12 +16,10 @@ Hooks (all removable, no transformers code copied or patched):
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
-from vtc.adapters.base import Adapter, Unit
+from vtc.adapters.base import Adapter, Image, Unit, match_images
 from vtc.methods.base import Budget, Method
 from vtc.probes import ClsRow, probe
 from vtc.registry import register_family
@@ -35,23 +33,13 @@ class LlavaAdapter(Adapter):
 
     model_types = {"llava": "LLaVA-1.5"}
     layout = "grid"
+    modules = ("vision_tower", "multi_modal_projector", "language_model")
     watches_projector = False  # hook the projector even when no [CLS] signal is needed
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)
-        base = getattr(model, "model", model)
-        for name in ("vision_tower", "multi_modal_projector", "language_model"):
-            if not isinstance(getattr(base, name, None), nn.Module):
-                raise ValueError(
-                    f"{type(model).__name__} has no {name} module where a transformers LlavaForConditionalGeneration "
-                    "or LlavaModel has one; vtc supports transformers >= 4.57"
-                )
-        self.base = base
         config = model.config
-        self.image_token_id = getattr(config, "image_token_id", None)
-        if self.image_token_id is None:
-            self.image_token_id = config.image_token_index
-        vision = getattr(base.vision_tower, "vision_model", base.vision_tower)
+        vision = getattr(self.base.vision_tower, "vision_model", self.base.vision_tower)
         self.vision_layers = vision.encoder.layers
         vision_config = config.vision_config
         side = vision_config.image_size // vision_config.patch_size
@@ -69,7 +57,6 @@ class LlavaAdapter(Adapter):
             }
         self._cls_layers = self._needed_vision_layers()
         self._cls_probes: dict[int, ClsRow] = {}
-        self._signature = inspect.signature(base.forward)
         self._cls_rows: dict[int, torch.Tensor] = {}
         self._first_tokens: torch.Tensor | None = None
 
@@ -96,21 +83,12 @@ class LlavaAdapter(Adapter):
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _register_hooks(self) -> None:
-        if self.model is not self.base:
-            self._hook(self.model, self._top_pre_hook, pre=True)
-        self._hook(self.base, self._model_pre_hook, pre=True)
+    def _vision_hooks(self) -> None:
         if self._cls_layers or self.watches_projector:
             self._hook(self.base.vision_tower, self._vision_pre_hook, pre=True)
             for i in self._cls_layers:
                 self._hook(self.vision_layers[i].self_attn, self._cls_hook(i), pre=True)
             self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
-        self._language_hooks(self.base.language_model)
-
-    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
-        encoded = bound.get("mm_encoder_outputs") or {}
-        self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._claim(module)
@@ -130,27 +108,13 @@ class LlavaAdapter(Adapter):
 
     # -- the plan ---------------------------------------------------------------------------------
 
-    def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        visual = self._take_placeholders(embeds)
-        if visual is None:
-            self._no_images(embeds)
-            return None
-        images = self._locate_images(visual, embeds)
-        units = self._units(embeds, images)
-        keep, embeds, plan = self._plan_units(embeds, visual, units)
-        keep = self._complete_keep(keep, images)
-        self.last = self._compression(visual, keep, images, plan)
-        if bool(keep.all()):
-            return None
-        return keep, embeds
-
     def _image_length(self, image: int) -> int:
         """Visual tokens of the image-th image of the prefill (sequence order over the batch)."""
         return self.tokens_per_image
 
-    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """(sample, sequence positions [n]) of each image of the prefill, in sequence order."""
-        images: list[tuple[int, torch.Tensor]] = []
+    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
+        """Each sample's placeholders, cut into images of their token counts."""
+        images: list[Image] = []
         for b in range(visual.shape[0]):
             cols = visual[b].nonzero().squeeze(1)
             start = 0
@@ -159,7 +123,7 @@ class LlavaAdapter(Adapter):
                 if start + length > cols.numel():
                     counts = visual.sum(dim=1).tolist()
                     raise ValueError(self._bad_token_count_message(counts))
-                images.append((b, cols[start : start + length]))
+                images.append(Image(b, cols[start : start + length]))
                 start += length
         return images
 
@@ -169,28 +133,22 @@ class LlavaAdapter(Adapter):
             "image this model uses"
         )
 
-    def _units(self, embeds: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> list[Unit]:
-        n = self.tokens_per_image
-        count = self.budget.tokens(n)
+    def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
+        count = self.budget.tokens(self.tokens_per_image)
         rows = self._cls_rows_per_image(embeds, images) if self._cls_layers else None
         units = []
-        for i, (b, positions) in enumerate(images):
+        for i, image in enumerate(images):
             signals = {} if rows is None else {"cls_attention": rows[i, -1], "cls_attention_layers": rows[i]}
-            units.append(Unit(b, positions, count, self.grid, signals))
+            units.append(Unit(image.sample, image.positions, count, self.grid, signals))
         return units
 
-    def _complete_keep(self, keep: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Adjust the kept set after planning (LLaVA-NeXT keeps newline tokens with their rows)."""
-        return keep
-
-    def _cls_rows_per_image(self, embeds: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def _cls_rows_per_image(self, embeds: torch.Tensor, images: list[Image]) -> torch.Tensor:
         """[I, V, N] [CLS] rows captured during the vision forward, matched to the images of this prefill."""
         rows = self._take_cls_rows()
         if self.strategy == "default":
             rows = rows[..., 1:]  # the [CLS] column is not a visual token
         if rows.shape[0] != len(images):
-            first = torch.stack([embeds[b, positions[0]] for b, positions in images])
-            rows = rows[self._match_images(first)]
+            rows = rows[self._match_images(embeds, images)]
         return rows
 
     def _take_cls_rows(self) -> torch.Tensor:
@@ -204,16 +162,10 @@ class LlavaAdapter(Adapter):
         self._cls_rows = {}
         return rows
 
-    def _match_images(self, first: torch.Tensor) -> torch.Tensor:
-        """Index of the vision-side image behind each prefill image, by its first projected token
-        (generate() may repeat images for beams)."""
-        seen = self._first_tokens
-        if seen is None:
+    def _match_images(self, embeds: torch.Tensor, images: list[Image]) -> list[int]:
+        """The vision-side image behind each prefill image, by its first projected token (generate() may repeat
+        images for beams)."""
+        if self._first_tokens is None:
             raise ValueError("vtc could not match vision signals to images: the projector did not run under vtc")
-        same = (first.unsqueeze(1) == seen.to(first.dtype).unsqueeze(0)).all(-1)  # [I, I_vision]
-        if not bool(same.any(dim=1).all()):
-            raise ValueError(
-                f"vtc could not match the {first.shape[0]} images in the prompt to the {seen.shape[0]} images "
-                "the vision encoder saw"
-            )
-        return same.float().argmax(dim=1)
+        first = torch.stack([embeds[image.sample, image.positions[0]] for image in images])
+        return match_images(first, self._first_tokens)

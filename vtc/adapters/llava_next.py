@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vtc.adapters.base import Unit
+from vtc.adapters.base import Image, Unit
 from vtc.adapters.llava import LlavaAdapter
 from vtc.methods.base import Budget, Method
 from vtc.registry import register_family
@@ -82,9 +82,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # -- geometry ---------------------------------------------------------------------------------
 
-    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        super()._model_pre_hook(module, args, kwargs)
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+    def _read_inputs(self, bound: dict) -> None:
         sizes = bound.get("image_sizes")
         self._image_sizes = [] if sizes is None else [tuple(int(v) for v in size) for size in sizes.tolist()]
         # transformers 5.x generate() encodes images before the prefill and drops image_sizes; the packed
@@ -118,7 +116,7 @@ class LlavaNextAdapter(LlavaAdapter):
             self._packings[size] = packed[0][:, 0].long()
         return self._packings[size]
 
-    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
         """Images in sequence order; also sets ``self._layout``: per image (source [L] as in :meth:`packing`,
         row of its base crop among the crops the vision tower saw, or None if unknown)."""
         if self._image_sizes:
@@ -131,7 +129,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if self._image_sizes:
             self._layout = [(self.packing(size), None) for size in self._image_sizes[: len(images)]]
         else:
-            self._layout = [self._match_tokens(embeds[b, positions]) for b, positions in images]
+            self._layout = [self._match_tokens(embeds[image.sample, image.positions]) for image in images]
         self._projected = None  # used once; do not hold the crops' features past the prefill
         return images
 
@@ -170,19 +168,19 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # -- units ------------------------------------------------------------------------------------
 
-    def _units(self, embeds: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> list[Unit]:
+    def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
         rows = self._packed_cls_rows(embeds, images) if self._cls_layers else None
         units = []
-        for i, (b, positions) in enumerate(images):
-            source = self._layout[i][0].to(positions.device)
+        for i, image in enumerate(images):
+            source = self._layout[i][0].to(image.positions.device)
             signals = {} if rows is None else {"cls_attention": rows[i][-1], "cls_attention_layers": rows[i]}
-            units += self._image_units(b, positions, source, signals)
+            units += self._image_units(image.sample, image.positions, source, signals)
         return units
 
     def _image_units(self, b: int, positions: torch.Tensor, source: torch.Tensor, signals: dict) -> list[Unit]:
         crop = torch.where(source >= 0, source // self.patch_tokens, -1)  # -1 = newline
         content = crop >= 0
-        keep = self._image_keep(int(content.sum()))
+        keep = self.budget.cap(int(content.sum()))
         if self.crop_budget == "global":
             return [self._unit(b, positions, content, keep, None, signals)]
         crops = int(crop.max()) + 1
@@ -202,11 +200,6 @@ class LlavaNextAdapter(LlavaAdapter):
             self._unit(b, positions, mask, count, grid, signals)
             for mask, count, grid in zip(masks, counts, grids, strict=True)
         ]
-
-    def _image_keep(self, content_tokens: int) -> int:
-        if self.budget.keep is not None:
-            return min(self.budget.keep, content_tokens)
-        return self.budget.tokens(content_tokens)
 
     @staticmethod
     def _unit(b, positions, mask, keep, grid, signals) -> Unit:
@@ -239,7 +232,7 @@ class LlavaNextAdapter(LlavaAdapter):
         mass = torch.zeros(crops, device=thumb.device).index_add_(0, owner.flatten(), thumb.flatten().float())
         return mass / mass.sum().clamp(min=1e-12)
 
-    def _packed_cls_rows(self, embeds: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    def _packed_cls_rows(self, embeds: torch.Tensor, images: list[Image]) -> list[torch.Tensor]:
         """Per image, [V, L] [CLS] rows of the crop each packed token comes from (newlines: 0)."""
         rows = self._take_cls_rows()[..., 1:]  # [crops of all images, V, T], [CLS] column dropped
         sources = [source.to(rows.device) for source, _ in self._layout]
@@ -249,8 +242,7 @@ class LlavaNextAdapter(LlavaAdapter):
         elif sum(crops) == rows.shape[0]:
             offsets = torch.tensor([0] + crops[:-1]).cumsum(0).tolist()
         else:  # generate() repeated images (beams): find each image's base crop by its first token
-            first = torch.stack([embeds[b, positions[0]] for b, positions in images])
-            offsets = self._match_images(first).tolist()
+            offsets = self._match_images(embeds, images)
         packed = []
         for offset, source in zip(offsets, sources, strict=True):
             safe = source.clamp(min=0)
@@ -258,9 +250,10 @@ class LlavaNextAdapter(LlavaAdapter):
             packed.append((rows_of_image * (source >= 0).unsqueeze(1)).transpose(0, 1))
         return packed
 
-    def _complete_keep(self, keep: torch.Tensor, images: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def _complete_keep(self, keep: torch.Tensor, images: list[Image]) -> torch.Tensor:
         """Keep each newline exactly when its row keeps a token."""
-        for (b, positions), (source, _) in zip(images, self._layout, strict=True):
+        for image, (source, _) in zip(images, self._layout, strict=True):
+            b, positions = image.sample, image.positions
             source = source.to(positions.device)
             newline = source == -1
             if not bool(newline.any()):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtc.adapters.base import Adapter, Unit
+from vtc.adapters.base import Adapter, Image, Unit, match_images
 from vtc.methods.base import Budget, Method
 from vtc.probes import QwenVisionReceived, probe
 from vtc.registry import register_family
@@ -42,20 +42,12 @@ class Qwen2VLAdapter(Adapter):
     model_types = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
     layout = "merged_grid"
     options = ("cls_model",)
+    modules = ("visual", "language_model")
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)
-        base = getattr(model, "model", model)
-        for name in ("visual", "language_model"):
-            if not isinstance(getattr(base, name, None), nn.Module):
-                raise ValueError(
-                    f"{type(model).__name__} has no {name} module where a transformers Qwen2-VL model has one; "
-                    "vtc supports transformers >= 4.57"
-                )
-        self.base = base
-        config = model.config
-        self.image_token_id = config.image_token_id
-        vision = config.vision_config
+        base = self.base
+        vision = model.config.vision_config
         self.merge = vision.spatial_merge_size
         blocks = base.visual.blocks
         full = getattr(vision, "fullatt_block_indexes", None)
@@ -80,7 +72,6 @@ class Qwen2VLAdapter(Adapter):
         if self.aux is not None:
             self.signal_sources["cls_attention"] = f"auxiliary open_clip {self.aux.name}, last block"
             self.signal_sources["cls_attention_layers"] = f"auxiliary open_clip {self.aux.name}, every block"
-        self._signature = inspect.signature(base.forward)
         self._vision_signature = inspect.signature(base.visual.forward)
         self._vision: list[dict[str, Any]] | None = None
         self._received: torch.Tensor | None = None
@@ -106,25 +97,19 @@ class Qwen2VLAdapter(Adapter):
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _register_hooks(self) -> None:
-        if self.model is not self.base:
-            self._hook(self.model, self._top_pre_hook, pre=True)
-        self._hook(self.base, self._model_pre_hook, pre=True)
+    def _vision_hooks(self) -> None:
         self._hook(self.base.visual, self._vision_pre_hook, pre=True)
         self._hook(self.base.visual, self._vision_post_hook, pre=False)
         if self._needs_received:
             self._hook(self.base.visual.blocks[self.signal_block].attn, self._attention_hook, pre=True)
-        self._language_hooks(self.base.language_model)
 
-    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+    def _read_inputs(self, bound: dict[str, Any]) -> None:
         encoded = bound.get("mm_encoder_outputs") or {}
         if bound.get("pixel_values_videos") is not None or encoded.get("video") is not None:
             raise ValueError(
                 "vtc does not compress video inputs yet (pixel_values_videos / <|video_pad|> tokens); "
                 "call handle.remove() to run video prompts uncompressed"
             )
-        self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._claim(module)
@@ -196,30 +181,18 @@ class Qwen2VLAdapter(Adapter):
 
     # -- the plan ---------------------------------------------------------------------------------
 
-    def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        visual = self._take_placeholders(embeds)
-        if visual is None:
-            self._no_images(embeds)
-            return None
-        images = self._locate_images(visual, embeds)
+    def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
         self._vision = None  # used once: a later prefill must not reuse another forward's signals
-        units = [self._unit(b, positions, info) for b, positions, info in images]
-        keep, embeds, plan = self._plan_units(embeds, visual, units)
-        self.last = self._compression(visual, keep, [(b, positions) for b, positions, _ in images], plan)
-        if bool(keep.all()):
-            return None
-        return keep, embeds
+        units = []
+        for image in images:
+            signals = {name: image.vision[name] for name in self.requires if name != "features"}
+            count = self.budget.cap(image.positions.numel())
+            units.append(Unit(image.sample, image.positions, count, image.vision.get("grid"), signals))
+        return units
 
-    def _unit(self, b: int, positions: torch.Tensor, info: dict[str, Any]) -> Unit:
-        n = positions.numel()
-        keep = min(self.budget.keep, n) if self.budget.keep is not None else self.budget.tokens(n)
-        signals = {name: info[name] for name in self.requires if name != "features"}
-        return Unit(b, positions, keep, info.get("grid"), signals)
-
-    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[tuple[int, torch.Tensor, dict]]:
-        """(sample, positions, vision-side info) per image in sequence order. Images are the runs of
-        <|image_pad|> tokens; they are matched to the images the vision tower saw in order, or by their
-        first token when generate() repeated them (beams)."""
+    def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
+        """Images are the runs of <|image_pad|> tokens; they are matched to the images the vision tower saw in
+        order, or by their first token when generate() repeated them (beams)."""
         runs = []
         for b in range(visual.shape[0]):
             cols = visual[b].nonzero().squeeze(1)
@@ -232,35 +205,26 @@ class Qwen2VLAdapter(Adapter):
                     f"method {self.method.name!r} needs vision-side signals {sorted(needs_vision)}, but the vision "
                     "encoder did not run while vtc was attached (were image features computed before vtc.compress?)"
                 )
-            return [(b, run, {}) for b, run in runs]
+            return [Image(b, run) for b, run in runs]
         lengths = [info["length"] for info in self._vision]
         if sum(run.numel() for _, run in runs) == sum(lengths):
             return self._split_runs(runs, lengths)
         # generate() repeated the images (beam search): match each run to a vision-side image.
         seen = torch.stack([info["first"] for info in self._vision])
-        images = []
-        for b, run in runs:
-            same = (embeds[b, run[0]].unsqueeze(0) == seen.to(embeds.dtype)).all(-1)
-            match = [i for i in same.nonzero().squeeze(1).tolist() if lengths[i] == run.numel()]
-            if not match:
-                raise ValueError(
-                    f"vtc could not match an image of {run.numel()} tokens to the images the vision encoder saw "
-                    f"({lengths} tokens)"
-                )
-            images.append((b, run, self._vision[match[0]]))
-        return images
+        first = torch.stack([embeds[b, run[0]] for b, run in runs])
+        matches = match_images(first, seen, fits=lambda i, j: lengths[j] == runs[i][1].numel())
+        return [Image(b, run, self._vision[j]) for (b, run), j in zip(runs, matches, strict=True)]
 
-    def _split_runs(self, runs: list, lengths: list[int]) -> list[tuple[int, torch.Tensor, dict]]:
-        images, image = [], 0
+    def _split_runs(self, runs: list, lengths: list[int]) -> list[Image]:
+        images: list[Image] = []
         for b, run in runs:
             start = 0
             while start < run.numel():
-                length = lengths[image]
+                length = lengths[len(images)]
                 if start + length > run.numel():
                     raise ValueError(
                         f"the <|image_pad|> runs of the prompt do not split into whole images of {lengths} tokens"
                     )
-                images.append((b, run[start : start + length], self._vision[image]))
+                images.append(Image(b, run[start : start + length], self._vision[len(images)]))
                 start += length
-                image += 1
         return images

@@ -71,6 +71,11 @@ class Budget:
             return self.keep
         return max(1, round(self.ratio * num_tokens))
 
+    def cap(self, num_tokens: int) -> int:
+        """Kept count for an image of ``num_tokens`` where images differ in size: ``keep`` is a cap (an image with
+        fewer tokens is kept whole); a ratio as in :meth:`tokens`."""
+        return min(self.keep, num_tokens) if self.keep is not None else self.tokens(num_tokens)
+
     def __str__(self) -> str:
         return f"keep={self.keep}" if self.keep is not None else f"ratio={self.ratio}"
 
