@@ -46,7 +46,7 @@ from layerwise import kv_bytes
 from selection import ForeignLoad, git_state, machine, median
 
 import vtc
-from vtc.adapters.layerwise import output_cache
+from vtc.llm.prefill import output_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
@@ -83,7 +83,7 @@ def shaped_llava(shape: dict[str, Any], device: torch.device | str = "cpu"):
     matching prompt."""
     from transformers import CLIPVisionConfig
 
-    from vtc.tiny import _build_llava, tiny_llava_config, tiny_llava_inputs
+    from vtc.tiny import llava_from_config, tiny_llava_config, tiny_llava_inputs
 
     text = shape["text"]
     config = tiny_llava_config(
@@ -98,9 +98,7 @@ def shaped_llava(shape: dict[str, Any], device: torch.device | str = "cpu"):
         image_size=336, patch_size=14, projection_dim=text["hidden_size"], **shape["vision"]
     )
     with torch.device(device):
-        model = _build_llava(
-            transformers.LlavaForConditionalGeneration, config, seed=0, dtype=shape.get("dtype", torch.float32)
-        )
+        model = llava_from_config(config, seed=0, dtype=shape.get("dtype", torch.float32))
     return model, tiny_llava_inputs(model, text_lengths=(shape["text_lengths"],))
 
 

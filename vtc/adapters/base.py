@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vtc.adapters.layerwise import LayerDropper, kv_cache, output_cache, source_index, take
+from vtc.llm.layers import LayerDropper
+from vtc.llm.prefill import Dropped, drop, kv_cache, output_cache, remap_decode, take
 from vtc.methods.base import Budget, Method, Plan
 from vtc.methods.layerwise import LayerwiseMethod, total_flops
 from vtc.registry import METHODS, adapter_options
@@ -66,17 +67,6 @@ class Image:
     sample: int
     positions: torch.Tensor  # [n]
     vision: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Dropped:
-    """How the prefill sequence was shortened, kept to remap masks and positions while decoding."""
-
-    source: torch.Tensor  # [B, L'] index of each new position in the original sequence, -1 = padding
-    prefill_mask: torch.Tensor  # [B, L'] attention mask of the shortened prefill
-    original_length: int  # L0
-    last_position: torch.Tensor  # [B] the largest position id of each row's prompt
-    cache: weakref.ref | None = None
 
 
 class _Hook:
@@ -166,7 +156,7 @@ class Adapter(ABC):
         self.signal_sources: dict[str, str] = {}  # signal name -> where it comes from, for handle.stats
         self.last: Compression | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._dropped: _Dropped | None = None
+        self._dropped: Dropped | None = None
         self._visual: torch.Tensor | None = None  # [B, L] image placeholders of the forward in progress
         self._image_of: torch.Tensor | None = None  # [B, L] image id of each visual position of the prefill, else -1
         self._visual_index: torch.Tensor | None = None  # [B, L] index among the row's visual tokens, else -1
@@ -341,7 +331,7 @@ class Adapter(ABC):
             planned = self._plan_prefill(embeds)
             if planned is not None:
                 keep, embeds = planned
-                kwargs = self._drop(kwargs, embeds, keep)
+                kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned)
             self._prefill_tokens = (original.tolist(), self._token_counts(kwargs, embeds))
             self._begin_layerwise(kwargs, cache)
             return (args, kwargs) if planned is not None else None
@@ -363,7 +353,7 @@ class Adapter(ABC):
         dropped = self._dropped
         if dropped is None or dropped.cache is None or dropped.cache() is not cache:
             return None
-        return args, self._remap_decode(kwargs, dropped, past, embeds.shape[1])
+        return args, remap_decode(kwargs, dropped, past, embeds.shape[1])
 
     def _holds_state_of(self, cache: Any) -> bool:
         dropped = self._dropped
@@ -541,83 +531,6 @@ class Adapter(ABC):
     def _continues_prefill(self, embeds: torch.Tensor) -> bool:
         """True when a forward over a non-empty cache carries visual tokens."""
         return self._take_placeholders(embeds) is not None
-
-    def _drop(self, kwargs: dict, embeds: torch.Tensor, keep: torch.Tensor) -> dict:
-        """Remove the tokens where ``keep`` is False; re-pad on the left when rows keep different counts."""
-        b, length, _ = embeds.shape
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise ValueError(
-                f"vtc needs a 2-D attention_mask [batch, seq] (or None) to drop tokens, got {mask.ndim}-D; "
-                "pass the processor's attention_mask"
-            )
-        mask = torch.ones(b, length, dtype=torch.long, device=embeds.device) if mask is None else mask
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(length, device=embeds.device).unsqueeze(0)
-        source = source_index(keep)  # [B, L']
-        valid = source >= 0
-        safe = source.clamp(min=0)
-        new_embeds = embeds.gather(1, safe.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        new_embeds = new_embeds * valid.unsqueeze(-1).to(new_embeds.dtype)
-        new_mask = mask.gather(1, safe) * valid.to(mask.dtype)
-        lead = positions.shape[:-2]  # () for [B, L], (3,) for M-RoPE [3, B, L]
-        positions = positions.expand(*lead, b, length)
-        new_positions = positions.gather(-1, safe.expand(*lead, -1, -1)) * valid.to(positions.dtype)
-
-        out = dict(kwargs)
-        out["inputs_embeds"] = new_embeds
-        # Always explicit: gapped position ids without a mask are read as packed sequences.
-        out["attention_mask"] = new_mask
-        out["position_ids"] = new_positions
-        if kwargs.get("cache_position") is not None:  # transformers 4.x indexes the cache with it
-            out["cache_position"] = torch.arange(source.shape[1], device=embeds.device)
-        cache = kv_cache(kwargs)
-        last_position = new_positions.reshape(-1, b, new_positions.shape[-1]).amax(dim=(0, 2))
-        reference = weakref.ref(cache) if cache is not None else None
-        self._dropped = _Dropped(source, new_mask, length, last_position, reference)
-        return out
-
-    def _remap_decode(self, kwargs: dict, dropped: _Dropped, past: int, q_len: int) -> dict:
-        """Map a decode step's full-length mask / default positions onto the shortened cache."""
-        short = dropped.source.shape[1]
-        new_tokens = past - short + q_len  # tokens after the prefill, this step's included
-        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        new_turn = (
-            "a new turn cannot reuse a compressed cache (given the whole conversation and this cache, generate() "
-            "re-feeds history the cache holds in compressed form). Start the turn from an empty cache: pass the "
-            "whole conversation without past_key_values"
-        )
-        if positions is not None and q_len > 1:  # a new turn re-feeds more than one token (a decode step: one)
-            first = positions.reshape(-1, *positions.shape[-2:])[..., 0].amax(dim=0)  # [B]
-            if bool((first <= dropped.last_position).any()):
-                raise ValueError(
-                    f"this forward continues a KV cache that vtc shortened from {dropped.original_length} to "
-                    f"{short} prompt tokens, but its positions restart inside that prompt: {new_turn}"
-                )
-        if mask is not None and (mask.ndim != 2 or mask.shape[1] != dropped.original_length + new_tokens):
-            raise ValueError(
-                f"during decoding vtc expects the full 2-D attention_mask of length "
-                f"{dropped.original_length + new_tokens} (prompt + generated), got shape {tuple(mask.shape)}. If "
-                f"this forward starts a new turn over the cache of an earlier one: {new_turn}"
-            )
-        out = dict(kwargs)
-        if mask is None:
-            if not bool(dropped.prefill_mask.all()):
-                prefill = dropped.prefill_mask
-                tail = torch.ones(prefill.shape[0], new_tokens, dtype=prefill.dtype, device=prefill.device)
-                out["attention_mask"] = torch.cat([dropped.prefill_mask, tail], dim=1)
-        else:
-            valid = dropped.source >= 0
-            prefix = mask.gather(1, dropped.source.clamp(min=0)) * valid.to(mask.dtype)
-            out["attention_mask"] = torch.cat([prefix, mask[:, dropped.original_length :]], dim=1)
-        if kwargs.get("cache_position") is not None:  # transformers 4.x: slots in the shortened cache
-            out["cache_position"] = torch.arange(past, past + q_len, device=dropped.source.device)
-        if positions is None:
-            # What the uncompressed model would use: continue after the ORIGINAL prompt length.
-            start = dropped.original_length + past - short
-            out["position_ids"] = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
-        return out
 
 
 def match_images(first: torch.Tensor, seen: torch.Tensor, fits: Callable[[int, int], bool] | None = None) -> list[int]:

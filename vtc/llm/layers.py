@@ -19,6 +19,7 @@ import torch
 import transformers
 from torch import nn
 
+from vtc.llm.prefill import kv_cache, source_index, take
 from vtc.methods.base import Budget
 from vtc.methods.layerwise import LayerwiseMethod, Stage
 from vtc.probes import DecoderAttention, probe
@@ -67,36 +68,6 @@ def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     values = values.expand(*lead, b, values.shape[-2], values.shape[-1])
     index = index.view(*([1] * len(lead)), b, short, 1).expand(*lead, b, short, values.shape[-1])
     return values.gather(-2, index)
-
-
-def source_index(keep: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool -> [B, L'] index of each kept position, right-aligned, -1 for left padding."""
-    counts = keep.sum(dim=1)
-    short = int(counts.max()) if keep.numel() else 0
-    rank_from_right = keep.flip(1).cumsum(1).flip(1)
-    column = short - rank_from_right
-    source = torch.full((keep.shape[0], short), -1, dtype=torch.long, device=keep.device)
-    rows, cols = keep.nonzero(as_tuple=True)
-    source[rows, column[rows, cols]] = cols
-    return source
-
-
-def kv_cache(kwargs: dict) -> Any:
-    """The KV cache a forward was called with: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache a forward returned (``output.cache`` from 5.24 on, ``output.past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def take(values: torch.Tensor, index: torch.Tensor, fill: int | float | bool = 0) -> torch.Tensor:
-    """values [B, L] gathered at index [B, L'] (-1 -> ``fill``)."""
-    out = values.gather(1, index.clamp(min=0))
-    return out.masked_fill(index < 0, fill)
 
 
 def _recompute_runs_hooks(layers: nn.ModuleList) -> bool:
@@ -238,6 +209,13 @@ class LayerDropper:
     def _drop(self, stage: int, layer: nn.Module, hidden: torch.Tensor, original: dict) -> tuple[torch.Tensor, dict]:
         """Choose the survivors (no autograd: a choice has no gradient), then gather them (autograd kept, so
         the layers before the drop still get gradients through the tokens that go on)."""
+        for name, value in original.items():
+            aligned = torch.is_tensor(value) and value.ndim >= 2 and tuple(value.shape[:2]) == tuple(hidden.shape[:2])
+            if aligned and name not in ("hidden_states", "position_ids"):
+                raise ValueError(
+                    f"{self.method.name!r} cannot drop tokens at decoder layer {self.schedule[stage]}: its argument "
+                    f"{name!r} has a token axis {tuple(value.shape)} that vtc does not know how to shorten"
+                )
         with torch.no_grad():
             source = self._survivors(stage, hidden)
         valid = source >= 0
