@@ -8,9 +8,9 @@ Importing vtc patches nothing.
 """
 
 from vtc.api import CompressionHandle, compress, select
-from vtc.methods.base import SIGNALS, Budget, Method, Plan
+from vtc.methods.base import SIGNALS, Budget, Method, Plan, ScoredMethod
 from vtc.methods.layerwise import LayerwiseMethod
-from vtc.registry import get_method, list_methods, list_models
+from vtc.registry import get_method, list_methods, list_models, register, register_family
 
 __version__ = "0.1.0"
 
@@ -21,9 +21,12 @@ __all__ = [
     "LayerwiseMethod",
     "Method",
     "Plan",
+    "ScoredMethod",
     "compress",
     "get_method",
     "list_methods",
     "list_models",
+    "register",
+    "register_family",
     "select",
 ]

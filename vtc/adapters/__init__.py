@@ -1,6 +1,10 @@
 """Model-family adapters: one file per family, each registered by its ``@register_family`` line (vtc.registry).
 
+A family's adapter subclasses :class:`Adapter` and declares what differs (README: "Adding a model family").
 Importing this package imports every family file, which fills the registry.
 """
 
 from vtc.adapters import llava, llava_next, qwen2_vl  # noqa: F401  (registration)
+from vtc.adapters.base import Adapter, Image, Unit
+
+__all__ = ["Adapter", "Image", "Unit"]
