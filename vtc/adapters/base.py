@@ -69,6 +69,17 @@ class Image:
     vision: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Prefill:
+    """One prefill's state, from the language model's pre-hook to its post-hook, then dropped."""
+
+    tokens_before: list[int]  # per row, tokens of the prompt
+    tokens_at_input: torch.Tensor | None = None  # per row, tokens that reach the language model
+    image_of: torch.Tensor | None = None  # [B, L] image id of each visual position of the prompt, else -1
+    visual_index: torch.Tensor | None = None  # [B, L] index among the row's visual tokens, else -1
+    vision_score: torch.Tensor | None = None  # [B, L] [CLS] attention of visual positions (in-LLM key sets)
+
+
 class _Hook:
     """A hook as vtc registers it. A copy of the model (copy.deepcopy, pickle) would carry it with no handle able
     to remove it, still pointing at this adapter's state: refused, with what to do instead."""
@@ -158,10 +169,7 @@ class Adapter(ABC):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._dropped: Dropped | None = None
         self._visual: torch.Tensor | None = None  # [B, L] image placeholders of the forward in progress
-        self._image_of: torch.Tensor | None = None  # [B, L] image id of each visual position of the prefill, else -1
-        self._visual_index: torch.Tensor | None = None  # [B, L] index among the row's visual tokens, else -1
-        self._prefill_tokens: tuple[list[int], torch.Tensor] | None = None  # original and LM-input token counts
-        self._vision_score: torch.Tensor | None = None  # [B, L] [CLS] attention of visual positions (key sets)
+        self._prefill: _Prefill | None = None  # the prefill in progress
         # KV caches this adapter has shortened: decoding one of them needs the state of its own prefill.
         self._shortened: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -326,16 +334,15 @@ class Adapter(ABC):
         if past == 0:
             self._refuse_fixed_cache(cache)
             self._dropped = None
-            self._vision_score = None
-            original = self._token_counts(kwargs, embeds)
+            self._prefill = _Prefill(self._token_counts(kwargs, embeds).tolist())
             planned = self._plan_prefill(embeds)
             if planned is not None:
                 keep, embeds = planned
                 kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned)
-            self._prefill_tokens = (original.tolist(), self._token_counts(kwargs, embeds))
+            self._prefill.tokens_at_input = self._token_counts(kwargs, embeds)
             self._begin_layerwise(kwargs, cache)
             return (args, kwargs) if planned is not None else None
-        self._prefill_tokens = None
+        self._prefill = None
         if self._continues_prefill(embeds):
             raise ValueError(
                 "vtc cannot compress images in a forward that continues an existing KV cache "
@@ -380,11 +387,11 @@ class Adapter(ABC):
             self._dropped.cache = weakref.ref(cache)
         if self.dropper is not None:
             self.dropper.bind_cache(cache)
-        if cache is not None and self._prefill_tokens is not None and self._holds_state_of(cache):
+        if cache is not None and self._prefill is not None and self._holds_state_of(cache):
             self._shortened.add(cache)
-        if self._prefill_tokens is not None and self.last is not None:
-            self._record_layers()
-        self._prefill_tokens = None
+        if self._prefill is not None and self.last is not None:
+            self._record_layers(self._prefill)
+        self._prefill = None
 
     @staticmethod
     def _token_counts(kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
@@ -400,7 +407,7 @@ class Adapter(ABC):
     def _begin_layerwise(self, kwargs: dict, cache: Any) -> None:
         if self.dropper is None:
             return
-        image = self._image_of if self._image_of is not None else None
+        image = self._prefill.image_of
         embeds = kwargs["inputs_embeds"]
         if image is None:
             image = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
@@ -408,26 +415,26 @@ class Adapter(ABC):
         valid = (
             mask.bool() if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         )
-        score = self._vision_score
+        score = self._prefill.vision_score
         self.dropper.begin(self._lm_input(image), valid, cache, None if score is None else self._lm_input(score))
 
-    def _record_layers(self) -> None:
+    def _record_layers(self, prefill: _Prefill) -> None:
         """After a prefill: visual tokens at every LLM layer, survivors of the last layer, FLOPs estimate."""
-        original, at_input = self._prefill_tokens
+        original, at_input, visual_index = prefill.tokens_before, prefill.tokens_at_input, prefill.visual_index
         last = self.last
         depth = len(self.base.language_model.layers)
         tokens = [at_input.tolist()] * depth
         finished = self.dropper.finished if self.dropper is not None else None
-        if finished is not None and self._visual_index is not None:
-            index = take(self._lm_input(self._visual_index), finished.order, -1)
+        if finished is not None and visual_index is not None:
+            index = take(self._lm_input(visual_index), finished.order, -1)
             last.kept = [row[row >= 0].sort().values for row in index]
             last.tokens_after = [k.numel() for k in last.kept]
-            at_lm = (self._lm_input(self._visual_index) >= 0).sum(dim=1).tolist()
+            at_lm = (self._lm_input(visual_index) >= 0).sum(dim=1).tolist()
             per_layer = [at_lm] + finished.visual_counts
             last.visual_per_layer = [list(sample) for sample in zip(*per_layer, strict=True)]
             tokens = [at_input.tolist()] + finished.token_counts
-        elif self._visual_index is not None:
-            at_lm = (self._lm_input(self._visual_index) >= 0).sum(dim=1).tolist()
+        elif visual_index is not None:
+            at_lm = (self._lm_input(visual_index) >= 0).sum(dim=1).tolist()
             last.visual_per_layer = [[count] * depth for count in at_lm]
         config = self.base.language_model.config
         compressed = total_flops(config, [t for layer in tokens for t in layer])
@@ -444,9 +451,10 @@ class Adapter(ABC):
         """
         keep = ~visual
         if self.layerwise is not None and "cls_attention" in self.layerwise.requires:  # for its key set
-            self._vision_score = torch.full(visual.shape, float("-inf"), device=visual.device)
+            score = torch.full(visual.shape, float("-inf"), device=visual.device)
             for unit in units:
-                self._vision_score[unit.sample, unit.positions] = unit.signals["cls_attention"].float()
+                score[unit.sample, unit.positions] = unit.signals["cls_attention"].float()
+            self._prefill.vision_score = score
         groups: dict[tuple, list[int]] = {}
         for i, unit in enumerate(units):
             groups.setdefault((unit.positions.numel(), unit.keep, unit.grid), []).append(i)
@@ -483,10 +491,10 @@ class Adapter(ABC):
     ) -> Compression:
         """What the handle reports: per sample, the indices (among its visual tokens) that survive."""
         rank = visual.long().cumsum(dim=1) - 1
-        self._visual_index = torch.where(visual, rank, -1)
-        self._image_of = torch.full_like(rank, -1)
+        self._prefill.visual_index = torch.where(visual, rank, -1)
+        self._prefill.image_of = image_of = torch.full_like(rank, -1)
         for i, image in enumerate(images):
-            self._image_of[image.sample, image.positions] = i
+            image_of[image.sample, image.positions] = i
         samples = torch.tensor([image.sample for image in images])
         per_sample = torch.bincount(samples, minlength=visual.shape[0]).tolist()
         survives = keep & visual
@@ -502,7 +510,6 @@ class Adapter(ABC):
         )
 
     def _no_images(self, embeds: torch.Tensor) -> None:
-        self._image_of = self._visual_index = None
         b = embeds.shape[0]
         empty = torch.empty(0, dtype=torch.long, device=embeds.device)
         self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
