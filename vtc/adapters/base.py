@@ -170,6 +170,10 @@ class Adapter(ABC):
         self._dropped: Dropped | None = None
         self._visual: torch.Tensor | None = None  # [B, L] image placeholders of the forward in progress
         self._prefill: _Prefill | None = None  # the prefill in progress
+        # What the family's vision hooks recorded in the call in progress (per layer rows, first tokens, ...):
+        # emptied when a vision pass starts (_vision_starts) and once a prefill has planned, so nothing of one call
+        # reaches another.
+        self.captured: dict[str, Any] = {}
         # KV caches this adapter has shortened: decoding one of them needs the state of its own prefill.
         self._shortened: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -335,7 +339,10 @@ class Adapter(ABC):
             self._refuse_fixed_cache(cache)
             self._dropped = None
             self._prefill = _Prefill(self._token_counts(kwargs, embeds).tolist())
-            planned = self._plan_prefill(embeds)
+            try:
+                planned = self._plan_prefill(embeds)
+            finally:
+                self.captured = {}
             if planned is not None:
                 keep, embeds = planned
                 kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned)
@@ -361,6 +368,11 @@ class Adapter(ABC):
         if dropped is None or dropped.cache is None or dropped.cache() is not cache:
             return None
         return args, remap_decode(kwargs, dropped, past, embeds.shape[1])
+
+    def _vision_starts(self, module: nn.Module) -> None:
+        """A family's vision pre-hook calls this first: the call is this thread's, and captures start afresh."""
+        self._claim(module)
+        self.captured = {}
 
     def _holds_state_of(self, cache: Any) -> bool:
         dropped = self._dropped

@@ -57,8 +57,6 @@ class LlavaAdapter(Adapter):
             }
         self._cls_layers = self._needed_vision_layers()
         self._cls_probes: dict[int, ClsRow] = {}
-        self._cls_rows: dict[int, torch.Tensor] = {}
-        self._first_tokens: torch.Tensor | None = None
 
     def check(self) -> None:
         super().check()
@@ -91,20 +89,18 @@ class LlavaAdapter(Adapter):
             self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._claim(module)
-        self._cls_rows = {}
-        self._first_tokens = None
+        self._vision_starts(module)
 
     def _cls_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             with torch.no_grad():
-                self._cls_rows[layer] = self._cls_probes[layer].row(hidden)
+                self.captured.setdefault("cls_rows", {})[layer] = self._cls_probes[layer].row(hidden)
 
         return hook
 
     def _projector_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._first_tokens = output[:, 0].detach()
+        self.captured["first_tokens"] = output[:, 0].detach()
 
     # -- the plan ---------------------------------------------------------------------------------
 
@@ -153,19 +149,19 @@ class LlavaAdapter(Adapter):
 
     def _take_cls_rows(self) -> torch.Tensor:
         """[I_vision, V, T] the [CLS] rows of the last vision forward, one row per layer used."""
-        if not all(i in self._cls_rows for i in self._cls_layers):
+        captured = self.captured.get("cls_rows", {})
+        if not all(i in captured for i in self._cls_layers):
             raise ValueError(
                 f"method {self.method.name!r} needs the vision encoder's [CLS] attention, but the vision encoder "
                 "did not run while vtc was attached (were image features computed before vtc.compress?)"
             )
-        rows = torch.stack([self._cls_rows[i] for i in self._cls_layers], dim=1)
-        self._cls_rows = {}
-        return rows
+        return torch.stack([captured[i] for i in self._cls_layers], dim=1)
 
     def _match_images(self, embeds: torch.Tensor, images: list[Image]) -> list[int]:
         """The vision-side image behind each prefill image, by its first projected token (generate() may repeat
         images for beams)."""
-        if self._first_tokens is None:
+        seen = self.captured.get("first_tokens")
+        if seen is None:
             raise ValueError("vtc could not match vision signals to images: the projector did not run under vtc")
         first = torch.stack([embeds[image.sample, image.positions[0]] for image in images])
-        return match_images(first, self._first_tokens)
+        return match_images(first, seen)

@@ -71,7 +71,6 @@ class LlavaNextAdapter(LlavaAdapter):
         self._packed_lengths: list[int] = []
         self._lengths: list[int] = []
         self._layout: list[tuple[torch.Tensor, int | None]] = []
-        self._projected: torch.Tensor | None = None
         self._packings: dict[tuple[int, int], torch.Tensor] = {}
 
     def _needed_vision_layers(self) -> list[int]:
@@ -91,13 +90,9 @@ class LlavaNextAdapter(LlavaAdapter):
         packed = getattr(encoded, "pooler_output", None)
         self._packed_lengths = [] if packed is None or torch.is_tensor(packed) else [len(p) for p in packed]
 
-    def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        super()._vision_pre_hook(module, args, kwargs)
-        self._projected = None
-
     def _projector_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         super()._projector_hook(module, args, output)
-        self._projected = output.detach()  # [crops of all images, T, D]
+        self.captured["projected"] = output.detach()  # [crops of all images, T, D]
 
     def packing(self, size: tuple[int, int]) -> torch.Tensor:
         """[L] for an image of (height, width) pixels: the source of each packed token, crop * T + patch
@@ -130,7 +125,6 @@ class LlavaNextAdapter(LlavaAdapter):
             self._layout = [(self.packing(size), None) for size in self._image_sizes[: len(images)]]
         else:
             self._layout = [self._match_tokens(embeds[image.sample, image.positions]) for image in images]
-        self._projected = None  # used once; do not hold the crops' features past the prefill
         return images
 
     def _image_length(self, image: int) -> int:
@@ -147,7 +141,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _match_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(source [L], base crop row) of one packed image, found by matching its tokens to the projector's
         output (every packed token is an exact copy of one, except the newline tokens)."""
-        table = self._projected
+        table = self.captured.get("projected")
         if table is None:
             raise ValueError(
                 "vtc could not locate the AnyRes crops of the images: pass image_sizes, or let the vision encoder "

@@ -73,9 +73,6 @@ class Qwen2VLAdapter(Adapter):
             self.signal_sources["cls_attention"] = f"auxiliary open_clip {self.aux.name}, last block"
             self.signal_sources["cls_attention_layers"] = f"auxiliary open_clip {self.aux.name}, every block"
         self._vision_signature = inspect.signature(base.visual.forward)
-        self._vision: list[dict[str, Any]] | None = None
-        self._received: torch.Tensor | None = None
-        self._window_index: torch.Tensor | None = None
 
     def check(self) -> None:
         if {"cls_attention", "cls_attention_layers"} & set(self.requires) and self.aux is None:
@@ -112,40 +109,41 @@ class Qwen2VLAdapter(Adapter):
             )
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._claim(module)
+        self._vision_starts(module)
         bound = self._vision_signature.bind_partial(*args, **kwargs).arguments
-        grid_thw = bound["grid_thw"]
-        self._vision = None
-        self._received = None
-        self._grid_thw = grid_thw
-        self._window_index = self._windows(module, grid_thw) if self._needs_received and self.windowed else None
-        self._aux_rows = self._aux_cls(bound["hidden_states"], grid_thw) if self._needs_cls else None
+        grid_thw = self.captured["grid_thw"] = bound["grid_thw"]
+        if self._needs_received and self.windowed:
+            self.captured["window_index"] = self._windows(module, grid_thw)
+        if self._needs_cls:
+            self.captured["aux_rows"] = self._aux_cls(bound["hidden_states"], grid_thw)
 
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         with torch.no_grad():
-            self._received = self._received_probe.received(hidden, kwargs["position_embeddings"], kwargs["cu_seqlens"])
+            self.captured["received"] = self._received_probe.received(
+                hidden, kwargs["position_embeddings"], kwargs["cu_seqlens"]
+            )
 
     def _vision_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         merged = getattr(output, "pooler_output", output)  # [tokens, D] in original order
-        grid_thw = self._grid_thw
+        grid_thw = self.captured["grid_thw"]
         tokens = (grid_thw.prod(-1) // self.merge**2).tolist()
         received = None
-        if self._received is not None:
-            received = self._received.view(-1, self.merge**2).mean(dim=1)  # per merged token, block order
-            if self._window_index is not None:
-                received = received[torch.argsort(self._window_index.to(received.device))]
+        if "received" in self.captured:
+            received = self.captured["received"].view(-1, self.merge**2).mean(dim=1)  # per merged token, block order
+            if "window_index" in self.captured:
+                received = received[torch.argsort(self.captured["window_index"].to(received.device))]
             received = received.split(tokens)
-        self._vision = []
+        images = self.captured["images"] = []  # per image: what the vision side knows of it
         for i, (count, (t, h, w)) in enumerate(zip(tokens, grid_thw.tolist(), strict=True)):
             info: dict[str, Any] = {"grid": (h // self.merge, w // self.merge) if t == 1 else None, "length": count}
             info["first"] = merged[sum(tokens[:i])].detach()
             if received is not None:
                 info["attention_received"] = received[i]
-            if self._aux_rows is not None:
-                info["cls_attention"] = self._aux_rows[i][-1]
-                info["cls_attention_layers"] = self._aux_rows[i]
-            self._vision.append(info)
+            if "aux_rows" in self.captured:
+                info["cls_attention"] = self.captured["aux_rows"][i][-1]
+                info["cls_attention_layers"] = self.captured["aux_rows"][i]
+            images.append(info)
 
     def _windows(self, visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's window order of the merged groups (transformers 4.57 method, 5.x function)."""
@@ -182,7 +180,6 @@ class Qwen2VLAdapter(Adapter):
     # -- the plan ---------------------------------------------------------------------------------
 
     def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
-        self._vision = None  # used once: a later prefill must not reuse another forward's signals
         units = []
         for image in images:
             signals = {name: image.vision[name] for name in self.requires if name != "features"}
@@ -199,23 +196,25 @@ class Qwen2VLAdapter(Adapter):
             breaks = ((cols[1:] - cols[:-1]) != 1).nonzero().squeeze(1) + 1
             runs += [(b, run) for run in torch.tensor_split(cols, breaks.tolist())]
         needs_vision = set(self.requires) - {"features"}
-        if self._vision is None:
+        vision = self.captured.get("images")
+        if vision is None:
             if needs_vision:
                 raise ValueError(
                     f"method {self.method.name!r} needs vision-side signals {sorted(needs_vision)}, but the vision "
                     "encoder did not run while vtc was attached (were image features computed before vtc.compress?)"
                 )
             return [Image(b, run) for b, run in runs]
-        lengths = [info["length"] for info in self._vision]
+        lengths = [info["length"] for info in vision]
         if sum(run.numel() for _, run in runs) == sum(lengths):
-            return self._split_runs(runs, lengths)
+            return self._split_runs(runs, vision)
         # generate() repeated the images (beam search): match each run to a vision-side image.
-        seen = torch.stack([info["first"] for info in self._vision])
+        seen = torch.stack([info["first"] for info in vision])
         first = torch.stack([embeds[b, run[0]] for b, run in runs])
         matches = match_images(first, seen, fits=lambda i, j: lengths[j] == runs[i][1].numel())
-        return [Image(b, run, self._vision[j]) for (b, run), j in zip(runs, matches, strict=True)]
+        return [Image(b, run, vision[j]) for (b, run), j in zip(runs, matches, strict=True)]
 
-    def _split_runs(self, runs: list, lengths: list[int]) -> list[Image]:
+    def _split_runs(self, runs: list, vision: list[dict[str, Any]]) -> list[Image]:
+        lengths = [info["length"] for info in vision]
         images: list[Image] = []
         for b, run in runs:
             start = 0
@@ -225,6 +224,6 @@ class Qwen2VLAdapter(Adapter):
                     raise ValueError(
                         f"the <|image_pad|> runs of the prompt do not split into whole images of {lengths} tokens"
                     )
-                images.append(Image(b, run[start : start + length], self._vision[len(images)]))
+                images.append(Image(b, run[start : start + length], vision[len(images)]))
                 start += length
         return images
