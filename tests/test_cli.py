@@ -69,9 +69,9 @@ def test_other_tiny_families_and_methods_they_cannot_run(capsys):
 
 
 def test_default_is_the_shipped_organism_answering_a_scene(capsys):
-    from eval import runner
-    from eval.tasks import get_task
     from vtc import loading
+    from vtc.eval import runner
+    from vtc.eval.tasks import get_task
 
     assert main(["--repeats", "1", "--methods", "fastervlm,random"]) == 0
     out = capsys.readouterr().out
@@ -140,17 +140,3 @@ def test_tiny_models_run_on_the_device_asked_for(capsys):
         assert "visual tokens in the prompt, device cuda:0" in capsys.readouterr().out
     else:  # the header said "device cuda" while the model ran on the CPU
         assert "no cuda device is available" in refused(main, [*argv, "--device", "cuda"], capsys)
-
-
-def test_method_options_as_python_m_eval_takes_them(capsys):
-    from eval import runner
-
-    specs = "none,fastervlm:signal=attention_received,pdrop:layers=(1,3)"
-    argv = ["--model", "tiny-qwen2-vl", "--methods", specs, "--repeats", "1", "--max-new-tokens", "1"]
-    assert main(argv) == 0
-    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if " -> " in line}
-    assert set(table) == {"none", "fastervlm:signal=attention_received", "pdrop:layers=(1,3)"}
-    assert "384 -> 64 " in table["fastervlm:signal=attention_received"] and "384 -> 64 " in table["pdrop:layers=(1,3)"]
-    plan = runner.settings(["none", "fastervlm:signal=attention_received", "pdrop:layers=(1,3)"], [64])
-    assert [s.name for s in plan] == ["none", "fastervlm:signal=attention_received", "pdrop:layers=(1,3)"]
-    assert plan[2].options == {"layers": (1, 3)}

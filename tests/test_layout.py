@@ -1,7 +1,9 @@
-"""The repository's layout: no module the project runs can shadow an installed package.
+"""The repository's layout: no module the project runs can shadow an installed package, and the wheel installs no
+top-level package but ``vtc``.
 
-``python benchmarks/e2e.py`` puts benchmarks/ first on sys.path, ``python -m eval`` the repository root: a
-``benchmarks/kernels.py`` then hides Hugging Face's ``kernels`` package from transformers, which imports it.
+``python benchmarks/e2e.py`` puts benchmarks/ first on sys.path, ``python -m training.organisms`` the repository root:
+a ``benchmarks/kernels.py`` then hides Hugging Face's ``kernels`` package from transformers, which imports it. A
+shipped top-level ``eval`` or ``demo`` would do the same in every user's site-packages (``eval`` is a builtin).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def clashes(folders: list[Path], root: Path = ROOT) -> dict[str, str]:
 
 
 def test_no_script_folder_shadows_an_installed_package():
-    assert {ROOT, ROOT / "benchmarks", ROOT / "eval"} <= set(script_folders())
+    assert {ROOT, ROOT / "benchmarks", ROOT / "training", ROOT / "vtc" / "eval"} <= set(script_folders())
     assert {"e2e", "kernel_ops", "layerwise", "selection"} <= module_names(ROOT / "benchmarks")
     found = clashes(script_folders())
     assert not found, f"these modules would hide installed packages of the same name when run as scripts: {found}"
@@ -63,3 +65,30 @@ def test_the_check_finds_a_module_named_like_a_dependency(tmp_path):
     for name in ("transformers.py", "json.py", "timing.py"):  # as benchmarks/kernels.py was to transformers 5.25
         (folder / name).write_text("")
     assert clashes([folder], root=tmp_path) == {"benchmarks/transformers": "transformers", "benchmarks/json": "json"}
+
+
+def shipped_packages(pyproject: Path) -> list[str]:
+    """The packages setuptools puts in the wheel, found as the build finds them from ``pyproject``."""
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    return apply_configuration(Distribution(), pyproject).packages
+
+
+def test_the_wheel_ships_only_the_vtc_package_and_the_vtc_command():
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    packages = shipped_packages(ROOT / "pyproject.toml")
+    assert {"vtc", "vtc.eval", "vtc.eval.tasks", "vtc.demo", "vtc.organisms"} <= set(packages)
+    assert {name.split(".")[0] for name in packages} == {"vtc"}, packages
+    assert read_configuration(ROOT / "pyproject.toml")["project"]["scripts"] == {"vtc": "vtc.cli:main"}
+
+
+def test_the_wheel_check_finds_a_second_top_level_package(tmp_path):
+    for package in ("vtc", "eval"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "vtc"\nversion = "0"\n\n[tool.setuptools.packages.find]\ninclude = ["vtc*", "eval*"]\n'
+    )
+    assert sorted(shipped_packages(tmp_path / "pyproject.toml")) == ["eval", "vtc"]

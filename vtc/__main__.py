@@ -1,4 +1,4 @@
-"""``python -m vtc``: compress a VLM with every method and show what changes.
+"""``vtc run`` (or ``python -m vtc``): compress a VLM with every method and show what changes.
 
 Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained in this project, 256 visual tokens
 per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
@@ -137,8 +137,9 @@ def _shown(answers: list[str], truth: list[str] | None) -> str:
     return f"{words}  [{sum(marks)}/{len(marks)} right]"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtc", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
+    """The options of ``python -m vtc`` / ``vtc run``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         default="shapes-llava",
@@ -155,12 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help="image file (real models)")
     parser.add_argument("--prompt", default="Describe the image briefly.", help="question about --image")
     parser.add_argument("--scene", type=int, default=0, help="without --image: the shapes test scene to ask about")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="answer length in tokens (default 12)")
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills per method (median reported)")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any, else cpu"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny models' weights and inputs (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m vtc") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     methods, image = _checked(parser, args)
 

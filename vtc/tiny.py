@@ -91,11 +91,17 @@ def tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A random-weight LlavaForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
     config = tiny_llava_config(attn_implementation=attn_implementation, **config_options)
-    return _build_llava(LlavaForConditionalGeneration, config, seed, dtype)
+    return llava_from_config(config, seed, dtype)
 
 
-def _build_llava(model_class: type, config, seed: int, dtype: torch.dtype):
-    """A LLaVA-family model from ``config`` with vtc's test init, in eval mode."""
+def llava_from_config(
+    config: LlavaConfig | LlavaNextConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """A random-weight LLaVA (or LLaVA-NeXT, from a LlavaNextConfig) in eval mode, initialised as the tiny models are
+    (weights depend only on ``seed``): for shapes that the ``tiny_llava*`` options do not reach (e.g. the
+    benchmarks' separate vision and text widths)."""
+    is_next = isinstance(config, LlavaNextConfig)
+    model_class = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
     torch.manual_seed(seed)
     # Larger-than-default init so that random tokens are distinguishable and greedy decoding has no ties.
     config.text_config.initializer_range = 0.2
@@ -206,7 +212,7 @@ def tiny_llava_next(
 ) -> LlavaNextForConditionalGeneration:
     """A random-weight LlavaNextForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
     config = tiny_llava_next_config(attn_implementation=attn_implementation, **config_options)
-    return _build_llava(LlavaNextForConditionalGeneration, config, seed, dtype)
+    return llava_from_config(config, seed, dtype)
 
 
 def _llava_next_patches(model: LlavaNextForConditionalGeneration, height: int, width: int) -> int:
@@ -275,10 +281,11 @@ def tiny_llava_next_inputs(
 # ---------------------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL
 
 
-def _qwen_text_config(
+def qwen_text_config(
     hidden_size: int, text_layers: int, heads: int, vocab_size: int, intermediate: int, mrope_section: list[int] | None
 ) -> dict:
-    """Text-config kwargs shared by Qwen2-VL and Qwen2.5-VL (M-RoPE sections summing to head_dim / 2)."""
+    """Text-config kwargs shared by Qwen2-VL and Qwen2.5-VL (M-RoPE sections summing to head_dim / 2), under the rope
+    key this transformers reads."""
     half = hidden_size // heads // 2
     if mrope_section is None:  # the real models split 64 = 16 + 24 + 24 (t, h, w)
         temporal = half // 4
@@ -342,7 +349,7 @@ def tiny_qwen2_vl_config(
         "spatial_merge_size": spatial_merge_size,
         "initializer_range": 0.2,
     }
-    text = _qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
+    text = qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
     config = Qwen2VLConfig(vision_config=vision, text_config=text, **_qwen_special_tokens())
     config._attn_implementation = attn_implementation
     return config
@@ -383,7 +390,7 @@ def tiny_qwen2_5_vl_config(
         "fullatt_block_indexes": [vision_layers - 1] if fullatt_block_indexes is None else list(fullatt_block_indexes),
         "initializer_range": 0.2,
     }
-    text = _qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
+    text = qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_qwen_special_tokens())
     config._attn_implementation = attn_implementation
     return config
@@ -490,7 +497,8 @@ _WORDS = (  # noqa: SIM905 - a sentence reads better than 37 quoted words
     "<pad> <s> </s> <image> <unk> USER: ASSISTANT: what is in the image ? describe it briefly . "
     "a an of on and red green blue yellow circle square triangle cat dog how many left right yes no"
 ).split()
-_CHAT_TEMPLATE = (
+# The chat template of save_tiny_llava's processor: "USER: <image> question ASSISTANT:".
+CHAT_TEMPLATE = (
     "{% for message in messages %}USER: {% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} {% endif %}{% endfor %}{% endfor %}"
     "ASSISTANT:"
@@ -528,7 +536,7 @@ def save_tiny_llava(directory: str, seed: int = 0, **config_options) -> str:
         patch_size=vision.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )
     model.save_pretrained(directory)

@@ -1,11 +1,10 @@
-"""``python tests/demo/guarded_demo.py ARGS``: ``python -m demo ARGS`` with every connection or name lookup beyond this
+"""``python tests/demo/guarded_demo.py ARGS``: ``vtc demo ARGS`` with every connection or name lookup beyond this
 machine refused and written to the file named by $VTC_DEMO_NETLOG (one line each), so a test can prove the demo
 stays offline."""
 
 from __future__ import annotations
 
 import os
-import runpy
 import socket
 import sys
 
@@ -51,5 +50,6 @@ socket.getaddrinfo = getaddrinfo
 
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())
-    sys.argv = ["python -m demo", *sys.argv[1:]]
-    runpy.run_module("demo", run_name="__main__", alter_sys=True)
+    from vtc.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

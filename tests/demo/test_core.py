@@ -1,4 +1,4 @@
-"""demo.core without gradio: answers equal a direct generate() with and without vtc, every method runs, bad input
+"""vtc.demo.core without gradio: answers equal a direct generate() with and without vtc, every method runs, bad input
 gives one clear message."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import vtc
-from demo import core, samples
 from vtc import geometry, loading
+from vtc.demo import core, samples
 from vtc.organisms import scenes
 
 SCENE = scenes.scene("test", 3)
@@ -179,8 +179,8 @@ def test_llava_next_budgets_merges_and_newlines(tmp_path):
     import numpy as np
     from transformers import AutoTokenizer, LlavaNextProcessor
 
-    from demo import render
-    from vtc.tiny import _CHAT_TEMPLATE, save_tiny_llava, tiny_llava_next
+    from vtc.demo import render
+    from vtc.tiny import CHAT_TEMPLATE, save_tiny_llava, tiny_llava_next
 
     try:
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as P
@@ -200,7 +200,7 @@ def test_llava_next_budgets_merges_and_newlines(tmp_path):
         patch_size=model.config.vision_config.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )
     bundle = core.Bundle("tiny-llava-next", model, processor)

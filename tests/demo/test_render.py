@@ -1,4 +1,4 @@
-"""demo.render: the overlay keeps kept patches' pixels, dims dropped ones, colours merged groups, hatches what no
+"""vtc.demo.render: the overlay keeps kept patches' pixels, dims dropped ones, colours merged groups, hatches what no
 token covers; the per-layer chart draws its bars to scale."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from demo import render
 from vtc import geometry
+from vtc.demo import render
 from vtc.organisms import build, scenes
 
 
@@ -106,7 +106,7 @@ def test_layer_chart_bars_to_scale():
 def test_screenshot_png_is_reduced_under_the_limit():
     import io
 
-    from demo.screenshot import small_png
+    from vtc.demo.screenshot import small_png
 
     buffer = io.BytesIO()
     noisy_image(600, 800).save(buffer, format="PNG")  # noise: about 1.4 MB as a PNG

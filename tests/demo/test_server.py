@@ -1,5 +1,6 @@
-"""The demo as a user meets it: ``python -m demo`` in a subprocess on a free 127.0.0.1 port, called over gradio's HTTP
-API, then driven by a headless Chromium (type a question, click Compare, read the result from the page). The server
+"""The demo as a user meets it: ``vtc demo`` in a subprocess on a free 127.0.0.1 port, called over gradio's HTTP
+API, then driven by a headless Chromium through Playwright (type a question, click Compare, read the result from the
+page). The server
 runs with every outside connection refused and recorded (tests/demo/guarded_demo.py): it must need none, and the
 page must ask for nothing beyond 127.0.0.1 (no CDN, no fonts, no analytics)."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,9 +23,9 @@ pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[d
 httpx = pytest.importorskip("httpx")
 
 # Imported after the importorskip calls, so that without gradio this module is skipped rather than broken.
-from demo import OFFLINE_ENV  # noqa: E402
-from demo.browser import Browser, find_chromium  # noqa: E402
 from tests.demo.test_core import direct_answers  # noqa: E402
+from vtc.demo import OFFLINE_ENV  # noqa: E402
+from vtc.demo.screenshot import launch_chromium  # noqa: E402
 from vtc.organisms import scenes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,7 +152,7 @@ def test_http_api_reports_bad_input_without_a_stack_trace(request, server, chang
     image = change.pop("image", "upload")
     wide = SCENE.image.resize((200, 90))
     if change.get("keep") == "LIMIT+1":  # a wide image gives Qwen fewer tokens than the page's slider allows (256)
-        from demo import core
+        from vtc.demo import core
 
         limit = core.budget_limit(core.load_model(change["model"]), wide)
         change["keep"] = limit + 1
@@ -166,37 +168,49 @@ def test_http_api_reports_bad_input_without_a_stack_trace(request, server, chang
 
 
 @pytest.mark.skipif(  # CI installs chromium: there a missing browser is a failure, not a skip
-    find_chromium() is None and not os.environ.get("CI"), reason="no chromium (apt-get install chromium)"
+    shutil.which("chromium") is None and not os.environ.get("CI"), reason="no chromium (apt-get install chromium)"
 )
 def test_browser_runs_a_comparison(server, tmp_path):
-    with Browser(timeout=90) as browser:
-        browser.open(server.url + "/")
-        browser.type_into("#question textarea", QUESTION)
-        browser.click("#run")
-        status = browser.wait_for_text("#status", "Done")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(90_000)
+        requests, page_errors = [], []
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("pageerror", lambda error: page_errors.append(str(error)))
+
+        page.goto(server.url + "/")
+        page.fill("#question textarea", QUESTION)
+        page.click("#run")
+        expect(page.locator("#status")).to_contain_text("Done", timeout=90_000)
+        status = page.inner_text("#status")
         assert status.startswith("Done: 256 -> 64 visual tokens")  # the page's default: dart, keep 64
-        answers = browser.evaluate(
+        answers = page.evaluate(
             "['#baseline-answer', '#compressed-answer'].map(s => document.querySelector(s + ' textarea').value)"
         )
         plain, with_vtc = direct_answers(server.model, scenes.scene("test", 0).image, QUESTION, "dart", 64, 24)
         assert answers == [plain, with_vtc]  # the page's default: 24 new tokens
-        dom = browser.dom()
+        dom = page.content()
         assert "visual tokens per LLM layer" in dom and "64/64/64" in dom
-        assert browser.evaluate("document.querySelector('#overlay img').naturalWidth") == 384
-        png = browser.screenshot()
+        assert page.evaluate("document.querySelector('#overlay img').naturalWidth") == 384
+        png = page.screenshot(full_page=True)
         assert png.startswith(b"\x89PNG") and len(png) > 20_000
         (tmp_path / "page.png").write_bytes(png)
 
         # URL parameters set the inputs and run on load (links, headless runs without clicks).
-        browser.open(server.url + "/?sample=2&method=fastv&keep=40&run=1")
-        status = browser.wait_for_text("#status", "Done")
+        page.goto(server.url + "/?sample=2&method=fastv&keep=40&run=1")
+        expect(page.locator("#status")).to_contain_text("Done", timeout=90_000)
+        status = page.inner_text("#status")
         assert status.startswith("Done: 256 -> 40 visual tokens")
-        assert "256/256/40" in browser.evaluate("document.querySelector('#summary').innerText")
-        question = browser.evaluate("document.querySelector('#question textarea').value")
+        assert "256/256/40" in page.inner_text("#summary")
+        question = page.evaluate("document.querySelector('#question textarea').value")
         assert question == scenes.scene("test", 2).questions[2].question
-        outside = [url for url in browser.requests if not url.startswith((server.url, "data:", "blob:"))]
+        outside = [url for url in requests if not url.startswith((server.url, "data:", "blob:"))]
         assert outside == [], outside
-        assert browser.console_errors == []
+        assert page_errors == []
+        browser.close()
 
 
 def test_server_made_no_outside_connections(server):

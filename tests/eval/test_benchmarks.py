@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval.tasks import TASKS, Sample, Task, get_task, list_tasks
-from eval.tasks.base import require_pyarrow
+from vtc.eval.tasks import TASKS, Sample, Task, get_task, list_tasks
+from vtc.eval.tasks.base import require_pyarrow
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BENCHMARKS = ["gqa", "vqav2", "textvqa", "pope", "mme", "scienceqa", "mmbench"]
@@ -71,7 +71,7 @@ def summarize(task: Task, samples: list[Sample], predictions: dict[str, str]) ->
 
 def test_registry_names_every_task():
     assert list_tasks() == sorted([*BENCHMARKS, "shapes"])
-    assert TASKS["shapes"] == "eval.tasks.shapes:ShapesTask"
+    assert TASKS["shapes"] == "vtc.eval.tasks.shapes:ShapesTask"
     for name in BENCHMARKS:
         task = get_task(name)
         assert task.name == name and task.needs_data and task.max_new_tokens == 16 and task.data_help
@@ -84,13 +84,13 @@ def test_unknown_task_names_the_known_ones():
 
 def test_task_modules_are_imported_only_when_asked_for():
     code = (
-        "import sys, eval.tasks as t; before = sorted(m for m in sys.modules if m.startswith('eval.tasks.')); "
-        "t.get_task('pope'); after = sorted(m for m in sys.modules if m.startswith('eval.tasks.')); "
+        "import sys, vtc.eval.tasks as t; before = sorted(m for m in sys.modules if m.startswith('vtc.eval.tasks.')); "
+        "t.get_task('pope'); after = sorted(m for m in sys.modules if m.startswith('vtc.eval.tasks.')); "
         "print(before, after)"
     )
     root = Path(__file__).parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["['eval.tasks.base']", "['eval.tasks.base',", "'eval.tasks.pope']"]
+    assert out.split() == ["['vtc.eval.tasks.base']", "['vtc.eval.tasks.base',", "'vtc.eval.tasks.pope']"]
 
 
 def test_gqa_joins_questions_and_images():
@@ -414,5 +414,5 @@ def test_bad_limit():
 
 def test_missing_pyarrow_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError, match=r"pip install pyarrow"):
+    with pytest.raises(ImportError, match=r'needs pyarrow.parquet, part of the eval extra: pip install "vtc\[eval\]"'):
         require_pyarrow()

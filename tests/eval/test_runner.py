@@ -1,4 +1,4 @@
-"""python -m eval end to end: settings, files, records, errors, and a 2-process accelerate run equal to 1 process.
+"""vtc eval end to end: settings, files, records, errors, and a 2-process accelerate run equal to 1 process.
 
 The model is an untrained organism-shaped checkpoint (real LlavaForConditionalGeneration + LlavaProcessor, saved
 to a temporary directory), so these tests do not depend on the shipped weights; tests/organisms checks those.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from eval import runner
-from eval.__main__ import main
-from eval.scoring import parse_yes_no
-from eval.tasks import get_task
-from eval.tasks.shapes import normalize as shapes_normalize
 from tests.helpers import refused
+from vtc.eval import runner
+from vtc.eval.__main__ import main
+from vtc.eval.scoring import parse_yes_no
+from vtc.eval.tasks import get_task
+from vtc.eval.tasks.shapes import normalize as shapes_normalize
 from vtc.organisms import build, scenes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ def test_two_processes_equal_one(checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", env["MASTER_PORT"], "-m", "eval", *args, "--output", str(tmp_path / "two")]
+    command += ["--main_process_port", env["MASTER_PORT"], "-m", "vtc.eval", *args, "--output", str(tmp_path / "two")]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
@@ -207,7 +207,7 @@ def test_bad_values_are_refused_before_a_model_is_loaded(args, message, capsys, 
 
 
 def test_method_options_may_hold_commas():
-    from eval.__main__ import parse_args
+    from vtc.eval.__main__ import parse_args
 
     methods = " none, pdrop:layers=(2,6) ,adaptive:layers=[2, 6]:mass=0.8,,fastv"
     args = parse_args(["--model", "m", "--output", "/tmp/unused", "--methods", methods])

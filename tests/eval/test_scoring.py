@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.scoring import (
+from vtc.eval.scoring import (
     circular_accuracy,
     exact_match,
     extract_choice_letter,

@@ -1,4 +1,4 @@
-"""python -m eval.tables: the README's accuracy / retention tables from a summary.json."""
+"""python -m vtc.eval.tables: the README's accuracy / retention tables from a summary.json."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eval import tables
+from vtc.eval import tables
 
 
 def run(method, keep, accuracy, families):

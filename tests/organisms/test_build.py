@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from training.organisms import Conversations
 from vtc import loading
 from vtc.organisms import build, scenes
-from vtc.organisms.train import Conversations
 
 TORCHVISION = importlib.util.find_spec("torchvision") is not None
 FAMILIES = ("llava", "qwen2vl")

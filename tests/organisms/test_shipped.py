@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from eval import runner
-from eval.tasks import get_task
 from vtc import loading, organisms
+from vtc.eval import runner
+from vtc.eval.tasks import get_task
 from vtc.organisms import scenes
 
 

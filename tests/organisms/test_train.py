@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vtc.organisms import scenes, train
-from vtc.organisms.train import DENSE_CLASSES, TOKEN_PIXELS, caption, patch_labels
+from training import organisms as train
+from training.organisms import DENSE_CLASSES, TOKEN_PIXELS, caption, patch_labels
+from vtc.organisms import scenes
 
 SIDE = scenes.IMAGE_SIZE // TOKEN_PIXELS
 
@@ -65,8 +66,8 @@ def test_curriculum_batch_keeping_everything_is_the_plain_batch(family):
     its M-RoPE positions); share=0 keeps the text and exactly the object / sign tokens, at their positions."""
     import random
 
+    from training.organisms import Conversations, batch_inputs, without_background
     from vtc.organisms import build
-    from vtc.organisms.train import Conversations, batch_inputs, without_background
 
     tok = build.tokenizer(family)
     model = build.model(family, len(tok)).eval()
@@ -97,8 +98,8 @@ def test_curriculum_batch_keeping_everything_is_the_plain_batch(family):
 
 
 def test_alignment_loss_is_zero_exactly_when_features_point_at_their_words():
+    from training.organisms import alignment_loss, alignment_targets
     from vtc.organisms import build
-    from vtc.organisms.train import alignment_loss, alignment_targets
 
     tok = build.tokenizer("llava")
     model = build.model("llava", len(tok))
@@ -148,7 +149,7 @@ def test_model_card_command_reproduces_the_recorded_arguments(init):
     args = vars(train.arguments().parse_args(argv))
     record = {"family": "qwen2vl", "arguments": args, "threads": 2}
     command = train.command(record)
-    assert command.startswith("python -m vtc.organisms.train ")
+    assert command.startswith("python -m training.organisms ")
     again = vars(train.arguments().parse_args(command.split()[3:]))
     assert {**again, "output": "out", "threads": None} == {**args, "threads": None}
     assert again["threads"] == 2

@@ -3,9 +3,10 @@
 ``shapes-llava`` (LlavaForConditionalGeneration: a CLIP tower with [CLS], 8 px patches) and ``shapes-qwen2vl``
 (Qwen2VLForConditionalGeneration: no [CLS], 4 px patches merged 2 x 2, M-RoPE) each see a 128 px scene as 256 visual
 tokens. Their model cards are ``vtc/organisms/<name>/README.md``; :mod:`vtc.organisms.scenes` makes the data,
-:mod:`vtc.organisms.train` trains them. Wherever vtc asks for a model (``python -m vtc``, ``python -m eval``, the
-demo, the benchmarks) a shipped name resolves to its directory, which loads offline with ``from_pretrained`` /
-``AutoProcessor`` (:func:`vtc.loading.load_processor` where transformers needs torchvision for Qwen's).
+``training/organisms.py`` in the repository (not shipped) trains them. Wherever vtc asks for a model (``vtc run``,
+``vtc eval``, ``vtc demo``, the benchmarks) a shipped name resolves to its directory, which loads offline with
+``from_pretrained`` / ``AutoProcessor`` (:func:`vtc.loading.load_processor` where transformers needs torchvision for
+Qwen's).
 """
 
 from __future__ import annotations

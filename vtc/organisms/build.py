@@ -110,9 +110,9 @@ def config(family: str, vocab_size: int):
             projector_hidden_act="gelu",
         )
     if family == "qwen2vl":
-        from vtc.tiny import _qwen_text_config  # the 4.57 / 5.x rope key
+        from vtc.tiny import qwen_text_config  # the 4.57 / 5.x rope key
 
-        text = _qwen_text_config(HIDDEN, 3, 4, vocab_size, 3 * HIDDEN, [4, 6, 6])
+        text = qwen_text_config(HIDDEN, 3, 4, vocab_size, 3 * HIDDEN, [4, 6, 6])
         text.update(num_key_value_heads=4, max_position_embeddings=1024, initializer_range=0.02)
         vision = {  # 1024 patches per scene: a narrower, shallower tower than LLaVA's keeps training near an hour
             "depth": 3,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from eval.scoring import MME_COGNITION, MME_PERCEPTION, mme_category_scores, mme_totals, parse_yes_no_strict
-from eval.tasks.base import (
+from vtc.eval.scoring import MME_COGNITION, MME_PERCEPTION, mme_category_scores, mme_totals, parse_yes_no_strict
+from vtc.eval.tasks.base import (
     SHORT_ANSWER_PROMPT,
     Row,
     Sample,
@@ -19,7 +19,7 @@ from eval.tasks.base import (
 
 class MMETask(Task):
     """MME with LLaVA-1.5's prompt (the question, which already asks "Please answer yes or no.", then the
-    one-word-answer instruction). A prediction is read by :func:`eval.scoring.parse_yes_no_strict` (the official
+    one-word-answer instruction). A prediction is read by :func:`vtc.eval.scoring.parse_yes_no_strict` (the official
     MME rule: an answer that is neither yes nor no is wrong) and scores 1 when it equals the label.
 
     Each image has two questions (one "yes", one "no"); ``limit`` keeps them together. summarize() reports

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from eval.scoring import vqa_accuracy
-from eval.tasks.base import SHORT_ANSWER_PROMPT, Row, Sample, Task, check_limit, check_unique_ids, first, read_rows
+from vtc.eval.scoring import vqa_accuracy
+from vtc.eval.tasks.base import SHORT_ANSWER_PROMPT, Row, Sample, Task, check_limit, check_unique_ids, first, read_rows
 
 
 class VQAv2Task(Task):
     """VQAv2 with LLaVA-1.5's one-word-answer prompt and the official accuracy over the 10 human answers
-    (:func:`eval.scoring.vqa_accuracy`). Families are the answer types (yes/no, number, other).
+    (:func:`vtc.eval.scoring.vqa_accuracy`). Families are the answer types (yes/no, number, other).
 
     Only the validation split can be scored locally: the test and test-dev splits hide their answers (their
     ``answers`` are null), and the task refuses them rather than score every prediction 0. LLaVA-1.5's paper

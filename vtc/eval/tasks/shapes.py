@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import string
 
-from eval.tasks.base import Sample, Task, check_limit
+from vtc.eval.tasks.base import Sample, Task, check_limit
 from vtc.organisms import scenes
 
 _NUMBERS = {"two": "2", "three": "3", "four": "4", "five": "5"}

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vtc import extras
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -158,12 +160,9 @@ def choice_prompt(question: str, options: Sequence[str], hint: str | None = None
 
 def require_pyarrow() -> Any:
     """pyarrow.parquet, imported on first use."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError(
-            "reading the benchmarks' parquet files needs pyarrow: pip install pyarrow (part of the eval extra)"
-        ) from err
+    extras.require("eval", "pyarrow.parquet", needed_by="reading the benchmarks' parquet files")
+    import pyarrow.parquet as pq
+
     return pq
 
 
@@ -316,16 +315,6 @@ def _jsonl_rows(path: Path, parsed: list[dict], columns: Sequence[str], image: s
         yield Row(values, loader, position, f"{path} row {position}")
 
 
-def require_pillow() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError(
-            "decoding benchmark images needs pillow: pip install pillow (part of the eval extra)"
-        ) from err
-    return Image
-
-
 @dataclass(frozen=True)
 class ParquetImage:
     """Loads the image in ``column`` of row ``row`` of row group ``row_group`` of a parquet file."""
@@ -358,7 +347,8 @@ class FileImage:
 
 def decode_image(cell: Any, base: Path) -> Image.Image:
     """An RGB image from an HF ``Image`` cell ({bytes, path}), raw bytes, or a path (relative to ``base``)."""
-    image_module = require_pillow()
+    from PIL import Image
+
     if isinstance(cell, dict):
         data, path = cell.get("bytes"), cell.get("path")
     elif isinstance(cell, bytes | bytearray):
@@ -366,9 +356,9 @@ def decode_image(cell: Any, base: Path) -> Image.Image:
     else:
         data, path = None, cell
     if data is not None:
-        with image_module.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     if path:
-        with image_module.open(base / path) as image:
+        with Image.open(base / path) as image:
             return image.convert("RGB")
     raise ValueError(f"image cell has neither bytes nor a path: {cell!r}")

@@ -1,6 +1,6 @@
 """Scoring rules of the standard benchmarks, as small pure functions over strings and lists.
 
-The tasks in :mod:`eval.tasks` call these; each rule names the evaluation it follows and where it differs.
+The tasks in :mod:`vtc.eval.tasks` call these; each rule names the evaluation it follows and where it differs.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.scoring import exact_match
-from eval.tasks.base import (
+from vtc.eval.scoring import exact_match
+from vtc.eval.tasks.base import (
     SHORT_ANSWER_PROMPT,
     ParquetImage,
     Row,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from eval.scoring import parse_yes_no, pope_metrics
-from eval.tasks.base import (
+from vtc.eval.scoring import parse_yes_no, pope_metrics
+from vtc.eval.tasks.base import (
     SHORT_ANSWER_PROMPT,
     Row,
     Sample,
@@ -21,7 +21,7 @@ from eval.tasks.base import (
 
 class POPETask(Task):
     """POPE (COCO; random, popular and adversarial negatives) with the one-word-answer prompt. A prediction is read
-    as yes/no by :func:`eval.scoring.parse_yes_no` (LLaVA's rule) and scores 1 when it equals the label.
+    as yes/no by :func:`vtc.eval.scoring.parse_yes_no` (LLaVA's rule) and scores 1 when it equals the label.
 
     summarize() reports accuracy (the headline), precision, recall, F1 (positive = "yes") and yes_ratio (share of
     "yes" predictions) over all records and per category, plus f1_category_mean, the mean of the per-category F1

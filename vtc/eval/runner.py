@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import vtc
-from eval.tasks import Sample, Task
+from vtc.eval.tasks import Sample, Task
 from vtc.method_spec import parse_method
 
 

@@ -1,6 +1,6 @@
-"""``python -m eval``: accuracy, visual tokens, latency and memory of vtc methods on a VQA task.
+"""``vtc eval`` (or ``python -m vtc.eval``): accuracy, visual tokens, latency and memory of vtc methods on a VQA task.
 
-    python -m eval --model shapes-llava --methods none,fastervlm,divprune,dart,random \\
+    vtc eval --model shapes-llava --methods none,fastervlm,divprune,dart,random \\
         --keep 256,128,64,32,16 --task shapes --limit 500 --output results/shapes-llava
 
 --model is the shipped organism (shapes-llava), a local directory or a hub id. --methods are vtc
@@ -8,7 +8,7 @@ method names (``python -c "import vtc; print(vtc.list_methods())"``), "none" for
 after colons (``fastervlm:signal=attention_received``). --task is shapes (generated, offline) or a standard
 benchmark read from --data: gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench. The output directory receives
 samples.jsonl (one record per sample and setting), summary.json, summary.csv and accuracy_vs_tokens.png.
-Data-parallel: ``accelerate launch --num_processes N -m eval ...`` (results are gathered on the main process).
+Data-parallel: ``accelerate launch --num_processes N -m vtc.eval ...`` (results are gathered on the main process).
 """
 
 from __future__ import annotations
@@ -22,27 +22,38 @@ from pathlib import Path
 
 import torch
 
-from vtc import loading
+from vtc import extras, loading
 from vtc.adapters.llava_next import BUDGETS
 from vtc.method_spec import split_specs
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser(prog: str = "python -m vtc.eval") -> argparse.ArgumentParser:
+    """The options of ``python -m vtc.eval`` / ``vtc eval``."""
     parser = argparse.ArgumentParser(
-        prog="python -m eval", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2]
+        prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2]
     )
     parser.add_argument("--model", required=True, help="shapes-llava, a local dir or a hub id")
-    parser.add_argument("--methods", default="none,fastervlm,divprune,dart,random", help="comma-separated")
+    parser.add_argument(
+        "--methods",
+        default="none,fastervlm,divprune,dart,random",
+        help="comma-separated method names, none for the uncompressed model, options after colons "
+        "(fastervlm:signal=attention_received)",
+    )
     parser.add_argument("--keep", default="64", help="comma-separated visual tokens kept per image")
     parser.add_argument("--task", default="shapes", help="shapes, gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench")
     parser.add_argument("--data", help="the benchmark's local data (parquet file/dir or .jsonl); shapes: the split")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--output", required=True, help="directory for the result files")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's")
     parser.add_argument("--budget", help="LLaVA-NeXT: how keep is shared by crops (global, per_crop, thumbnail)")
     parser.add_argument("--device", help="default: this process's accelerator (cuda:N under accelerate) or cpu")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, ...")
+    return parser
+
+
+def parse_args(argv: list[str] | None, prog: str = "python -m vtc.eval") -> argparse.Namespace:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
@@ -88,10 +99,9 @@ class _Processes:
         self.state = None
         self.rank, self.world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            try:
-                from accelerate import PartialState
-            except ImportError as error:
-                raise SystemExit("several processes need accelerate (the eval extra)") from error
+            extras.require("eval", "accelerate", needed_by="running on several processes")
+            from accelerate import PartialState
+
             self.state = PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU processes
             self.rank, self.world = self.state.process_index, self.state.num_processes
 
@@ -121,23 +131,28 @@ class _Processes:
         return gather_object(items)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from eval import report, runner
-    from eval.tasks import get_task
-
+def main(argv: list[str] | None = None, prog: str = "python -m vtc.eval") -> int:
+    args = parse_args(argv, prog)
     # Everything that can be wrong with the request fails here, before a model is loaded.
     try:
+        extras.require("eval", "tqdm", "matplotlib", needed_by=prog)
+        from vtc.eval import report, runner
+        from vtc.eval.tasks import get_task
+
         task = get_task(args.task)
         plan = runner.settings(args.method_specs, args.keeps)
         samples = task.samples(args.data, args.limit)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, extras.MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not samples:
         print(f"error: {args.task} has no samples in {args.data!r}", file=sys.stderr)
         return 2
-    processes = _Processes()
+    try:
+        processes = _Processes()
+    except extras.MissingExtra as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     device = torch.device(args.device) if args.device else processes.device()
 
     try:

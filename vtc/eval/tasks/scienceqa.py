@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from eval.scoring import LETTERS, extract_choice_letter
-from eval.tasks.base import (
+from vtc.eval.scoring import LETTERS, extract_choice_letter
+from vtc.eval.tasks.base import (
     Row,
     Sample,
     Task,
@@ -19,7 +19,7 @@ from eval.tasks.base import (
 class ScienceQATask(Task):
     """ScienceQA-IMG with LLaVA-1.5's multiple-choice prompt ("Context: {hint}" when there is one, the question,
     lettered options, "Answer with the option's letter from the given choices directly."). The predicted letter is
-    read by :func:`eval.scoring.extract_choice_letter`. Families are subjects (natural, social, language science).
+    read by :func:`vtc.eval.scoring.extract_choice_letter`. Families are subjects (natural, social, language science).
 
     Rows without an image are skipped (the ScienceQA-FULL config mixes them in); ids are row positions in file
     order counted before skipping (the export has no id column), so they do not change with ``limit``.

@@ -1,11 +1,11 @@
-"""``python -m eval.tables DIR [--family-keep K ...]``: an evaluation's summary as Markdown tables.
+"""``python -m vtc.eval.tables DIR [--family-keep K ...]``: an evaluation's summary as Markdown tables.
 
-Reads ``DIR/summary.json`` (or the file itself) written by ``python -m eval`` and prints, per task: the uncompressed
+Reads ``DIR/summary.json`` (or the file itself) written by ``vtc eval`` and prints, per task: the uncompressed
 accuracy, a method x budget table of accuracy with retention (compressed / uncompressed accuracy) in brackets, and
 per question family (or category) the retention of every method at each budget asked for (default: every budget).
 The README's accuracy tables are this output.
 
-    python -m eval.tables eval/results/shapes-llava --family-keep 32
+    python -m vtc.eval.tables vtc/eval/results/shapes-llava --family-keep 32
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 def load(path: Path) -> dict:
     path = path / "summary.json" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass python -m eval's output directory or its summary.json")
+        raise FileNotFoundError(f"{path} does not exist: pass vtc eval's output directory or its summary.json")
     return json.loads(path.read_text())
 
 
@@ -87,8 +87,8 @@ def markdown(summary: dict, family_keeps: list[int] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("summary", type=Path, help="an output directory of python -m eval, or its summary.json")
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("summary", type=Path, help="an output directory of vtc eval, or its summary.json")
     parser.add_argument("--family-keep", type=int, nargs="*", help="budgets for the per-family tables (default: all)")
     args = parser.parse_args(argv)
     try:

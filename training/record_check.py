@@ -1,12 +1,12 @@
-"""``python -m eval.record_check DIR [--questions N]``: record a trained organism's accuracy through the eval path.
+"""``python -m training.record_check DIR [--questions N]``: record a trained organism's accuracy through the eval path.
 
-Runs the first N questions of the shapes test split through ``python -m eval``'s own code (processor, chat template,
+Runs the first N questions of the shapes test split through ``vtc eval``'s own code (processor, chat template,
 greedy ``generate()``), uncompressed and with random pruning to 16 tokens, and writes the counts into
 ``DIR/training.json`` under ``"check"``. ``tests/organisms/test_shipped.py`` recomputes them on every test run, so a
 change anywhere on that path that moves the shipped models' answers fails the tests.
 
-    python -m vtc.organisms.train --family llava --output vtc/organisms/shapes-llava
-    python -m eval.record_check vtc/organisms/shapes-llava
+    python -m training.organisms --family llava --output vtc/organisms/shapes-llava
+    python -m training.record_check vtc/organisms/shapes-llava
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from eval import runner
-from eval.tasks import get_task
 from vtc import loading
+from vtc.eval import runner
+from vtc.eval.tasks import get_task
 
 # 40 scenes x 6 families: small enough for the test suite (a few seconds per organism), large enough that the count
 # checks the whole path (a wrong prompt or a broken image path costs far more than the 2 questions of slack).
@@ -29,7 +29,7 @@ def record(directory: Path, questions: int = DEFAULT_QUESTIONS, batch_size: int 
     """Compute the check, write it into ``directory / "training.json"``, and return it."""
     training = directory / "training.json"
     if not training.is_file():
-        raise FileNotFoundError(f"{training} does not exist: train the organism first (python -m vtc.organisms.train)")
+        raise FileNotFoundError(f"{training} does not exist: train the organism first (python -m training.organisms)")
     model, processor = loading.load(str(directory))
     task = get_task("shapes")
     samples = list(enumerate(task.samples("test", questions)))
@@ -45,7 +45,7 @@ def record(directory: Path, questions: int = DEFAULT_QUESTIONS, batch_size: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.record_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.record_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a trained organism's directory (holds training.json)")
     parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS)
     args = parser.parse_args(argv)

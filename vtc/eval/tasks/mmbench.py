@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from eval.scoring import LETTERS, circular_accuracy, extract_choice_letter, rotate_options
-from eval.tasks.base import (
+from vtc.eval.scoring import LETTERS, circular_accuracy, extract_choice_letter, rotate_options
+from vtc.eval.tasks.base import (
     Row,
     Sample,
     Task,
@@ -23,7 +23,7 @@ _OPTION_COLUMNS = ["A", "B", "C", "D", "E"]
 
 class MMBenchTask(Task):
     """MMBench-EN with CircularEval, LLaVA-1.5's multiple-choice prompt and rule-based letter extraction
-    (:func:`eval.scoring.extract_choice_letter`).
+    (:func:`vtc.eval.scoring.extract_choice_letter`).
 
     Each question with n options becomes n samples ``f"{index}-r{k}"``, copy k showing the options rotated left by
     k (the answer letter moves with them); ``limit`` counts samples and keeps a question's copies together. A

@@ -1,6 +1,6 @@
-"""The Gradio page: a thin layer over :mod:`demo.core` (computation) and :mod:`demo.render` (pictures).
+"""The Gradio page: a thin layer over :mod:`vtc.demo.core` (computation) and :mod:`vtc.demo.render` (pictures).
 
-Import this module only after :func:`demo.offline` has set gradio's offline environment (``python -m demo`` does).
+Import this module only after :func:`vtc.demo.offline` has set gradio's offline environment (``vtc demo`` does).
 
 URL parameters (for links and headless browsers), applied on page load: ``sample=N`` (or a sample's label),
 ``method=NAME``, ``keep=K``, ``merge=1`` set the inputs; ``run=1`` also runs the comparison, e.g.
@@ -15,10 +15,10 @@ from typing import Any
 import gradio as gr
 
 import vtc
-from demo import core, render, samples
 from vtc import organisms
+from vtc.demo import core, render, samples
 
-log = logging.getLogger("demo")
+log = logging.getLogger(__name__)
 
 TITLE = "vtc: visual token compression"
 CSS = """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eval.tasks.vqav2 import VQAv2Task
+from vtc.eval.tasks.vqav2 import VQAv2Task
 
 
 class TextVQATask(VQAv2Task):

@@ -1,7 +1,10 @@
 """Train a shapes organism: CLIP-style pretraining of the vision tower, then the VLM on multi-turn scene questions.
 
-    python -m vtc.organisms.train --family llava --output vtc/organisms/shapes-llava
-    python -m vtc.organisms.train --family qwen2vl --output vtc/organisms/shapes-qwen2vl
+    python -m training.organisms --family llava --output vtc/organisms/shapes-llava
+    python -m training.organisms --family qwen2vl --output vtc/organisms/shapes-qwen2vl
+    python -m training.record_check vtc/organisms/shapes-llava   # then record the accuracy check the tests recompute
+
+Run from the repository root: training is not part of the vtc distribution.
 
 Stage 1 (as CLIP): the vision tower and a small text encoder learn matching scene captions ("3 shapes . small red
 circle left top . ... sign 7") with a symmetric contrastive loss. The image embedding is the tower's [CLS] output
@@ -419,7 +422,7 @@ def first_turn_accuracy(model, family: str, conv: Conversations, split: str, cou
 
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m vtc.organisms.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m training.organisms", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--family", choices=build.FAMILIES, required=True)
     parser.add_argument("--output", required=True, help="directory for the checkpoint")
@@ -504,7 +507,7 @@ def command(record: dict) -> str:
     """The command line that reproduces ``record``'s run (every training argument, defaults included)."""
     values = {**record["arguments"], "output": "DIR", "threads": record["threads"]}
     options = [f"--{key.replace('_', '-')} {value}" for key, value in values.items() if value is not None]
-    return " ".join(["python -m vtc.organisms.train", *options])
+    return " ".join(["python -m training.organisms", *options])
 
 
 def model_card(record: dict) -> str:
@@ -522,7 +525,7 @@ def model_card(record: dict) -> str:
             f"\n**Status: under-trained.** {record['test']['overall']:.0%} on the test split, below the "
             f"{TARGET_ACCURACY:.0%} this organism is meant to reach; with so few visual-evidence answers right, "
             "compression methods look more alike than they would on a well-trained model. Training continues from "
-            f"these weights: `python -m vtc.organisms.train --family {family} --init vtc/organisms/{name} "
+            f"these weights: `python -m training.organisms --family {family} --init vtc/organisms/{name} "
             "--pretrain-steps 0 --ramp 0 --steps N --output DIR`.\n"
         )
     continued = ""
@@ -594,7 +597,7 @@ Training used scenes 0-{args["scenes"] - 1} of `train`.
 
 ## Accuracy
 
-Single-turn questions (the format `python -m eval` uses), {args["eval_scenes"]} scenes x 6 questions per split,
+Single-turn questions (the format `vtc eval` uses), {args["eval_scenes"]} scenes x 6 questions per split,
 greedy first answer token (answers are one token):
 
 | family | chance | validation | test |
@@ -602,7 +605,7 @@ greedy first answer token (answers are one token):
 {rows}
 {overall}
 
-`python -m eval --model {name} --task shapes` reproduces the test column through `generate()`.
+`vtc eval --model {name} --task shapes --output DIR` reproduces the test column through `generate()`.
 {status}"""
 
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from eval.tasks.base import Sample, Task
+from vtc.eval.tasks.base import Sample, Task
 
 __all__ = ["TASKS", "Sample", "Task", "get_task", "list_tasks"]
 
 # name -> "module:Class"
 TASKS: dict[str, str] = {
-    "gqa": "eval.tasks.gqa:GQATask",
-    "vqav2": "eval.tasks.vqav2:VQAv2Task",
-    "textvqa": "eval.tasks.textvqa:TextVQATask",
-    "pope": "eval.tasks.pope:POPETask",
-    "mme": "eval.tasks.mme:MMETask",
-    "scienceqa": "eval.tasks.scienceqa:ScienceQATask",
-    "mmbench": "eval.tasks.mmbench:MMBenchTask",
-    "shapes": "eval.tasks.shapes:ShapesTask",
+    "gqa": "vtc.eval.tasks.gqa:GQATask",
+    "vqav2": "vtc.eval.tasks.vqav2:VQAv2Task",
+    "textvqa": "vtc.eval.tasks.textvqa:TextVQATask",
+    "pope": "vtc.eval.tasks.pope:POPETask",
+    "mme": "vtc.eval.tasks.mme:MMETask",
+    "scienceqa": "vtc.eval.tasks.scienceqa:ScienceQATask",
+    "mmbench": "vtc.eval.tasks.mmbench:MMBenchTask",
+    "shapes": "vtc.eval.tasks.shapes:ShapesTask",
 }
 
 
