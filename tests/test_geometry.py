@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from training import build
 from vtc import geometry
+from vtc.aux_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vtc.loading import QwenProcessor
-from vtc.organisms import build
 from vtc.tiny import (
     BOS_TOKEN_ID,
     IMAGE_TOKEN_ID,
@@ -258,8 +259,8 @@ def test_llava_pad_to_square_processor():
         do_pad=True,
         size={"shortest_edge": 128},
         crop_size={"height": 128, "width": 128},
-        image_mean=list(build.CLIP_MEAN),
-        image_std=list(build.CLIP_STD),
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
     size = (100, 250)
     pixel_values = image_processor(images=[ramp(*size)], return_tensors="pt")["pixel_values"]
@@ -299,8 +300,8 @@ def _llava_next_processor(model):
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_grid_pinpoints=model.config.image_grid_pinpoints,
-        image_mean=list(build.CLIP_MEAN),
-        image_std=list(build.CLIP_STD),
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
 
 
@@ -412,7 +413,7 @@ def test_qwen2_5_vl_window_attention_keeps_row_major_token_order():
         options["size"] = {"shortest_edge": low, "longest_edge": high}
     else:
         options.update(min_pixels=low, max_pixels=high)
-    image_processor = P(**options, image_mean=list(build.CLIP_MEAN), image_std=list(build.CLIP_STD))
+    image_processor = P(**options, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
     sizes = [(150, 230), (90, 60)]
     processed = image_processor(images=[ramp(*s) for s in sizes], return_tensors="pt")
     grids = processed["image_grid_thw"]

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtc.organisms import build, scenes
+from training import build
+from vtc.organisms import scenes
 
 
 def caption(scene: scenes.Scene) -> list[str]:

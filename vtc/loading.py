@@ -1,7 +1,7 @@
 """Load a supported VLM and its processor by name: a shipped organism, a local directory or a hub id.
 
-Shared by ``python -m vtc``, ``python -m eval``, the demo and the benchmarks. The model type is checked against the
-supported families (:func:`vtc.list_models`) from the config alone, before any weights are read.
+Shared by ``vtc run`` (``python -m vtc``), ``vtc eval``, ``vtc demo`` and the benchmarks. The model type is checked
+against the supported families (:func:`vtc.list_models`) from the config alone, before any weights are read.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtc.organisms import build
+from training import build
 
 
 def make_organism(directory, family: str, seed: int = 0) -> str:

@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training import build
 from vtc import geometry
 from vtc.demo import render
-from vtc.organisms import build, scenes
+from vtc.organisms import scenes
 
 
 def grid_boxes(rows: int, cols: int, step: int) -> torch.Tensor:

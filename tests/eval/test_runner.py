@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import refused
+from training import build
 from vtc.eval import runner
 from vtc.eval.__main__ import main
 from vtc.eval.scoring import parse_yes_no
 from vtc.eval.tasks import get_task
 from vtc.eval.tasks.shapes import normalize as shapes_normalize
-from vtc.organisms import build, scenes
+from vtc.organisms import scenes
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from training import build
 from training.organisms import Conversations
 from vtc import loading
-from vtc.organisms import build, scenes
+from vtc.organisms import scenes
 
 TORCHVISION = importlib.util.find_spec("torchvision") is not None
 FAMILIES = ("llava", "qwen2vl")

@@ -66,8 +66,8 @@ def test_curriculum_batch_keeping_everything_is_the_plain_batch(family):
     its M-RoPE positions); share=0 keeps the text and exactly the object / sign tokens, at their positions."""
     import random
 
+    from training import build
     from training.organisms import Conversations, batch_inputs, without_background
-    from vtc.organisms import build
 
     tok = build.tokenizer(family)
     model = build.model(family, len(tok)).eval()
@@ -98,8 +98,8 @@ def test_curriculum_batch_keeping_everything_is_the_plain_batch(family):
 
 
 def test_alignment_loss_is_zero_exactly_when_features_point_at_their_words():
+    from training import build
     from training.organisms import alignment_loss, alignment_targets
-    from vtc.organisms import build
 
     tok = build.tokenizer("llava")
     model = build.model("llava", len(tok))

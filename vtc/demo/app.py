@@ -16,6 +16,7 @@ import gradio as gr
 
 import vtc
 from vtc import organisms
+from vtc.adapters import llava_next
 from vtc.demo import core, render, samples
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,8 @@ def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Bl
         except core.DemoError as error:
             gr.Warning(str(error), title="Model not loaded")
             return f"**{error}**", gr.update(), gr.update(visible=False), gr.update()
-        next_visible = bundle.model_type == "llava_next"
-        signal = "attention_received" if bundle.is_qwen else "cls_attention"
+        next_visible = bundle.crop_budgets
+        signal = "cls_attention" if bundle.has_cls else "attention_received"
         return (
             f"Model {bundle.describe()}.",
             budget_update(model_name, image, keep),
@@ -142,7 +143,7 @@ def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Bl
         try:
             bundle = core.load_model(model_name, device)
             options = core.method_options(method, merge=merge, signal=signal, layer=layer)
-            if bundle.model_type == "llava_next" and next_budget:
+            if bundle.crop_budgets and next_budget:
                 options["budget"] = next_budget
             result = core.compare(
                 bundle,
@@ -210,7 +211,7 @@ def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Bl
                     )
                     layer = gr.Number(2, precision=0, label="drop at layer (fastv, dart_llm)", visible=visible["layer"])
                     next_budget = gr.Dropdown(
-                        list(core.NEXT_BUDGETS), value="global", label="AnyRes budget (LLaVA-NeXT)", visible=False
+                        list(llava_next.BUDGETS), value="global", label="AnyRes budget (LLaVA-NeXT)", visible=False
                     )
                 with gr.Accordion("Run settings", open=False):
                     max_new_tokens = gr.Slider(1, 256, value=24, step=1, label="max new tokens")

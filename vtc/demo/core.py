@@ -23,10 +23,10 @@ from PIL import Image
 
 import vtc
 from vtc import geometry, loading
-from vtc.registry import LAYERWISE_METHODS, METHODS
+from vtc.methods.base import Budget
+from vtc.methods.keep_all import KeepAll
+from vtc.registry import LAYERWISE_METHODS, METHODS, get_adapter_class
 
-FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
-NEXT_BUDGETS = ("global", "per_crop", "thumbnail")
 CACHED_MODELS = 2  # models kept in memory at once (a hub model can take many GB)
 
 
@@ -48,8 +48,19 @@ class Bundle:
         return self.model.config.model_type
 
     @property
-    def is_qwen(self) -> bool:
-        return self.model_type in ("qwen2_vl", "qwen2_5_vl")
+    def adapter(self) -> type:
+        """The model family's adapter class: what the page asks about the family."""
+        return get_adapter_class(self.model)
+
+    @property
+    def crop_budgets(self) -> bool:
+        """Whether the family shares a budget over an image's crops (LLaVA-NeXT's ``budget=`` option)."""
+        return "budget" in self.adapter.options
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the vision tower gives [CLS] attention (else methods use ``signal="attention_received"``)."""
+        return "cls_attention" in self.adapter(self.model, KeepAll(), Budget(ratio=1.0)).provides
 
     @property
     def device(self) -> torch.device:
@@ -58,7 +69,8 @@ class Bundle:
     def describe(self) -> str:
         config = self.model.config
         text = getattr(config, "text_config", config)
-        return f"{self.name}: {FAMILIES.get(self.model_type, self.model_type)}, {text.num_hidden_layers} LLM layers"
+        family = self.adapter.model_types[self.model_type]
+        return f"{self.name}: {family}, {text.num_hidden_layers} LLM layers"
 
 
 _models: OrderedDict[tuple[str, str], Bundle] = OrderedDict()
@@ -290,7 +302,7 @@ def compare(
     unknown = unknown_words(bundle.processor, question)
     if unknown:
         notes.append(f"{bundle.name} does not know the word(s) {', '.join(unknown)}.")
-    if bundle.model_type == "llava" and geometry.union_area(boxes) < 0.999 * image.width * image.height:
+    if bundle.adapter.layout == "grid" and geometry.union_area(boxes) < 0.999 * image.width * image.height:
         notes.append("The processor's center crop cuts the hatched part of the image off: no token sees it.")
     return Comparison(
         model=bundle.name,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ORGANISMS = {"shapes-llava": "llava", "shapes-qwen2vl": "qwen2vl"}  # shipped name -> build family
+ORGANISMS = ("shapes-llava", "shapes-qwen2vl")  # the shipped ones, by name
 _ROOT = Path(__file__).parent
 
 

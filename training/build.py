@@ -21,12 +21,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from vtc.aux_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vtc.organisms import scenes
 
 FAMILIES = ("llava", "qwen2vl")
 HIDDEN = 128
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QWEN_PATCH = 4
 QWEN_MERGE = 2
 QWEN_TEMPORAL = 2
@@ -152,8 +151,8 @@ def image_processor(family: str):
         return CLIPImageProcessor(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
-            image_mean=list(CLIP_MEAN),
-            image_std=list(CLIP_STD),
+            image_mean=list(OPENAI_CLIP_MEAN),
+            image_std=list(OPENAI_CLIP_STD),
         )
     try:  # 5.x: the PIL backend, which needs no torchvision
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
@@ -164,8 +163,8 @@ def image_processor(family: str):
         "patch_size": QWEN_PATCH,
         "merge_size": QWEN_MERGE,
         "temporal_patch_size": QWEN_TEMPORAL,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
     }
     if "size" in inspect.signature(cls.__init__).parameters:
         kwargs["size"] = {"shortest_edge": pixels, "longest_edge": pixels}
@@ -195,8 +194,8 @@ def processor(family: str):
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """[B, H, W, 3] uint8 -> [B, 3, H, W] CLIP-normalised: what both image processors compute for a 128 px scene."""
     x = images.permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
