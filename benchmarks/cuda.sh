@@ -18,5 +18,5 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 timeout "${KERNELS_TIMEOUT:-260}" python3 benchmarks/kernel_ops.py --out "$out/kernels.jsonl" 2>&1 \
     | tee "$out/kernel_ops.log" || status=1
 timeout "${E2E_TIMEOUT:-240}" python3 benchmarks/e2e.py --model llava-1.5-7b --device cuda \
-    --out "$out/e2e-cuda.jsonl" --plot "$out/e2e-cuda.png" 2>&1 | tee "$out/e2e-cuda.log" || status=1
+    --out "$out/e2e.jsonl" --plot "$out/e2e-cuda.png" 2>&1 | tee "$out/e2e-cuda.log" || status=1
 exit $status

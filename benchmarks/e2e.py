@@ -379,7 +379,7 @@ def print_table(result: dict[str, Any], title: str) -> None:
     print(f"\n{title}")
     print(
         "| method | keep | vision ms | selection ms | LLM prefill ms | TTFT ms | speed-up | bound | of bound "
-        "| decode tok/s | peak MB | KV MB |"
+        "| decode tok/s | peak MiB | KV MiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:

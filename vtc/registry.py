@@ -41,7 +41,9 @@ def register_family(cls: T) -> T:
     """Class decorator of a model-family adapter: serves every ``config.model_type`` in its ``model_types``."""
     types = getattr(cls, "model_types", ())
     if not types:
-        raise TypeError(f"{cls.__name__} needs model_types = ('...',): the config.model_type values it serves")
+        raise TypeError(
+            f"{cls.__name__} needs model_types = {{'<config.model_type>': '<family name>'}}: the model types it serves"
+        )
     taken = sorted(t for t in types if t in ADAPTERS)
     if taken:
         raise ValueError(f"model_type(s) {taken} already have an adapter ({ADAPTERS[taken[0]].__name__})")
