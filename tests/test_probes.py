@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 import vtc
 from tests.helpers import count_hooks
 from vtc.probes import ClsRow, DecoderAttention, MultiheadClsRow, probe
-from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl
+from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen_inputs
 
 TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
@@ -50,6 +58,7 @@ def attention_layers_inputs(layers):
 
 DECODERS = {
     "llama": lambda: causal_lm(LlamaConfig(**TEXT, **HEADS)),
+    "mistral": lambda: causal_lm(MistralConfig(**TEXT, **HEADS)),
     "qwen2": lambda: causal_lm(Qwen2Config(**TEXT, **HEADS)),
     "qwen3 (QK-norm)": lambda: causal_lm(Qwen3Config(**TEXT, **HEADS, head_dim=8)),
     "qwen2_vl (M-RoPE)": lambda: tiny_qwen2_vl(attn_implementation="eager"),
@@ -59,13 +68,17 @@ DECODERS = {
 
 @pytest.mark.parametrize("family", list(DECODERS))
 def test_decoder_probe_equals_the_eager_attention_weights(family):
+    """M-RoPE families get an image, so that the t / h / w positions differ and a wrong section split shows."""
     model = DECODERS[family]()
     layers = language_layers(model)
-    input_ids = torch.randint(10, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    if "M-RoPE" in family:
+        inputs = tiny_qwen_inputs(model, image_grids=(((8, 12),),), seed=1)
+    else:
+        inputs = {"input_ids": torch.randint(10, 60, (2, 9), generator=torch.Generator().manual_seed(1))}
     captured, hooks = attention_layers_inputs(layers)
     try:
         with torch.no_grad():
-            weights = model(input_ids=input_ids, output_attentions=True).attentions
+            weights = model(**inputs, output_attentions=True).attentions
     finally:
         for hook in hooks:
             hook.remove()
@@ -145,7 +158,7 @@ def test_an_attention_class_without_a_probe_is_refused_at_attach_time():
 
 def test_the_refusal_names_the_supported_classes():
     module = PatchedAttention(LlamaConfig(**TEXT, **HEADS), layer_idx=0)
-    with pytest.raises(ValueError, match=r"knows \['LlamaAttention', 'Qwen2Attention'.*add a probe in vtc/probes.py"):
+    with pytest.raises(ValueError, match=r"knows \['LlamaAttention', 'MistralAttention'.*add a probe in vtc/probes.py"):
         probe(DecoderAttention, module, "a test")
 
 

@@ -38,8 +38,8 @@ def probe(kind: type[P], attn: nn.Module, purpose: str) -> P:
         return kind(attn)
     raise ValueError(
         f"vtc cannot compute {purpose} on attention class {cls.__module__}.{cls.__name__}: it recomputes attention "
-        f"rows with a probe per attention implementation, and knows {list(kind.classes)} (from {kind.modules[0]}) "
-        "here. "
+        f"rows with a probe per attention implementation, and here it knows {list(kind.classes)} (defined in "
+        f"{kind.modules[0].rstrip('.')}). "
         "Choose a method that needs no attention scores (e.g. 'divprune', 'dart', 'uniform'), or add a probe in "
         "vtc/probes.py"
     )
@@ -127,7 +127,14 @@ class DecoderAttention(Probe):
     """Llama-style decoder self-attention: q_proj / k_proj on the layer-normed input, optional QK-norm on the head
     dim (Qwen3), then the module's own rotary embedding (1-D RoPE, or Qwen2-VL's M-RoPE)."""
 
-    classes = ("LlamaAttention", "Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen3Attention")
+    classes = (
+        "LlamaAttention",
+        "MistralAttention",
+        "Qwen2Attention",
+        "Qwen2VLAttention",
+        "Qwen2_5_VLAttention",
+        "Qwen3Attention",
+    )
 
     def __init__(self, attn: nn.Module):
         super().__init__(attn)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vtc.llm.layers import LayerDropper
-from vtc.llm.prefill import Dropped, drop, kv_cache, output_cache, remap_decode, take
+from vtc.llm.prefill import Dropped, declared_arguments, drop, kv_cache, output_cache, remap_decode, take
 from vtc.methods.base import Budget, Method, Plan
 from vtc.methods.layerwise import LayerwiseMethod, total_flops
 from vtc.registry import METHODS, adapter_options
@@ -345,7 +345,8 @@ class Adapter(ABC):
                 self.captured = {}
             if planned is not None:
                 keep, embeds = planned
-                kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned)
+                declared = declared_arguments(self.base.language_model)
+                kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned, declared)
             self._prefill.tokens_at_input = self._token_counts(kwargs, embeds)
             self._begin_layerwise(kwargs, cache)
             return (args, kwargs) if planned is not None else None

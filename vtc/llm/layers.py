@@ -19,7 +19,7 @@ import torch
 import transformers
 from torch import nn
 
-from vtc.llm.prefill import kv_cache, source_index, take
+from vtc.llm.prefill import declared_arguments, kv_cache, refuse_unknown_token_axes, source_index, take
 from vtc.methods.base import Budget
 from vtc.methods.layerwise import LayerwiseMethod, Stage
 from vtc.probes import DecoderAttention, probe
@@ -103,6 +103,7 @@ class LayerDropper:
         depth = len(self.layers)
         method.check_depth(depth)
         self.schedule = method.schedule(depth)
+        self.declared = [declared_arguments(self.layers[i]) for i in self.schedule]  # per drop layer
         self.signal_at = method.signal_layers(depth)
         purpose = f"the in-LLM signals of {method.name!r}"
         self.probes = {i: probe(DecoderAttention, self.layers[i].self_attn, purpose) for i in self.signal_at}
@@ -209,13 +210,9 @@ class LayerDropper:
     def _drop(self, stage: int, layer: nn.Module, hidden: torch.Tensor, original: dict) -> tuple[torch.Tensor, dict]:
         """Choose the survivors (no autograd: a choice has no gradient), then gather them (autograd kept, so
         the layers before the drop still get gradients through the tokens that go on)."""
-        for name, value in original.items():
-            aligned = torch.is_tensor(value) and value.ndim >= 2 and tuple(value.shape[:2]) == tuple(hidden.shape[:2])
-            if aligned and name not in ("hidden_states", "position_ids"):
-                raise ValueError(
-                    f"{self.method.name!r} cannot drop tokens at decoder layer {self.schedule[stage]}: its argument "
-                    f"{name!r} has a token axis {tuple(value.shape)} that vtc does not know how to shorten"
-                )
+        handled = ("hidden_states", "position_ids", "attention_mask")  # a 2-D mask: flash attention's padding mask
+        where = f"for {self.method.name!r} at decoder layer {self.schedule[stage]}"
+        refuse_unknown_token_axes(original, hidden.shape[:2], handled, self.declared[stage], where)
         with torch.no_grad():
             source = self._survivors(stage, hidden)
         valid = source >= 0

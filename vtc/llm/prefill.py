@@ -9,11 +9,13 @@ Family-independent: the adapters (vtc.adapters) decide what to keep.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -27,24 +29,43 @@ class Dropped:
     cache: weakref.ref | None = None
 
 
+def declared_arguments(module: nn.Module) -> frozenset[str]:
+    """The keyword arguments ``module``'s forward names (not those a ``**kwargs`` would swallow)."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def refuse_unknown_token_axes(
+    kwargs: dict, shape: tuple[int, int], handled: tuple[str, ...], declared: frozenset[str] | None, where: str
+) -> None:
+    """Raise if an argument the module declares (``declared``; None: any) has a [B, L] token axis of ``shape`` and
+    is not ``handled``: dropping tokens would leave it at its full length, misaligned with them."""
+    for name, value in kwargs.items():
+        if name in handled or (declared is not None and name not in declared):
+            continue
+        if torch.is_tensor(value) and value.ndim >= 2 and tuple(value.shape[:2]) == tuple(shape):
+            raise ValueError(
+                f"vtc cannot drop tokens {where}: its argument {name!r} has a token axis {tuple(value.shape)} that "
+                "vtc does not shorten (a family names such arguments in Adapter.token_aligned)"
+            )
+
+
 def drop(
-    kwargs: dict, embeds: torch.Tensor, keep: torch.Tensor, token_aligned: tuple[str, ...] = ()
+    kwargs: dict,
+    embeds: torch.Tensor,
+    keep: torch.Tensor,
+    token_aligned: tuple[str, ...] = (),
+    declared: frozenset[str] | None = None,
 ) -> tuple[dict, Dropped]:
     """The language model's keyword arguments with the tokens where ``keep`` [B, L] is False removed, re-padded on
     the left when rows keep different counts, the survivors at their ORIGINAL positions; and how, for decoding.
 
     ``embeds`` replaces ``kwargs["inputs_embeds"]`` (merging methods write into it). ``token_aligned`` names further
-    arguments with a [B, L, ...] token axis to shorten alike; any other tensor argument with that axis is refused,
-    since keeping its full length would misalign it with the tokens."""
+    arguments with a [B, L, ...] token axis to shorten alike; any other argument the language model declares
+    (``declared``, see :func:`declared_arguments`) with that axis is refused."""
     b, length, _ = embeds.shape
-    for name, value in kwargs.items():
-        aligned = torch.is_tensor(value) and value.ndim >= 2 and tuple(value.shape[:2]) == (b, length)
-        if aligned and name not in ("inputs_embeds", "attention_mask", "position_ids", *token_aligned):
-            raise ValueError(
-                f"vtc cannot drop tokens here: the language model's argument {name!r} has a token axis "
-                f"{tuple(value.shape)} that the adapter does not declare (Adapter.token_aligned), so it would keep "
-                "its full length"
-            )
+    handled = ("inputs_embeds", "attention_mask", "position_ids", *token_aligned)
+    refuse_unknown_token_axes(kwargs, (b, length), handled, declared, "before the language model")
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.ndim != 2:
         raise ValueError(
