@@ -68,3 +68,30 @@ def test_adding_a_family_as_the_readme_shows(scratch_registry, method):
     assert torch.equal(logits, expected)
     assert all(torch.equal(a, b) for a, b in zip(handle.last_kept, expected_kept, strict=True))
     assert [k.numel() for k in handle.last_kept] == [6, 12]
+
+
+def test_registration_refuses_what_it_cannot_serve(scratch_registry):
+    from dataclasses import dataclass
+
+    from vtc.adapters import Adapter
+
+    def scored(name):
+        cls = type("Scored", (vtc.ScoredMethod,), {"name": name, "score": lambda self, signals, keep: None})
+        return dataclass(cls)
+
+    with pytest.raises(ValueError, match="'none' is reserved"):
+        vtc.register(scored("none"))
+    with pytest.raises(ValueError, match="a method named 'dart' is already registered"):
+        vtc.register(scored("dart"))
+    first = vtc.register(scored("mine"))
+    assert vtc.register(scored("mine")) is not first  # the same class again (a reload, a re-run cell) replaces it
+    with pytest.raises(TypeError, match="takes a vtc.Method or vtc.LayerwiseMethod"):
+        vtc.register(int)
+
+    family = {"model_types": {"mine": "Mine"}, "modules": ("vision_tower", "language_model")}
+    with pytest.raises(TypeError, match=r"needs layout = one of \['grid', 'anyres', 'merged_grid'\]"):
+        vtc.register_family(type("NoLayout", (Adapter,), family))
+    with pytest.raises(TypeError, match="needs modules"):
+        vtc.register_family(type("NoModules", (Adapter,), {**family, "layout": "grid", "modules": ()}))
+    with pytest.raises(ValueError, match=r"model_type\(s\) \['llava'\] already have an adapter"):
+        vtc.register_family(type("Again", (Adapter,), {**family, "layout": "grid", "model_types": {"llava": "x"}}))

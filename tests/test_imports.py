@@ -1,5 +1,5 @@
-"""vtc's own import graph has no cycle, counting imports inside functions too: the registry is filled by the
-classes it lists, never imports them."""
+"""vtc's own import graph has no cycle, counting imports inside functions and the package __init__ files an import
+runs: the registry is filled by the classes it lists, never imports them."""
 
 from __future__ import annotations
 
@@ -25,8 +25,14 @@ def import_graph(package: Path) -> dict[str, set[str]]:
             else:
                 continue
             for target in targets:
-                if target in modules and target != name:
-                    graph[name].add(target)
+                if target in modules:
+                    # Importing a.b.c first runs the packages a and a.b (their __init__), unless the importer is
+                    # inside them (then they are already being imported).
+                    parts = target.split(".")
+                    for depth in range(1, len(parts) + 1):
+                        imported = ".".join(parts[:depth])
+                        if imported in modules and not (name == imported or name.startswith(imported + ".")):
+                            graph[name].add(imported)
                     break
     return graph
 
@@ -64,3 +70,14 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     (package / "a.py").write_text("from pkg.b import thing\n")
     (package / "b.py").write_text("def thing():\n    from pkg import a\n")
     assert cycles(import_graph(package)) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+def test_the_cycle_check_counts_the_package_an_import_runs(tmp_path):
+    """pkg.a imports pkg.sub.x, which runs pkg/sub/__init__.py, which imports pkg.a: a cycle."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.sub.x import thing\n")
+    (package / "sub" / "__init__.py").write_text("from pkg import a\n")
+    (package / "sub" / "x.py").write_text("thing = 1\n")
+    assert ["pkg.a", "pkg.sub", "pkg.a"] in cycles(import_graph(package))

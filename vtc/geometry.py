@@ -157,7 +157,9 @@ def image_token_boxes(
         return _llava_boxes(config, (height, width), _image_processor(processor))
     if layout == "anyres":
         return _llava_next_boxes(model, (height, width), _image_processor(processor))
-    return _qwen_boxes(config, (height, width), _image_processor(processor), grid_thw)
+    if layout == "merged_grid":
+        return _qwen_boxes(config, (height, width), _image_processor(processor), grid_thw)
+    raise ValueError(f"token_boxes knows the layouts grid, anyres and merged_grid, not {layout!r}")
 
 
 def _layout(config: Any) -> str:

@@ -78,7 +78,7 @@ def _recompute_runs_hooks(layers: nn.ModuleList) -> bool:
 
 
 @dataclass
-class _Prefill:
+class _Stages:
     order: torch.Tensor  # [B, L] LM-input position of each current position, -1 = padding
     image: torch.Tensor  # [B, L] image id of each current position, -1 = not visual
     valid: torch.Tensor  # [B, L] bool
@@ -107,12 +107,12 @@ class LayerDropper:
         self.signal_at = method.signal_layers(depth)
         purpose = f"the in-LLM signals of {method.name!r}"
         self.probes = {i: probe(DecoderAttention, self.layers[i].self_attn, purpose) for i in self.signal_at}
-        self._prefill: _Prefill | None = None
+        self._prefill: _Stages | None = None
         self._maps: list[tuple[int, torch.Tensor]] = []  # of the last finished prefill
         self._lm_length = 0
         self._cache: weakref.ref | None = None
         self._decoding = False
-        self.finished: _Prefill | None = None
+        self.finished: _Stages | None = None
 
     def hooks(self) -> list[tuple[nn.Module, Any]]:
         # Layer 0 only computes signals (for a drop at layer 1); the counts start at layer 1 (layer 0 = LM input).
@@ -130,7 +130,7 @@ class LayerDropper:
         for image_id, size in zip(ids.tolist(), sizes.tolist(), strict=True):
             targets[image_id] = self.method.stage_counts(size, self.budget.cap(size), len(self.schedule))
         order = torch.arange(image.shape[1], device=image.device).expand_as(image)
-        protected = self._key_set(image, vision_score, ids.tolist(), sizes.tolist())
+        protected = self._key_set(image, vision_score, ids.tolist())
         if targets and torch.is_grad_enabled() and _recompute_runs_hooks(self.layers):
             raise ValueError(
                 f"in-LLM method {self.method.name!r} cannot run under gradient checkpointing on transformers "
@@ -138,7 +138,7 @@ class LayerDropper:
                 "prefill, on the full-length inputs. Use transformers >= 5 (it checkpoints the layers' forward, "
                 "outside their hooks), a pre-LLM method, or model.gradient_checkpointing_disable()"
             )
-        self._prefill = _Prefill(order, image, valid, targets, protected) if targets else None
+        self._prefill = _Stages(order, image, valid, targets, protected) if targets else None
         # Nothing of an earlier generation carries over: its maps index a sequence this prefill does not have.
         self._maps = []
         self._decoding = False
@@ -146,9 +146,7 @@ class LayerDropper:
         self._cache = weakref.ref(cache) if cache is not None else None
         self.finished = None
 
-    def _key_set(
-        self, image: torch.Tensor, score: torch.Tensor | None, ids: list[int], sizes: list[int]
-    ) -> torch.Tensor:
+    def _key_set(self, image: torch.Tensor, score: torch.Tensor | None, ids: list[int]) -> torch.Tensor:
         """[B, L] bool: per image, the tokens the method protects from its vision-side score (its key_set)."""
         protected = torch.zeros_like(image, dtype=torch.bool)
         if score is None:

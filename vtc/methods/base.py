@@ -143,6 +143,7 @@ class Method(ABC):
     """
 
     name: ClassVar[str]
+    stage: ClassVar[str] = "pre"  # where it runs: before the language model
     requires: ClassVar[tuple[str, ...]] = ("features",)
 
     @abstractmethod

@@ -42,6 +42,7 @@ class LayerwiseMethod(ABC):
     """Base of in-LLM methods. Subclasses are dataclasses whose fields are the hyper-parameters."""
 
     name: ClassVar[str]
+    stage: ClassVar[str] = "llm"  # where it runs: between decoder layers
     requires: ClassVar[tuple[str, ...]] = ()  # vision-side signals (none for the methods here)
     exact: ClassVar[bool] = True  # keeps exactly the scheduled count (False: adaptive)
 
