@@ -172,3 +172,23 @@ def test_multihead_probe_equals_torch_attention_weights(same_dims):
     _, weights = attn(query, key, key, need_weights=True)  # averaged over heads
     row = probe(MultiheadClsRow, attn, "a test").row(query, key)
     torch.testing.assert_close(row, weights[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_vision_attention_class_without_a_probe_is_refused_at_attach_time():
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    class OwnVisionAttention(CLIPAttention):
+        pass
+
+    model = tiny_llava()
+    tower = model.model.vision_tower
+    for layer in getattr(tower, "vision_model", tower).encoder.layers:
+        layer.self_attn.__class__ = OwnVisionAttention
+    hooks = count_hooks(model)
+    for method in ("fastervlm", "vtc_cls"):
+        with pytest.raises(ValueError, match=r"the \[CLS\] attention of the vision tower on .*OwnVisionAttention"):
+            vtc.compress(model, method, keep=4)
+        assert count_hooks(model) == hooks
+    with vtc.compress(model, "dart", keep=4) as handle:  # needs no vision attention
+        model(**tiny_llava_inputs(model))
+    assert handle.last_kept[0].numel() == 4
