@@ -143,7 +143,7 @@ class Adapter(ABC):
                 + "; ".join(f"{name}= applies to model_types {types}" for name, types in adapter_options().items())
             )
         base = getattr(model, "model", model)
-        for name in self.modules:
+        for name in dict.fromkeys((*self.modules, "language_model")):  # every family hooks the language model
             if not isinstance(getattr(base, name, None), nn.Module):
                 family = " / ".join(self.model_types.values())
                 raise ValueError(
@@ -156,6 +156,7 @@ class Adapter(ABC):
         token = getattr(config, "image_token_id", None)
         self.image_token_id = token if token is not None else config.image_token_index
         self._signature = inspect.signature(base.forward)
+        self._language_arguments = declared_arguments(base.language_model)  # what dropping must not leave long
         self.method = method
         self.budget = budget
         self.layerwise = layerwise
@@ -345,8 +346,7 @@ class Adapter(ABC):
                 self.captured = {}
             if planned is not None:
                 keep, embeds = planned
-                declared = declared_arguments(self.base.language_model)
-                kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned, declared)
+                kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned, self._language_arguments)
             self._prefill.tokens_at_input = self._token_counts(kwargs, embeds)
             self._begin_layerwise(kwargs, cache)
             return (args, kwargs) if planned is not None else None

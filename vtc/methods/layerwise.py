@@ -91,12 +91,10 @@ def top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return scores.topk(min(keep, scores.numel())).indices.sort().values
 
 
-
 def scaled(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> list[int]:
     """PyramidDrop's layers for a 32-layer model, at the same relative depth of ``num_layers``."""
     scaled = [max(1, min(num_layers - 1, round(layer * num_layers / reference))) for layer in layers]
     return sorted(set(scaled))
-
 
 
 def flops_per_layer(config: Any, tokens: int) -> float:
