@@ -52,15 +52,15 @@ class Replay:
 
     def __init__(self, method):
         self.method = method
-        self.calls: list[torch.Tensor] = []
+        self.calls: list[list[torch.Tensor]] = []  # per drop: the choice for each image
         self.replaying = False
         self._next = 0
-        self._choose = type(method).choose
-        method.choose = self._call
+        self._choose_all = type(method).choose_all
+        method.choose_all = self._call  # what the dropper calls, once per drop layer
 
-    def _call(self, stage):
+    def _call(self, stages):
         if not self.replaying:
-            chosen = self._choose(self.method, stage)
+            chosen = self._choose_all(self.method, stages)
             self.calls.append(chosen)
             return chosen
         chosen = self.calls[self._next % len(self.calls)]

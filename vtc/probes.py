@@ -146,23 +146,32 @@ class DecoderAttention(Probe):
 
     def keys(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[B, L, C] layer-normed input, the layer's rotary (cos, sin) -> [B, kv_heads, L, d] rotated keys."""
-        return self._project(self.attn.k_proj, getattr(self.attn, "k_norm", None), normed, self.kv_heads, cos, sin)
+        return self.rotated_keys(self.attn.k_proj(normed), cos, sin)
 
     def queries(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[B, l, C] (some positions' layer-normed input) and their (cos, sin) -> [B, heads, l, d] rotated queries."""
-        return self._project(self.attn.q_proj, getattr(self.attn, "q_norm", None), normed, self.heads, cos, sin)
+        return self.rotated_queries(self.attn.q_proj(normed), cos, sin)
+
+    def rotated_keys(self, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The same from ``k_proj``'s output [B, L, kv_heads * d] (one the module computed itself)."""
+        return self._shaped(projected, getattr(self.attn, "k_norm", None), self.kv_heads, cos, sin)
+
+    def rotated_queries(self, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The same from ``q_proj``'s output [B, l, heads * d]."""
+        return self._shaped(projected, getattr(self.attn, "q_norm", None), self.heads, cos, sin)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The module's own rotary embedding applied to ``x`` [B, H, L, d]."""
         module = sys.modules[type(self.attn).__module__]
         multimodal = getattr(module, "apply_multimodal_rotary_pos_emb", None)
+        nothing = x[:, :0]  # the function rotates a query and a key: here the key has no heads, so costs nothing
         if multimodal is not None and cos.ndim == 4:  # Qwen2-VL's M-RoPE on transformers 4.x
-            return multimodal(x, x, cos, sin, self.attn.rope_scaling["mrope_section"])[0]
-        return module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+            return multimodal(x, nothing, cos, sin, self.attn.rope_scaling["mrope_section"])[0]
+        return module.apply_rotary_pos_emb(x, nothing, cos, sin)[0]
 
-    def _project(self, linear, norm, normed, heads, cos, sin) -> torch.Tensor:
-        b, length, _ = normed.shape
-        x = linear(normed).view(b, length, heads, self.head_dim)
+    def _shaped(self, projected, norm, heads, cos, sin) -> torch.Tensor:
+        b, length, _ = projected.shape
+        x = projected.view(b, length, heads, self.head_dim)
         if norm is not None:
             x = norm(x)
         return self.rotate(x.transpose(1, 2), cos, sin)

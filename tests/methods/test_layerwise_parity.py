@@ -57,14 +57,14 @@ class Recorder:
 
     def __init__(self, method):
         self.stages: list[tuple[Stage, torch.Tensor]] = []
-        choose = type(method).choose
+        choose_all = type(method).choose_all  # what the dropper calls, once per drop layer
 
-        def record(stage):
-            chosen = choose(method, stage)
-            self.stages.append((stage, chosen))
+        def record(stages):
+            chosen = choose_all(method, stages)
+            self.stages.extend(zip(stages, chosen, strict=True))
             return chosen
 
-        method.choose = record
+        method.choose_all = record
 
 
 class LayerInputs:
@@ -361,3 +361,26 @@ def test_dart_llm_visits_all_pivots_in_descending_norm_order(seed, keep):
     chosen = DARTLLM().choose(row_stage)
     expected = dart_reference(norm.tolist(), hidden.double().tolist(), visual, text, keep)
     assert chosen.tolist() == expected
+
+
+@pytest.mark.parametrize("method", [FastV(), PDrop(), DARTLLM(), Adaptive(mass=0.5)], ids=lambda m: m.name)
+def test_choosing_for_a_batch_of_images_equals_choosing_for_each(method):
+    """The dropper asks for every image of a batch at once (choose_all: one batched call per group of images with
+    the same counts); each image must get exactly what it gets alone, in any mix of shapes."""
+    generator = torch.Generator().manual_seed(0)
+    stages = []
+    for n, keep, text_count in [(40, 8, 5), (40, 8, 5), (40, 9, 5), (30, 8, 5), (40, 8, 2), (40, 8, 5)]:
+        length = 3 + n + text_count
+        visual = torch.arange(3, 3 + n)
+        text = torch.arange(3 + n, length)
+        signals = {
+            "last_row": torch.rand(length, generator=generator),
+            "key_norm": torch.rand(length, generator=generator),
+        }
+        stages.append(Stage(0, keep, visual, text, signals, torch.randn(length, 16, generator=generator)))
+    together = method.choose_all(stages)
+    assert len(together) == len(stages)
+    for stage_, chosen in zip(stages, together, strict=True):
+        alone = method.choose(stage_)
+        assert torch.equal(chosen, alone)
+        assert len(chosen) >= stage_.keep and torch.equal(chosen, chosen.unique())  # sorted, distinct

@@ -260,8 +260,8 @@ class Adapter(ABC):
         self._hook(language_model, self._language_pre_hook, pre=True)
         self._hook(language_model, self._language_post_hook, pre=False)
         if self.dropper is not None:
-            for layer, hook in self.dropper.hooks():
-                self._hook(layer, hook, pre=True)
+            for module, hook, pre in self.dropper.hooks():
+                self._hook(module, hook, pre=pre)
 
     def _hook(self, module: nn.Module, fn: Callable, *, pre: bool, with_kwargs: bool = True) -> None:
         if pre:

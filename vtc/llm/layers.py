@@ -5,14 +5,23 @@ objects to every layer. So a forward pre-hook on every layer from the first drop
 them with versions gathered to the surviving tokens; at a drop layer it also gathers the hidden
 states. Later layers then compute, and store in their KV-cache layer, only the survivors (a
 DynamicCache keeps one tensor per layer, so layers simply hold different lengths). While decoding,
-each layer's mask is re-indexed onto its own shorter cache. Rows that keep different counts (several
+each layer's mask is re-indexed onto its own shorter cache (once per stage and step: the layers of a
+stage share it; not at all where no row holds padding). Rows that keep different counts (several
 images, adaptive methods) are re-padded on the left, with an explicit mask.
+
+What it costs beyond the layers' own work (issue 20): a method's signals at a layer that drops nothing
+are taken from that layer's own k_proj / q_proj outputs (forward hooks), not projected a second time;
+only a drop layer's scores over the tokens it is about to drop need vtc's own projection (PyramidDrop's
+and the adaptive schedule's definition). The survivors of every image are chosen in one batched call
+per group of same-shaped images (``LayerwiseMethod.choose_all``), and nothing is read back to the host
+per layer: the per-layer token counts are read once the prefill is through.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,18 +35,19 @@ from vtc.probes import DecoderAttention, probe
 
 
 def layer_signals(
-    layer: nn.Module,
     probe: DecoderAttention,
-    hidden: torch.Tensor,
-    kwargs: dict,
+    projected_keys: torch.Tensor,
+    last_queries: torch.Tensor | None,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
     valid: torch.Tensor,
     names: tuple[str, ...],
 ) -> dict[str, torch.Tensor]:
-    """Signals at a decoder layer's input (see vtc.methods.layerwise), each [B, L] fp32."""
-    normed = layer.input_layernorm(hidden)
-    b, length, _ = normed.shape
-    cos, sin = kwargs["position_embeddings"]
-    keys = probe.keys(normed, cos, sin)
+    """Signals at a decoder layer (see vtc.methods.layerwise), each [B, L] fp32, from its ``k_proj`` output
+    [B, L, kv_heads * d] and (for ``last_row``) its ``q_proj`` output at each row's last real token [B, 1, heads * d]
+    (:func:`last_positions`)."""
+    b, length, _ = projected_keys.shape
+    cos, sin = cos_sin
+    keys = probe.rotated_keys(projected_keys, cos, sin)
     out = {}
     if "key_norm" in names:
         # An L1 norm is not rotation-invariant: count positions from each row's first real token, as for the row
@@ -50,15 +60,23 @@ def layer_signals(
             row_keys = probe.rotate(keys, gather_tokens(cos, first), -offset_sin)
         out["key_norm"] = row_keys.transpose(1, 2).reshape(b, length, -1).float().abs().sum(-1)
     if "last_row" in names:
-        # Each row's last real token: with right padding, position -1 is a pad.
-        last = length - 1 - valid.flip(1).int().argmax(dim=1, keepdim=True)  # [B, 1]
-        rows = normed.gather(1, last.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
-        query = probe.queries(rows, gather_tokens(cos, last), gather_tokens(sin, last))
+        last = last_positions(valid)
+        query = probe.rotated_queries(last_queries, gather_tokens(cos, last), gather_tokens(sin, last))
         keys = keys.repeat_interleave(probe.heads // probe.kv_heads, dim=1)
         logits = (query.float() @ keys.float().transpose(-1, -2)) * probe.scaling  # [B, H, 1, L]
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
         out["last_row"] = logits.softmax(dim=-1).mean(dim=1)[:, 0]
     return out
+
+
+def last_positions(valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1] each row's last real token (with right padding, position -1 is a pad)."""
+    return valid.shape[1] - 1 - valid.flip(1).int().argmax(dim=1, keepdim=True)
+
+
+def rows_at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, L, d] at index [B, l] -> [B, l, d]."""
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
 def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -86,9 +104,24 @@ class _Stages:
     protected: torch.Tensor  # [B, L] bool, tokens the method must keep
     stage_kwargs: dict[str, Any] | None = None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
-    visual_counts: list[list[int]] = field(default_factory=list)  # per layer, per sample
-    token_counts: list[list[int]] = field(default_factory=list)
+    visual_counts: list = field(default_factory=list)  # per layer, per sample ([B] tensors until the last layer)
+    token_counts: list = field(default_factory=list)
     maps: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, order) per stage
+    capture: _Capture | None = None  # a signal layer's projections, taken during its forward
+
+
+@dataclass
+class _Capture:
+    """What a signal layer that drops nothing computes anyway (its ``k_proj`` over every token, its ``q_proj`` at
+    the last ones), taken from its own forward by hooks on the projections instead of projected a second time."""
+
+    index: int
+    names: tuple[str, ...]
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    valid: torch.Tensor
+    last: torch.Tensor  # [B, 1]
+    keys: torch.Tensor | None = None
+    last_queries: torch.Tensor | None = None
 
 
 class LayerDropper:
@@ -107,16 +140,29 @@ class LayerDropper:
         self.signal_at = method.signal_layers(depth)
         purpose = f"the in-LLM signals of {method.name!r}"
         self.probes = {i: probe(DecoderAttention, self.layers[i].self_attn, purpose) for i in self.signal_at}
+        # A drop layer scores the tokens it is about to drop, so it projects them itself; any other signal layer
+        # still sees every token, and its own projections are taken as it computes them.
+        self.captured_at = [i for i in self.signal_at if i not in self.schedule]
         self._prefill: _Stages | None = None
         self._maps: list[tuple[int, torch.Tensor]] = []  # of the last finished prefill
+        self._padded: list[bool] = []  # per stage of it: whether some row's order holds padding (-1)
+        self._decode_mask: tuple[Any, int, Any] | None = None  # (decoder's mask, stage, vtc's mask) of this step
         self._lm_length = 0
         self._cache: weakref.ref | None = None
         self._decoding = False
         self.finished: _Stages | None = None
 
-    def hooks(self) -> list[tuple[nn.Module, Any]]:
+    def hooks(self) -> list[tuple[nn.Module, Any, bool]]:
+        """(module, hook, is a pre-hook) to register, all with keyword arguments."""
         # Layer 0 only computes signals (for a drop at layer 1); the counts start at layer 1 (layer 0 = LM input).
-        return [(layer, self._pre_hook(i)) for i, layer in enumerate(self.layers) if i >= 1 or i in self.signal_at]
+        hooked = [i for i in range(len(self.layers)) if i >= 1 or i in self.signal_at]
+        hooks = [(self.layers[i], self._pre_hook(i), True) for i in hooked]
+        for i in self.captured_at:
+            attn = self.layers[i].self_attn
+            hooks.append((attn.k_proj, self._capture_hook(i, "keys"), False))
+            if "last_row" in self.signal_at[i]:
+                hooks.append((attn.q_proj, self._capture_hook(i, "last_queries"), False))
+        return hooks
 
     # -- driven by the adapter's language-model hooks ------------------------------------------------
 
@@ -140,7 +186,7 @@ class LayerDropper:
             )
         self._prefill = _Stages(order, image, valid, targets, protected) if targets else None
         # Nothing of an earlier generation carries over: its maps index a sequence this prefill does not have.
-        self._maps = []
+        self._maps, self._padded, self._decode_mask = [], [], None
         self._decoding = False
         self._lm_length = image.shape[1]
         self._cache = weakref.ref(cache) if cache is not None else None
@@ -188,22 +234,66 @@ class LayerDropper:
         original = kwargs
         if state.stage_kwargs is not None:
             kwargs = {**kwargs, **state.stage_kwargs}
+        if state.capture is not None:  # the signal layer before this one has run: its projections are in
+            state.signals = self._captured_signals(state)
         if index in self.signal_at:
-            with torch.no_grad():
-                names = self.signal_at[index]
-                state.signals = layer_signals(layer, self.probes[index], hidden, kwargs, state.valid, names)
+            names = self.signal_at[index]
+            if index in self.captured_at:
+                last = last_positions(state.valid)
+                state.capture = _Capture(index, names, kwargs["position_embeddings"], state.valid, last)
+            else:
+                state.signals = self._own_signals(index, layer, hidden, kwargs["position_embeddings"], names)
         if index in self.schedule:
             hidden, kwargs = self._drop(self.schedule.index(index), layer, hidden, original)
-        if index >= 1:
-            state.visual_counts.append(((state.image >= 0) & state.valid).sum(dim=1).tolist())
-            state.token_counts.append(state.valid.sum(dim=1).tolist())
+        if index >= 1:  # read once the prefill is through, not a sync per layer
+            state.visual_counts.append(((state.image >= 0) & state.valid).sum(dim=1))
+            state.token_counts.append(state.valid.sum(dim=1))
         if index == len(self.layers) - 1:
+            state.visual_counts = torch.stack(state.visual_counts).tolist()
+            state.token_counts = torch.stack(state.token_counts).tolist()
             self._maps = state.maps
+            self._padded = [bool((order < 0).any()) for _, order in state.maps]  # read once, not per decode step
             self.finished = state
             self._prefill = None
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+    def _own_signals(
+        self, index: int, layer: nn.Module, hidden: torch.Tensor, cos_sin: tuple, names: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
+        """Signals at a drop layer's input, over the tokens it is about to drop: projected here."""
+        state = self._prefill
+        attn = layer.self_attn
+        with torch.no_grad():
+            normed = layer.input_layernorm(hidden)
+            last = attn.q_proj(rows_at(normed, last_positions(state.valid))) if "last_row" in names else None
+            return layer_signals(self.probes[index], attn.k_proj(normed), last, cos_sin, state.valid, names)
+
+    def _capture_hook(self, index: int, part: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            state = self._prefill
+            capture = state.capture if state is not None else None
+            if capture is None or capture.index != index:
+                return
+            if part == "keys":
+                capture.keys = output.detach()
+            else:
+                capture.last_queries = rows_at(output.detach(), capture.last)
+
+        return hook
+
+    def _captured_signals(self, state: _Stages) -> dict[str, torch.Tensor]:
+        capture, state.capture = state.capture, None
+        if capture.keys is None or ("last_row" in capture.names and capture.last_queries is None):
+            attn = self.layers[capture.index].self_attn
+            raise RuntimeError(
+                f"vtc: decoder layer {capture.index}'s attention ({type(attn).__name__}) ran without calling its "
+                "k_proj / q_proj on the layer's tokens, so the in-LLM signals could not be taken from it"
+            )
+        with torch.no_grad():
+            probe, names = self.probes[capture.index], capture.names
+            return layer_signals(probe, capture.keys, capture.last_queries, capture.cos_sin, capture.valid, names)
 
     def _drop(self, stage: int, layer: nn.Module, hidden: torch.Tensor, original: dict) -> tuple[torch.Tensor, dict]:
         """Choose the survivors (no autograd: a choice has no gradient), then gather them (autograd kept, so
@@ -215,7 +305,7 @@ class LayerDropper:
             source = self._survivors(stage, hidden)
         valid = source >= 0
         safe = source.clamp(min=0)
-        hidden = hidden.gather(1, safe.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = rows_at(hidden, safe)
         hidden = torch.where(valid.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         state = self._prefill
         state.order = take(state.order, source, -1)
@@ -230,7 +320,14 @@ class LayerDropper:
         """[B, L'] index of each surviving position in the current sequence (see source_index)."""
         state = self._prefill
         keep = state.valid & (state.image < 0)  # text survives
-        final_norm = self.norm(hidden)
+        normed: list[torch.Tensor] = []  # the final norm of the whole batch, once, if a method asks for it
+
+        def final_norm(row: int) -> torch.Tensor:
+            if not normed:
+                normed.append(self.norm(hidden))
+            return normed[0][row]
+
+        views: list[tuple[int, Stage]] = []  # (row, what the method sees) per image that loses tokens
         for b in range(hidden.shape[0]):
             row_images = state.image[b]
             visual_cols = (row_images >= 0).nonzero().squeeze(1)
@@ -245,9 +342,10 @@ class LayerDropper:
                     keep[b, positions] = True
                     continue
                 protected = state.protected[b, positions]
-                stage_view = Stage(stage, target, positions, text, signals, final_norm[b], protected)
-                chosen = self.method.choose(stage_view)
-                keep[b, positions[chosen]] = True
+                views.append((b, Stage(stage, target, positions, text, signals, partial(final_norm, b), protected)))
+        chosen = self.method.choose_all([view for _, view in views]) if views else []
+        for (b, view), kept in zip(views, chosen, strict=True):
+            keep[b, view.visual[kept]] = True
         return source_index(keep)
 
     # -- gathering the decoder's shared arguments ---------------------------------------------------
@@ -314,12 +412,20 @@ class LayerDropper:
         return torch.where(allowed, zero, torch.finfo(floating).min)
 
     def _decode_kwargs(self, index: int, kwargs: dict) -> dict:
-        order = next(m for first, m in reversed(self._maps) if first <= index)  # this layer's stage
+        stage = max(i for i, (first, _) in enumerate(self._maps) if first <= index)  # this layer's stage
+        order = self._maps[stage][1]
         mask = kwargs.get("attention_mask")
+        if mask is None and not self._padded[stage]:
+            return kwargs  # every cached token is real: nothing to mask, as the decoder says
+        memo = self._decode_mask
+        if memo is not None and mask is not None and memo[0] is mask and memo[1] == stage:
+            return {**kwargs, "attention_mask": memo[2]}  # the layers of a stage share one step's mask
         cache = kv_cache(kwargs)
         total = mask.shape[-1] if mask is not None else cache.get_seq_length()  # layer 0: prompt + new tokens
         new = torch.arange(self._lm_length, total, device=order.device).expand(order.shape[0], -1)
         cols = torch.cat([order, new], dim=1)
         valid = cols >= 0
         dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else torch.float32
-        return {**kwargs, "attention_mask": self._gather_mask(mask, None, cols.clamp(min=0), None, valid, dtype)}
+        shortened = self._gather_mask(mask, None, cols.clamp(min=0), None, valid, dtype)
+        self._decode_mask = (mask, stage, shortened) if mask is not None else None
+        return {**kwargs, "attention_mask": shortened}

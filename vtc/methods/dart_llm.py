@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vtc import kernels as ops
-from vtc.methods.layerwise import LayerwiseMethod, Stage, check_int
+from vtc.methods.layerwise import LayerwiseMethod, Stage, check_int, same_shape
 from vtc.registry import register
 
 
@@ -47,14 +47,34 @@ class DARTLLM(LayerwiseMethod):
         return {self.layer - 1: ("key_norm",)}
 
     def choose(self, stage: Stage) -> torch.Tensor:
+        return self.choose_all([stage])[0]
+
+    def choose_all(self, stages: list[Stage]) -> list[torch.Tensor]:
+        """One pivot selection per group of images with the same token, pivot and budget counts."""
+        inputs = [self._pivot_inputs(stage) for stage in stages]
+        chosen: list[torch.Tensor] = [torch.empty(0)] * len(stages)
+        for members in same_shape([_shape(one) for one in inputs]):
+            features = torch.stack([inputs[i][0] for i in members])  # [G, n + t, D]
+            pivots = torch.stack([inputs[i][1] for i in members])  # [G, P]
+            n, budget = inputs[members[0]][2], inputs[members[0]][3]
+            for i, kept in zip(members, ops.pivot_select(features, pivots, budget), strict=True):
+                chosen[i] = kept[kept < n]
+        return chosen
+
+    def _pivot_inputs(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(features [n + t, D]: the image's visual tokens, then its text pivots; pivots [P] into them, visited in
+        descending norm order; n; tokens to keep, text pivots included)."""
         norm = stage.signals["key_norm"]
         n = stage.visual.numel()
         visual_pivots = min(self.visual_pivots, stage.keep)
         order = norm[stage.visual].argsort(descending=True, stable=True)[:visual_pivots]
         text = stage.text[norm[stage.text].argsort(descending=True, stable=True)[: self.text_pivots]]
-        features = torch.cat([stage.hidden[stage.visual], stage.hidden[text]]).unsqueeze(0)  # [1, n + t, D]
+        features = torch.cat([stage.hidden[stage.visual], stage.hidden[text]])
         pivots = torch.cat([order, torch.arange(n, n + text.numel(), device=order.device)])
         pivots = pivots[torch.cat([norm[stage.visual][order], norm[text]]).argsort(descending=True, stable=True)]
-        pivots = pivots.unsqueeze(0)  # visual and text pivots visited in descending norm order
-        kept = ops.pivot_select(features, pivots, stage.keep + text.numel())[0]
-        return kept[kept < n]
+        return features, pivots, n, stage.keep + text.numel()
+
+
+def _shape(inputs: tuple[torch.Tensor, torch.Tensor, int, int]) -> tuple[int, ...]:
+    features, pivots, n, budget = inputs
+    return features.shape[0], pivots.numel(), n, budget

@@ -1,10 +1,11 @@
 """In-LLM methods: drop visual tokens between decoder layers during prefill.
 
 A layerwise method names the decoder layers at whose INPUT tokens are dropped (its schedule), the
-signals it needs from inside the language model and at which layer (computed in hooks from the
-layer inputs, one query row or one key norm per token, never an N x N map), and chooses, per image
-and stage, which of the image's surviving visual tokens go on. The adapter does the removal: hidden
-states, positions, masks and the KV cache of every later layer shrink.
+signals it needs from inside the language model and at which layer (from that layer's own q/k
+projections, one query row or one key norm per token, never an N x N map), and chooses, per image
+and stage, which of the image's surviving visual tokens go on (``choose``; ``choose_all`` for all
+images of a batch at once, which a method may batch). The adapter does the removal: hidden states,
+positions, masks and the KV cache of every later layer shrink.
 
 Signals a method can ask for (``signal_layers``), each [L] over the current sequence of one row:
   * ``"last_row"``: softmax attention of the last token's query over all keys at that layer (its
@@ -12,13 +13,14 @@ Signals a method can ask for (``signal_layers``), each [L] over the current sequ
   * ``"key_norm"``: L1 norm of each token's key at that layer (post-RoPE, heads concatenated), with positions
     counted from the row's first real token, as for the sample alone (an L1 norm is not rotation-invariant, so
     a left-padded row numbered from its padding would otherwise pick other pivots).
-The ``hidden`` states at the drop layer are always available, after the model's final norm.
+The ``hidden`` states at the drop layer are available too, after the model's final norm (computed on first use).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -34,8 +36,15 @@ class Stage:
     visual: torch.Tensor  # [n] positions of the image's surviving visual tokens in the current sequence
     text: torch.Tensor  # [t] positions of the row's valid text tokens after its last visual token
     signals: dict[str, torch.Tensor]  # name -> [L] over the current sequence of this row
-    hidden: torch.Tensor  # [L, D] input of the drop layer after the final norm
+    hidden_states: torch.Tensor | Callable[[], torch.Tensor]  # [L, D], or what computes it on first use
     protected: torch.Tensor | None = None  # [n] bool, tokens that must survive (Adaptive's key set)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[L, D] input of the drop layer after the final norm (computed when a method first asks)."""
+        if callable(self.hidden_states):
+            self.hidden_states = self.hidden_states()
+        return self.hidden_states
 
 
 class LayerwiseMethod(ABC):
@@ -62,6 +71,11 @@ class LayerwiseMethod(ABC):
     @abstractmethod
     def choose(self, stage: Stage) -> torch.Tensor:
         """Sorted indices into ``stage.visual`` of the tokens that survive."""
+
+    def choose_all(self, stages: list[Stage]) -> list[torch.Tensor]:
+        """:meth:`choose` for every image of a batch at one drop layer. Default: one call per image; a method
+        overrides it to choose for images of one shape in one batched call (same result)."""
+        return [self.choose(stage) for stage in stages]
 
     def check_depth(self, num_layers: int) -> None:
         """Raise if the schedule does not fit a language model of ``num_layers`` layers."""
@@ -91,6 +105,26 @@ def top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return scores.topk(min(keep, scores.numel())).indices.sort().values
 
 
+def top_all(stages: list[Stage], signal: str) -> list[torch.Tensor]:
+    """For each stage, the sorted indices of its ``keep`` visual tokens with the highest ``signal``: one topk per
+    group of stages with the same token count and budget."""
+    chosen: list[torch.Tensor] = [torch.empty(0)] * len(stages)
+    for members in same_shape([(stage.visual.numel(), stage.keep) for stage in stages]):
+        scores = torch.stack([stages[i].signals[signal][stages[i].visual] for i in members])  # [G, n]
+        kept = scores.topk(min(stages[members[0]].keep, scores.shape[1]), dim=1).indices.sort(dim=1).values
+        for i, row in zip(members, kept, strict=True):
+            chosen[i] = row
+    return chosen
+
+
+def same_shape(keys: list[tuple]) -> list[list[int]]:
+    """Indices grouped by equal ``keys`` (what must be equal to stack them), in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def scaled(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> list[int]:
     """PyramidDrop's layers for a 32-layer model, at the same relative depth of ``num_layers``."""
     scaled = [max(1, min(num_layers - 1, round(layer * num_layers / reference))) for layer in layers]
@@ -100,15 +134,15 @@ def scaled(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> lis
 def flops_per_layer(config: Any, tokens: int) -> float:
     """Approximate prefill FLOPs of one decoder layer over ``tokens`` tokens (multiply-add = 2 FLOPs):
     q/k/v/o projections and the MLP (gate, up, down) per token, plus causal attention scores and values."""
+    return total_flops(config, [tokens])
+
+
+def total_flops(config: Any, tokens_per_layer: list[float]) -> float:
+    """:func:`flops_per_layer` summed over layers that see ``tokens_per_layer`` tokens (the config read once)."""
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    projections = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * config.intermediate_size
-    attention = heads * head_dim * tokens  # per token: QK^T and AV over ~tokens/2 keys each (causal)
-    return 2.0 * tokens * (projections + mlp + attention)
-
-
-def total_flops(config: Any, tokens_per_layer: list[float]) -> float:
-    return math.fsum(flops_per_layer(config, t) for t in tokens_per_layer)
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size
+    per_pair = heads * head_dim  # per token: QK^T and AV over ~tokens/2 keys each (causal)
+    return math.fsum(2.0 * t * (per_token + per_pair * t) for t in tokens_per_layer)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtc.methods.layerwise import LayerwiseMethod, Stage, check_int, scaled, top
+from vtc.methods.layerwise import LayerwiseMethod, Stage, check_int, scaled, top, top_all
 from vtc.registry import register
 
 
@@ -52,3 +52,6 @@ class PDrop(LayerwiseMethod):
 
     def choose(self, stage: Stage) -> torch.Tensor:
         return top(stage.signals["last_row"][stage.visual], stage.keep)
+
+    def choose_all(self, stages: list[Stage]) -> list[torch.Tensor]:
+        return top_all(stages, "last_row")
