@@ -51,7 +51,18 @@ from vtc.llm.prefill import output_cache
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
 PLOT = ROOT / "benchmarks" / "results" / "e2e.png"
-DEFAULT_METHODS = ("fastervlm", "vtc_cls", "divprune", "dart", "random", "uniform", "fastv", "pdrop")
+DEFAULT_METHODS = (
+    "fastervlm",
+    "vtc_cls",
+    "divprune",
+    "dart",
+    "random",
+    "uniform",
+    "fastv",
+    "pdrop",
+    "dart_llm",
+    "adaptive",
+)
 # The bound's prefill call is recorded from this method's: every pre-LLM method hands the language model the same call
 # at a budget (text + K tokens, vtc's mask and position ids); uniform needs no signal, so it runs on every adapter.
 BOUND_METHOD = "uniform"
@@ -125,10 +136,13 @@ def parts(model) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
 
 
 class Stopwatch:
-    """Timestamps from forward hooks: each top-level forward, the vision encoder, and vtc's language-model pre-hook.
+    """Timestamps from forward hooks: each top-level forward, the vision encoder, vtc's language-model pre-hook, and
+    vtc's hooks on every decoder layer.
 
-    Attach AFTER vtc.compress: the "selection starts" pre-hook is prepended (runs before vtc's), the "prefill starts"
-    one appended (runs after vtc's), so their difference is vtc's planning and dropping.
+    Attach AFTER vtc.compress: each "starts" pre-hook is prepended (runs before vtc's), each "ends" one appended
+    (runs after vtc's), so their difference is vtc's hook: planning and dropping before the decoder stack
+    (selection), signals and dropping at a decoder layer's input (layer hooks; a layer's attention is timed in the
+    layer, as are the forward hooks in-LLM methods put on its projections to keep what they compute).
     """
 
     def __init__(self, model, device: torch.device):
@@ -143,6 +157,9 @@ class Stopwatch:
             language.register_forward_pre_hook(lambda *_: self.mark("prefill_start")),
             language.register_forward_hook(lambda *_: self.mark("language_end")),
         ]
+        for layer in language.layers:
+            hooks.append(layer.register_forward_pre_hook(lambda *_: self.mark("layer_hook_start"), prepend=True))
+            hooks.append(layer.register_forward_pre_hook(lambda *_: self.mark("layer_hook_end")))
         self.hooks = hooks
 
     def mark(self, name: str) -> None:
@@ -162,10 +179,14 @@ class Stopwatch:
         vision_start = min(t for name, t in self.marks if name == "vision_start")
         vision_end = max(t for name, t in self.marks if name == "vision_end")
         decode_s = forwards[-1] - forwards[0]
+        prefill = [(name, t) for name, t in self.marks if first["prefill_start"] <= t <= first["language_end"]]
+        starts = [t for name, t in prefill if name == "layer_hook_start"]
+        ends = [t for name, t in prefill if name == "layer_hook_end"]
         return {
             "vision_ms": (vision_end - vision_start) * 1e3,
             "selection_ms": (first["prefill_start"] - first["select_start"]) * 1e3,
             "prefill_ms": (first["language_end"] - first["prefill_start"]) * 1e3,
+            "layer_hooks_ms": sum(end - start for start, end in zip(starts, ends, strict=True)) * 1e3,
             "ttft_ms": (forwards[0] - began) * 1e3,
             "decode_tokens_per_s": (len(forwards) - 1) / decode_s if decode_s > 0 else float("nan"),
             "total_ms": (ended - began) * 1e3,
@@ -309,6 +330,7 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
             }
             if handle is not None:
                 row["visual_tokens_per_layer"] = handle.stats["visual_tokens_per_layer"][0]
+                row["flops_ratio"] = handle.stats["prefill_flops"]["ratio"]
         finally:
             if handle is not None:
                 handle.remove()
@@ -353,6 +375,10 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
             row["bound_call"] = signature(bounds[key[1]])
         else:
             row["bound_ttft_ms"] = none_ttft  # nothing cut: the bound is the uncompressed request itself
+        # What the tokens each layer saw cost at the uncompressed prefill's speed: its FLOPs estimate (that of
+        # vtc.methods.layerwise, in handle.stats) as a fraction of the uncompressed prefill's.
+        row["expected_prefill_ms"] = median([n["prefill_ms"] for n in none]) * row.get("flops_ratio", 1.0)
+        row["of_expected"] = row["expected_prefill_ms"] / row["prefill_ms"]
         row["speedup"] = none_ttft / row["ttft_ms"]
         row["bound_speedup"] = none_ttft / row["bound_ttft_ms"]
         row["of_bound"] = row["bound_ttft_ms"] / row["ttft_ms"]
@@ -378,14 +404,15 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
 def print_table(result: dict[str, Any], title: str) -> None:
     print(f"\n{title}")
     print(
-        "| method | keep | vision ms | selection ms | LLM prefill ms | TTFT ms | speed-up | bound | of bound "
-        "| decode tok/s | peak MiB | KV MiB |"
+        "| method | keep | vision ms | selection ms | LLM prefill ms | FLOPs-expected ms | of expected "
+        "| layer hooks ms | TTFT ms | speed-up | bound | of bound | decode tok/s | peak MiB | KV MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         keep = "—" if r["keep"] is None else r["keep"]
         print(
             f"| {r['method']} | {keep} | {r['vision_ms']:.1f} | {r['selection_ms']:.2f} | {r['prefill_ms']:.1f} "
+            f"| {r['expected_prefill_ms']:.1f} | {100 * r['of_expected']:.0f}% | {r['layer_hooks_ms']:.2f} "
             f"| {r['ttft_ms']:.1f} | {r['speedup']:.2f}x | {r['bound_speedup']:.2f}x | {100 * r['of_bound']:.0f}% "
             f"| {r['decode_tokens_per_s']:.1f} | {r['peak_bytes'] / 2**20:.1f} | {r['kv_bytes'] / 2**20:.2f} |"
         )

@@ -56,6 +56,13 @@ def test_smoke_run_splits_the_request_and_bounds_it(tmp_path):
         assert r["decode_tokens_per_s"] > 0 and r["peak_bytes"] > 0
         assert r["bound_ttft_ms"] > 0
     assert rows[("fastervlm", 64)]["bound_speedup"] > 1  # a shorter prompt bounds a faster first token
+    # In-LLM rows: the FLOPs-proportional expectation is the uncompressed prefill scaled by the FLOPs of the tokens
+    # each layer saw (vtc's estimate, in handle.stats); the layer hooks are timed on their own.
+    fastv = rows[("fastv", 64)]
+    assert rows[("fastv", 576)]["flops_ratio"] == pytest.approx(1.0) and 0.1 < fastv["flops_ratio"] < 1
+    assert fastv["expected_prefill_ms"] == pytest.approx(none["prefill_ms"] * fastv["flops_ratio"])
+    assert fastv["of_expected"] == pytest.approx(fastv["expected_prefill_ms"] / fastv["prefill_ms"])
+    assert fastv["layer_hooks_ms"] > 0 and none["expected_prefill_ms"] == none["prefill_ms"]
     # The bound's prefill is the compressed prefill's call, replayed: recorded in the row, beside the run's own.
     assert rows[("fastervlm", 64)]["bound_call"] == rows[("fastervlm", 64)]["prefill_call"]
     assert "bound_call" not in rows[("fastervlm", 576)] and "bound_call" not in none
