@@ -17,6 +17,8 @@ import statistics
 import string
 import sys
 import time
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -26,16 +28,26 @@ from vtc.adapters.llava_next import BUDGETS
 from vtc.method_spec import parse_method, split_specs
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _interleaved_median_ms(fn, attachers: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median ms of ``fn()`` under each attacher (a function attaching vtc, returning a handle or None), timed round
+    by round: every round times each once, so a machine that speeds up or slows down during the run (turbo, a noisy
+    neighbour) shifts every row alike. One warm-up round first."""
+    times: dict[str, list[float]] = {label: [] for label in attachers}
+    for round_ in range(repeats + 1):
+        for label, attach in attachers.items():
+            handle = attach()
+            try:
+                start = time.perf_counter()
+                fn()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                elapsed = (time.perf_counter() - start) * 1e3
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if round_:
+                times[label].append(elapsed)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
@@ -157,7 +169,9 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="Describe the image briefly.", help="question about --image")
     parser.add_argument("--scene", type=int, default=0, help="without --image: the shapes test scene to ask about")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="answer length in tokens (default 12)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per method (median reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed rounds, each timing every method once (median reported)"
+    )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any, else cpu"
     )
@@ -191,8 +205,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc") -> int:
             return " ".join(map(str, new[0].tolist()))
         return _shown(processor.batch_decode(new, skip_special_tokens=True), truth)
 
-    baseline_ms = _median_ms(prefill, args.repeats)
-    rows = [("none", n_tokens, n_tokens, baseline_ms, 1.0, answer())]
+    rows = [("none", n_tokens, n_tokens, answer())]
+    attachers: dict[str, Any] = {"none": lambda: None}
     skipped = []
     for label, name, options in methods:
         try:
@@ -201,10 +215,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc") -> int:
             skipped.append(f"{label}: {error}")
             continue
         with handle:
-            ms = _median_ms(prefill, args.repeats)
             text = answer()
         before, after = handle.stats["visual_tokens_before"][0], handle.stats["visual_tokens_after"][0]
-        rows.append((label, before, after, ms, baseline_ms / ms, text))
+        rows.append((label, before, after, text))
+        attachers[label] = partial(vtc.compress, model, name, keep=args.keep, budget=args.budget, **options)
+    ms = _interleaved_median_ms(prefill, attachers, args.repeats)
+    rows = [(label, before, after, ms[label], ms["none"] / ms[label], text) for label, before, after, text in rows]
 
     width = max(10, *(len(row[0]) for row in rows))
     header = f"{'method':<{width}} {'visual tokens':>14} {'prefill ms':>11} {'speed-up':>9}  " + (
