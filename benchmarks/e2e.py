@@ -149,22 +149,33 @@ class Stopwatch:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         vision_in, vision_out, language = parts(model)
         self.marks: list[tuple[str, float]] = []
+        self.prefill_over = False
         hooks = [
             model.register_forward_hook(lambda *_: self.mark("forward_end")),
             vision_in.register_forward_pre_hook(lambda *_: self.mark("vision_start")),
             vision_out.register_forward_hook(lambda *_: self.mark("vision_end")),
             language.register_forward_pre_hook(lambda *_: self.mark("select_start"), prepend=True),
             language.register_forward_pre_hook(lambda *_: self.mark("prefill_start")),
-            language.register_forward_hook(lambda *_: self.mark("language_end")),
+            language.register_forward_hook(lambda *_: self.language_ends()),
         ]
-        for layer in language.layers:
-            hooks.append(layer.register_forward_pre_hook(lambda *_: self.mark("layer_hook_start"), prepend=True))
-            hooks.append(layer.register_forward_pre_hook(lambda *_: self.mark("layer_hook_end")))
+        for layer in language.layers:  # marked in the prefill only: a decode step is timed as a whole
+            hooks.append(
+                layer.register_forward_pre_hook(lambda *_: self.prefill_mark("layer_hook_start"), prepend=True)
+            )
+            hooks.append(layer.register_forward_pre_hook(lambda *_: self.prefill_mark("layer_hook_end")))
         self.hooks = hooks
 
     def mark(self, name: str) -> None:
         self.sync()
         self.marks.append((name, time.perf_counter()))
+
+    def prefill_mark(self, name: str) -> None:
+        if not self.prefill_over:
+            self.mark(name)
+
+    def language_ends(self) -> None:
+        self.mark("language_end")
+        self.prefill_over = True
 
     def remove(self) -> None:
         for hook in self.hooks:

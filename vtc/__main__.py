@@ -17,6 +17,7 @@ import statistics
 import string
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -28,13 +29,13 @@ from vtc.adapters.llava_next import BUDGETS
 from vtc.method_spec import parse_method, split_specs
 
 
-def _interleaved_median_ms(fn, attachers: dict[str, Any], repeats: int) -> dict[str, float]:
+def _interleaved_median_ms(fn, attachers: list[Callable[[], Any]], repeats: int) -> list[float]:
     """Median ms of ``fn()`` under each attacher (a function attaching vtc, returning a handle or None), timed round
     by round: every round times each once, so a machine that speeds up or slows down during the run (turbo, a noisy
     neighbour) shifts every row alike. One warm-up round first."""
-    times: dict[str, list[float]] = {label: [] for label in attachers}
+    times: list[list[float]] = [[] for _ in attachers]
     for round_ in range(repeats + 1):
-        for label, attach in attachers.items():
+        for attach, values in zip(attachers, times, strict=True):
             handle = attach()
             try:
                 start = time.perf_counter()
@@ -46,8 +47,8 @@ def _interleaved_median_ms(fn, attachers: dict[str, Any], repeats: int) -> dict[
                 if handle is not None:
                     handle.remove()
             if round_:
-                times[label].append(elapsed)
-    return {label: statistics.median(values) for label, values in times.items()}
+                values.append(elapsed)
+    return [statistics.median(values) for values in times]
 
 
 TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc") -> int:
         return _shown(processor.batch_decode(new, skip_special_tokens=True), truth)
 
     rows = [("none", n_tokens, n_tokens, answer())]
-    attachers: dict[str, Any] = {"none": lambda: None}
+    attachers: list[Callable[[], Any]] = [lambda: None]  # per row
     skipped = []
     for label, name, options in methods:
         try:
@@ -218,9 +219,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc") -> int:
             text = answer()
         before, after = handle.stats["visual_tokens_before"][0], handle.stats["visual_tokens_after"][0]
         rows.append((label, before, after, text))
-        attachers[label] = partial(vtc.compress, model, name, keep=args.keep, budget=args.budget, **options)
+        attachers.append(partial(vtc.compress, model, name, keep=args.keep, budget=args.budget, **options))
     ms = _interleaved_median_ms(prefill, attachers, args.repeats)
-    rows = [(label, before, after, ms[label], ms["none"] / ms[label], text) for label, before, after, text in rows]
+    rows = [(*row[:3], t, ms[0] / t, row[3]) for row, t in zip(rows, ms, strict=True)]
 
     width = max(10, *(len(row[0]) for row in rows))
     header = f"{'method':<{width}} {'visual tokens':>14} {'prefill ms':>11} {'speed-up':>9}  " + (

@@ -1,11 +1,13 @@
-"""Attention probes: the attention rows vtc needs, recomputed from an attention module's input.
+"""Attention probes: the attention rows vtc needs, from an attention module's input or its projections' outputs.
 
 vtc never asks a model for attention maps (only eager attention returns them, as [L, L] per layer and head). A hook
-on the attention module recomputes the one row, or the column means, a method needs, from the module's own
-projections. That reads the module's internals (fused or separate projections, QK-norm, which rotary embedding), so
-each supported attention implementation has a probe, found by the module's class: an attention class without one is
-refused when vtc attaches, never scored with the wrong arithmetic. Each probe is tested against its classes' eager
-attention weights (tests/test_probes.py; open_clip's in tests/test_aux_clip.py).
+on the attention module recomputes the one row, or the column means, a method needs, with the module's own
+projections; a decoder layer that drops nothing hands over the key and query projections it computes anyway
+(``DecoderAttention.rotated_keys`` / ``rotated_queries`` take those outputs). That reads the module's internals
+(fused or separate projections, QK-norm, which rotary embedding), so each supported attention implementation has a
+probe, found by the module's class: an attention class without one is refused when vtc attaches, never scored with
+the wrong arithmetic. Each probe is tested against its classes' eager attention weights (tests/test_probes.py;
+open_clip's in tests/test_aux_clip.py).
 """
 
 from __future__ import annotations

@@ -781,3 +781,72 @@ def test_adaptive_key_set_in_choose_and_its_errors():
     with pytest.raises(ValueError, match=r"method 'adaptive' needs \[CLS\] attention.*cls_model="):
         vtc.compress(model, "adaptive", keep=4, protect=0.1)
     assert count_hooks(model) == hooks
+
+
+# -- the costs issue 20 removed must not change what is chosen -------------------------------------------------
+
+
+@pytest.mark.parametrize("parent", [FastV, PDrop, DARTLLM], ids=lambda cls: cls.name)
+def test_a_subclass_choose_is_not_bypassed_by_its_parents_batching(parent):
+    """FastV, PDrop and DART-LLM choose for a whole batch at once (choose_all); a subclass that overrides only choose
+    (the per-image rule) still gets its rule applied to every image."""
+
+    @dataclass
+    class FirstTokens(parent):
+        def choose(self, stage):
+            return torch.arange(min(stage.keep, stage.visual.numel()))
+
+    model = tiny_llava(text_layers=DEPTH)
+    with vtc.compress(model, FirstTokens(), keep=16) as handle, torch.no_grad():
+        model(**tiny_llava_inputs(model, images_per_sample=(1, 1), seed=1))
+        assert [kept.tolist() for kept in handle.last_kept] == [list(range(16))] * 2
+
+
+def test_projections_replaced_after_attach_are_refused_before_the_language_model_runs():
+    """A signal layer's scores come from hooks on its k_proj / q_proj: if those modules are swapped after attaching
+    (quantisation, LoRA), the prefill is refused with what to do, and nothing of it stays behind."""
+    model = tiny_llava(text_layers=DEPTH)
+    inputs = tiny_llava_inputs(model, seed=1)
+    attn = decoder(model).layers[1].self_attn  # FastV at layer 2 scores at layer 1
+    with vtc.compress(model, "fastv", keep=16):
+        original = attn.k_proj
+        attn.k_proj = torch.nn.Linear(original.in_features, original.out_features, bias=original.bias is not None)
+        attn.k_proj.load_state_dict(original.state_dict())
+        layer_calls = []
+        spy = decoder(model).layers[0].register_forward_pre_hook(lambda *args: layer_calls.append(1))
+        try:
+            refused = pytest.raises(ValueError, match=r"decoder layer 1's attention projections .* were replaced")
+            with refused, torch.no_grad():
+                model(**inputs)
+        finally:
+            spy.remove()
+        assert not layer_calls  # refused before any decoder layer ran
+        attn.k_proj = original
+        with torch.no_grad():
+            compressed = model(**inputs).logits
+    with vtc.compress(model, "fastv", keep=16), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, compressed)  # the refused call left nothing behind
+
+
+def test_other_calls_of_a_scoring_layers_projections_do_not_change_the_scores():
+    """A user's hook that calls a scoring layer's q_proj / k_proj on something else (one row, as attribution tools
+    do) is not what vtc scores with: the choice is the one made without that hook."""
+    model = tiny_llava(text_layers=DEPTH)
+    inputs = tiny_llava_inputs(model, images_per_sample=(2, 1), seed=1)
+    layer = decoder(model).layers[1]
+
+    def probe_one_row(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        module.self_attn.q_proj(hidden[:, -1:])
+        module.self_attn.k_proj(hidden[:, :1])
+
+    for method in ("fastv", "dart_llm"):
+        with vtc.compress(model, method, keep=16) as handle, torch.no_grad():
+            model(**inputs)
+            alone = [kept.clone() for kept in handle.last_kept]
+            hook = layer.register_forward_pre_hook(probe_one_row, with_kwargs=True)
+            try:
+                model(**inputs)
+            finally:
+                hook.remove()
+            assert all(torch.equal(a, b) for a, b in zip(alone, handle.last_kept, strict=True))

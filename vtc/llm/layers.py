@@ -13,15 +13,14 @@ What it costs beyond the layers' own work (issue 20): a method's signals at a la
 are taken from that layer's own k_proj / q_proj outputs (forward hooks), not projected a second time;
 only a drop layer's scores over the tokens it is about to drop need vtc's own projection (PyramidDrop's
 and the adaptive schedule's definition). The survivors of every image are chosen in one batched call
-per group of same-shaped images (``LayerwiseMethod.choose_all``), and nothing is read back to the host
-per layer: the per-layer token counts are read once the prefill is through.
+per group of same-shaped images (``LayerwiseMethod.choose_all``), and layers that drop nothing read
+nothing back to the host: the per-layer token counts are read once the prefill is through.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -143,10 +142,11 @@ class LayerDropper:
         # A drop layer scores the tokens it is about to drop, so it projects them itself; any other signal layer
         # still sees every token, and its own projections are taken as it computes them.
         self.captured_at = [i for i in self.signal_at if i not in self.schedule]
+        self._projections = {i: self._projections_of(i) for i in self.captured_at}  # the modules hooked
         self._prefill: _Stages | None = None
         self._maps: list[tuple[int, torch.Tensor]] = []  # of the last finished prefill
         self._padded: list[bool] = []  # per stage of it: whether some row's order holds padding (-1)
-        self._decode_mask: tuple[Any, int, Any] | None = None  # (decoder's mask, stage, vtc's mask) of this step
+        self._decode_mask: tuple | None = None  # (decoder's mask, (stage, length), vtc's mask) of this decode step
         self._lm_length = 0
         self._cache: weakref.ref | None = None
         self._decoding = False
@@ -157,12 +157,15 @@ class LayerDropper:
         # Layer 0 only computes signals (for a drop at layer 1); the counts start at layer 1 (layer 0 = LM input).
         hooked = [i for i in range(len(self.layers)) if i >= 1 or i in self.signal_at]
         hooks = [(self.layers[i], self._pre_hook(i), True) for i in hooked]
-        for i in self.captured_at:
-            attn = self.layers[i].self_attn
-            hooks.append((attn.k_proj, self._capture_hook(i, "keys"), False))
+        for i, (k_proj, q_proj) in self._projections.items():
+            hooks.append((k_proj, self._capture_hook(i, "keys"), False))
             if "last_row" in self.signal_at[i]:
-                hooks.append((attn.q_proj, self._capture_hook(i, "last_queries"), False))
+                hooks.append((q_proj, self._capture_hook(i, "last_queries"), False))
         return hooks
+
+    def _projections_of(self, index: int) -> tuple[nn.Module, nn.Module]:
+        attn = self.layers[index].self_attn
+        return attn.k_proj, attn.q_proj
 
     # -- driven by the adapter's language-model hooks ------------------------------------------------
 
@@ -176,6 +179,14 @@ class LayerDropper:
         for image_id, size in zip(ids.tolist(), sizes.tolist(), strict=True):
             targets[image_id] = self.method.stage_counts(size, self.budget.cap(size), len(self.schedule))
         order = torch.arange(image.shape[1], device=image.device).expand_as(image)
+        for i, hooked in self._projections.items():
+            if self._projections_of(i) != hooked:
+                raise ValueError(
+                    f"decoder layer {i}'s attention projections (k_proj / q_proj) were replaced after "
+                    f"vtc.compress attached to them (e.g. by a quantisation or an adapter such as LoRA), so "
+                    f"{self.method.name!r} would score with the old ones. Attach vtc after modifying the model: "
+                    "handle.remove(), then vtc.compress again"
+                )
         protected = self._key_set(image, vision_score, ids.tolist())
         if targets and torch.is_grad_enabled() and _recompute_runs_hooks(self.layers):
             raise ValueError(
@@ -274,8 +285,10 @@ class LayerDropper:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             state = self._prefill
             capture = state.capture if state is not None else None
-            if capture is None or capture.index != index:
+            if capture is None or capture.index != index or getattr(capture, part) is not None:
                 return
+            if not torch.is_tensor(output) or output.shape[:2] != capture.valid.shape:
+                return  # not the layer's own projection of its tokens (e.g. a user's hook projecting one row)
             if part == "keys":
                 capture.keys = output.detach()
             else:
@@ -287,6 +300,7 @@ class LayerDropper:
         capture, state.capture = state.capture, None
         if capture.keys is None or ("last_row" in capture.names and capture.last_queries is None):
             attn = self.layers[capture.index].self_attn
+            self._prefill = None  # this prefill cannot go on: nothing of it may steer a later forward
             raise RuntimeError(
                 f"vtc: decoder layer {capture.index}'s attention ({type(attn).__name__}) ran without calling its "
                 "k_proj / q_proj on the layer's tokens, so the in-LLM signals could not be taken from it"
@@ -320,13 +334,7 @@ class LayerDropper:
         """[B, L'] index of each surviving position in the current sequence (see source_index)."""
         state = self._prefill
         keep = state.valid & (state.image < 0)  # text survives
-        normed: list[torch.Tensor] = []  # the final norm of the whole batch, once, if a method asks for it
-
-        def final_norm(row: int) -> torch.Tensor:
-            if not normed:
-                normed.append(self.norm(hidden))
-            return normed[0][row]
-
+        final_norm = self.norm(hidden) if self.method.uses_hidden else None
         views: list[tuple[int, Stage]] = []  # (row, what the method sees) per image that loses tokens
         for b in range(hidden.shape[0]):
             row_images = state.image[b]
@@ -342,8 +350,9 @@ class LayerDropper:
                     keep[b, positions] = True
                     continue
                 protected = state.protected[b, positions]
-                views.append((b, Stage(stage, target, positions, text, signals, partial(final_norm, b), protected)))
-        chosen = self.method.choose_all([view for _, view in views]) if views else []
+                row_hidden = final_norm[b] if final_norm is not None else None
+                views.append((b, Stage(stage, target, positions, text, signals, row_hidden, protected)))
+        chosen = self.method.survivors([view for _, view in views]) if views else []
         for (b, view), kept in zip(views, chosen, strict=True):
             keep[b, view.visual[kept]] = True
         return source_index(keep)
@@ -417,15 +426,15 @@ class LayerDropper:
         mask = kwargs.get("attention_mask")
         if mask is None and not self._padded[stage]:
             return kwargs  # every cached token is real: nothing to mask, as the decoder says
-        memo = self._decode_mask
-        if memo is not None and mask is not None and memo[0] is mask and memo[1] == stage:
-            return {**kwargs, "attention_mask": memo[2]}  # the layers of a stage share one step's mask
         cache = kv_cache(kwargs)
         total = mask.shape[-1] if mask is not None else cache.get_seq_length()  # layer 0: prompt + new tokens
+        memo = self._decode_mask
+        if memo is not None and memo[0] is mask and memo[1] == (stage, total):
+            return {**kwargs, "attention_mask": memo[2]}  # the layers of a stage share one step's mask
         new = torch.arange(self._lm_length, total, device=order.device).expand(order.shape[0], -1)
         cols = torch.cat([order, new], dim=1)
         valid = cols >= 0
         dtype = mask.dtype if mask is not None and mask.dtype.is_floating_point else torch.float32
         shortened = self._gather_mask(mask, None, cols.clamp(min=0), None, valid, dtype)
-        self._decode_mask = (mask, stage, shortened) if mask is not None else None
+        self._decode_mask = (mask, (stage, total), shortened)
         return {**kwargs, "attention_mask": shortened}

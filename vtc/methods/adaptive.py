@@ -35,6 +35,7 @@ class Adaptive(LayerwiseMethod):
     mass: float = 0.9
     protect: float = 0.0
     name = "adaptive"
+    uses_hidden = False
     exact = False
 
     def __post_init__(self) -> None:

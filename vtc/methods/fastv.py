@@ -22,13 +22,15 @@ class FastV(LayerwiseMethod):
     Fields:
         layer: the drop layer K (default 2, the paper's).
 
-    Differences from the original: the attention row is recomputed in a hook from layer K-1's input
-    instead of asking for eager attention maps; tokens are removed (hidden states, positions, masks,
-    KV cache of later layers), not masked; ``keep`` is per image (the paper's R=50% is ``ratio=0.5``).
+    Differences from the original: the attention row is computed from layer K-1's own key and query
+    projections (taken by hooks as the layer runs) instead of asking for eager attention maps; tokens
+    are removed (hidden states, positions, masks, KV cache of later layers), not masked; ``keep`` is
+    per image (the paper's R=50% is ``ratio=0.5``).
     """
 
     layer: int = 2
     name = "fastv"
+    uses_hidden = False
 
     def __post_init__(self) -> None:
         check_int("layer", self.layer, 1)

@@ -13,14 +13,13 @@ Signals a method can ask for (``signal_layers``), each [L] over the current sequ
   * ``"key_norm"``: L1 norm of each token's key at that layer (post-RoPE, heads concatenated), with positions
     counted from the row's first real token, as for the sample alone (an L1 norm is not rotation-invariant, so
     a left-padded row numbered from its padding would otherwise pick other pivots).
-The ``hidden`` states at the drop layer are available too, after the model's final norm (computed on first use).
+The ``hidden`` states at the drop layer, after the model's final norm, are given to methods that set ``uses_hidden``.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -36,15 +35,8 @@ class Stage:
     visual: torch.Tensor  # [n] positions of the image's surviving visual tokens in the current sequence
     text: torch.Tensor  # [t] positions of the row's valid text tokens after its last visual token
     signals: dict[str, torch.Tensor]  # name -> [L] over the current sequence of this row
-    hidden_states: torch.Tensor | Callable[[], torch.Tensor]  # [L, D], or what computes it on first use
+    hidden: torch.Tensor | None  # [L, D] input of the drop layer after the final norm (None: not uses_hidden)
     protected: torch.Tensor | None = None  # [n] bool, tokens that must survive (Adaptive's key set)
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        """[L, D] input of the drop layer after the final norm (computed when a method first asks)."""
-        if callable(self.hidden_states):
-            self.hidden_states = self.hidden_states()
-        return self.hidden_states
 
 
 class LayerwiseMethod(ABC):
@@ -54,6 +46,7 @@ class LayerwiseMethod(ABC):
     stage: ClassVar[str] = "llm"  # where it runs: between decoder layers
     requires: ClassVar[tuple[str, ...]] = ()  # vision-side signals (none for the methods here)
     exact: ClassVar[bool] = True  # keeps exactly the scheduled count (False: adaptive)
+    uses_hidden: ClassVar[bool] = True  # reads Stage.hidden (False spares the final norm at every drop)
 
     @abstractmethod
     def schedule(self, num_layers: int) -> list[int]:
@@ -77,6 +70,13 @@ class LayerwiseMethod(ABC):
         overrides it to choose for images of one shape in one batched call (same result)."""
         return [self.choose(stage) for stage in stages]
 
+    def survivors(self, stages: list[Stage]) -> list[torch.Tensor]:
+        """What the dropper calls: :meth:`choose_all`, unless ``choose`` is overridden below the class (or on the
+        instance) that batches it - a subclass's own ``choose`` is never bypassed by its parent's batching."""
+        if _defined_at(self, "choose") < _defined_at(self, "choose_all"):
+            return [self.choose(stage) for stage in stages]
+        return self.choose_all(stages)
+
     def check_depth(self, num_layers: int) -> None:
         """Raise if the schedule does not fit a language model of ``num_layers`` layers."""
         layers = self.schedule(num_layers)
@@ -94,6 +94,13 @@ class LayerwiseMethod(ABC):
         """[n] bool: the tokens of one image (at the language model's input) that no stage may drop, from their
         vision-side ``score`` (a signal in ``requires``); None: none. Default: None."""
         return None
+
+
+def _defined_at(method: LayerwiseMethod, name: str) -> int:
+    """How specific ``method``'s ``name`` is: -1 set on the instance, else its defining class's place in the MRO."""
+    if name in vars(method):
+        return -1
+    return next(i for i, cls in enumerate(type(method).__mro__) if name in vars(cls))
 
 
 def check_int(name: str, value: Any, low: int) -> None:

@@ -32,6 +32,7 @@ class PDrop(LayerwiseMethod):
     layers: tuple[int, ...] | None = None
     lam: float = 0.5
     name = "pdrop"
+    uses_hidden = False
 
     def __post_init__(self) -> None:
         if self.layers is not None:
