@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 import vtc
 from tests.helpers import count_hooks
 from vtc.probes import ClsRow, DecoderAttention, MultiheadClsRow, probe
-from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen_inputs
+from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl, tiny_qwen_inputs
 
 TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
@@ -63,6 +63,8 @@ DECODERS = {
     "qwen3 (QK-norm)": lambda: causal_lm(Qwen3Config(**TEXT, **HEADS, head_dim=8)),
     "qwen2_vl (M-RoPE)": lambda: tiny_qwen2_vl(attn_implementation="eager"),
     "qwen2_5_vl (M-RoPE)": lambda: tiny_qwen2_5_vl(attn_implementation="eager"),
+    "qwen3_vl (QK-norm, interleaved M-RoPE)": lambda: tiny_qwen3_vl(attn_implementation="eager"),
+    "qwen3_vl_moe (QK-norm, interleaved M-RoPE)": lambda: tiny_qwen3_vl(moe=True, attn_implementation="eager"),
 }
 
 

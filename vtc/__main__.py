@@ -4,9 +4,9 @@ Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained
 per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
 uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
 speed-up, and the answers (marked against the truth).
-``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` /
-``tiny-qwen2.5-vl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE), whose
-output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
+``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` use
+random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack), whose output is token
+ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
 with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
 """
 
@@ -51,7 +51,7 @@ def _interleaved_median_ms(fn, attachers: list[Callable[[], Any]], repeats: int)
     return [statistics.median(values) for values in times]
 
 
-TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
 
 
 def _tiny(name: str, seed: int):
@@ -65,8 +65,10 @@ def _tiny(name: str, seed: int):
     if name == "tiny-llava-next":  # 336 px crops of 24 x 24 tokens, a 672 x 672 image: 2928 visual tokens
         model = tiny.tiny_llava_next(image_size=336, **shape)
         return model, tiny.tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
-    build = tiny.tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny.tiny_qwen2_5_vl
-    model = build(**shape)  # a 448 x 672 image: 32 x 48 patches, 384 visual tokens
+    if name == "tiny-qwen3-vl":  # 16 px patches: a 512 x 768 image, 32 x 48 patches, 384 visual tokens
+        model = tiny.tiny_qwen3_vl(vision_hidden_size=shape["hidden_size"], **shape)
+    else:  # 14 px patches: a 448 x 672 image
+        model = (tiny.tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny.tiny_qwen2_5_vl)(**shape)
     return model, tiny.tiny_qwen_inputs(model, image_grids=(((32, 48),),), seed=seed)
 
 

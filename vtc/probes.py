@@ -99,7 +99,7 @@ class MultiheadClsRow(Probe):
 class QwenVisionReceived(Probe):
     """Qwen2-VL / Qwen2.5-VL vision attention (fused qkv, 2-D rotary embedding, chunks by ``cu_seqlens``)."""
 
-    classes = ("VisionAttention", "Qwen2_5_VLVisionAttention")
+    classes = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")
 
     def received(self, hidden: torch.Tensor, cos_sin: tuple, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """[seq] mean softmax attention each patch receives from the queries of its own chunk (image), mean over
@@ -136,6 +136,8 @@ class DecoderAttention(Probe):
         "Qwen2VLAttention",
         "Qwen2_5_VLAttention",
         "Qwen3Attention",
+        "Qwen3VLTextAttention",
+        "Qwen3VLMoeTextAttention",
     )
 
     def __init__(self, attn: nn.Module):

@@ -1,6 +1,7 @@
 """Tiny random-weight models built from configs: offline, seconds on a CPU, real transformers classes.
 
-LLaVA-1.5, LLaVA-NeXT (AnyRes), Qwen2-VL and Qwen2.5-VL. Used by the tests, the benchmarks and ``python -m vtc``.
+LLaVA-1.5, LLaVA-NeXT (AnyRes), Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE). Used by the tests, the
+benchmarks and ``python -m vtc``.
 They have the real token geometry (a 336 px CLIP-style tower with 14 px patches gives LLaVA-1.5's 576 visual
 tokens per image) but random weights, so they exercise every code path without downloading anything.
 """
@@ -22,6 +23,10 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLTextConfig,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -35,7 +40,12 @@ QWEN_VIDEO_TOKEN_ID = 4
 QWEN_VISION_START_TOKEN_ID = 5
 QWEN_VISION_END_TOKEN_ID = 6
 QWEN_FIRST_TEXT_ID = 7
-_QwenModel = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration
+_QwenModel = (
+    Qwen2VLForConditionalGeneration
+    | Qwen2_5_VLForConditionalGeneration
+    | Qwen3VLForConditionalGeneration
+    | Qwen3VLMoeForConditionalGeneration
+)
 
 
 def tiny_llava_config(
@@ -396,6 +406,54 @@ def tiny_qwen2_5_vl_config(
     return config
 
 
+def tiny_qwen3_vl_config(
+    *,
+    hidden_size: int = 64,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 256,
+    patch_size: int = 16,
+    temporal_patch_size: int = 2,
+    spatial_merge_size: int = 2,
+    deepstack_visual_indexes: list[int] | None = None,
+    intermediate_size: int | None = None,
+    mrope_section: list[int] | None = None,
+    moe: bool = False,
+    attn_implementation: str = "sdpa",
+) -> Qwen3VLConfig | Qwen3VLMoeConfig:
+    """A Qwen3-VL-shaped config: 16 px patches, 2x2 patch merger, learned vision position embeddings, QK-norm and
+    interleaved M-RoPE in the text model, DeepStack features of ``deepstack_visual_indexes`` (default: the vision
+    block before the last, added after decoder layer 0). ``moe=True``: Qwen3-VL-MoE, 4 experts of which 2 per token."""
+    intermediate = intermediate_size or 2 * hidden_size
+    vision = {
+        "depth": vision_layers,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": 2 * vision_hidden_size,
+        "num_heads": max(1, heads // 2),
+        "patch_size": patch_size,
+        "temporal_patch_size": temporal_patch_size,
+        "spatial_merge_size": spatial_merge_size,
+        "out_hidden_size": hidden_size,
+        "num_position_embeddings": 64,  # an 8 x 8 learned grid, interpolated to each image
+        "deepstack_visual_indexes": [vision_layers - 2]
+        if deepstack_visual_indexes is None
+        else deepstack_visual_indexes,
+        "initializer_range": 0.2,
+    }
+    text = qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, mrope_section)
+    text["head_dim"] = hidden_size // heads
+    rope = text.get("rope_parameters", text.get("rope_scaling"))
+    rope["mrope_interleaved"] = True
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2)
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    config = config_class(vision_config=vision, text_config=text, **_qwen_special_tokens())
+    config._attn_implementation = attn_implementation
+    return config
+
+
 def _finish_qwen(model: _QwenModel) -> _QwenModel:
     """Eval mode, special-token logits zeroed so greedy decoding never emits them, pad id for generate()."""
     model.eval()
@@ -427,6 +485,17 @@ def tiny_qwen2_5_vl(
     config = tiny_qwen2_5_vl_config(attn_implementation=attn_implementation, **config_options)
     torch.manual_seed(seed)
     return _finish_qwen(Qwen2_5_VLForConditionalGeneration(config).to(dtype))
+
+
+def tiny_qwen3_vl(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration:
+    """A random-weight Qwen3VLForConditionalGeneration (``moe=True``: Qwen3VLMoe...) in eval mode (see
+    ``tiny_qwen2_vl``; inputs from ``tiny_qwen_inputs``)."""
+    config = tiny_qwen3_vl_config(attn_implementation=attn_implementation, **config_options)
+    torch.manual_seed(seed)
+    model_class = Qwen3VLMoeForConditionalGeneration if config_options.get("moe") else Qwen3VLForConditionalGeneration
+    return _finish_qwen(model_class(config).to(dtype))
 
 
 def tiny_qwen_inputs(

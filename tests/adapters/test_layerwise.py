@@ -1,4 +1,4 @@
-"""In-LLM methods (dropping between decoder layers) on tiny LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL.
+"""In-LLM methods (dropping between decoder layers) on tiny LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 Every model has 6 text layers, so the schedules are written out here for that depth (FastV / DART at layer 2,
 PyramidDrop's 8/16/24 of 32 at 2/3/4, the adaptive method's 2/6/10/14 of 32 at 1/2/3). Expectations come from
@@ -33,6 +33,7 @@ from vtc.tiny import (
     tiny_llava_next_inputs,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
+    tiny_qwen3_vl,
     tiny_qwen_inputs,
 )
 
@@ -81,6 +82,14 @@ FAMILIES = {
     ),
     "qwen2_5_vl": Family(
         lambda **kw: tiny_qwen2_5_vl(text_layers=DEPTH, vision_layers=4, fullatt_block_indexes=[0, 2], **kw),
+        lambda model: tiny_qwen_inputs(model, image_grids=QWEN_GRIDS, seed=1),
+        QWEN_IMAGE_TOKEN_ID,
+        8,
+        (12, 8),
+    ),
+    # DeepStack features are added after decoder layer 0 only, so every schedule above (from layer 1) applies.
+    "qwen3_vl": Family(
+        lambda **kw: tiny_qwen3_vl(text_layers=DEPTH, **kw),
         lambda model: tiny_qwen_inputs(model, image_grids=QWEN_GRIDS, seed=1),
         QWEN_IMAGE_TOKEN_ID,
         8,

@@ -126,6 +126,9 @@ class Adapter(ABC):
     # Keyword arguments of the language model, besides inputs_embeds / attention_mask / position_ids /
     # cache_position, with a [B, L, ...] token axis that dropping must shorten too.
     token_aligned: ClassVar[tuple[str, ...]] = ()
+    # Keyword arguments of the language model whose rows are the prompt's visual tokens in sequence order (batch
+    # first), each a tensor or a list of tensors (Qwen3-VL's DeepStack features): dropping keeps the survivors' rows.
+    visual_aligned: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -347,6 +350,7 @@ class Adapter(ABC):
             if planned is not None:
                 keep, embeds = planned
                 kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned, self._language_arguments)
+                kwargs = self._keep_visual_rows(kwargs, keep)
             self._prefill.tokens_at_input = self._token_counts(kwargs, embeds)
             self._begin_layerwise(kwargs, cache)
             return (args, kwargs) if planned is not None else None
@@ -369,6 +373,30 @@ class Adapter(ABC):
         if dropped is None or dropped.cache is None or dropped.cache() is not cache:
             return None
         return args, remap_decode(kwargs, dropped, past, embeds.shape[1])
+
+    def _keep_visual_rows(self, kwargs: dict, keep: torch.Tensor) -> dict:
+        """The :attr:`visual_aligned` arguments with the rows of the dropped visual tokens removed."""
+        if not self.visual_aligned:
+            return kwargs
+        visual = self._prefill.visual_index >= 0  # [B, L] the prompt's visual tokens
+        rank = visual.flatten().long().cumsum(0) - 1  # row of each visual token, batch first then sequence
+        rows = rank[(keep & visual).flatten()]
+        total = int(visual.sum())
+        out = dict(kwargs)
+        for name in self.visual_aligned:
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            parts = list(value) if isinstance(value, (list, tuple)) else [value]
+            for part in parts:
+                if not torch.is_tensor(part) or part.shape[0] != total:
+                    raise ValueError(
+                        f"vtc expected {name!r} to hold one row per visual token of the prompt ({total}), got "
+                        f"{tuple(part.shape) if torch.is_tensor(part) else type(part).__name__}"
+                    )
+            kept = [part[rows.to(part.device)] for part in parts]
+            out[name] = kept if isinstance(value, (list, tuple)) else kept[0]
+        return out
 
     def _vision_starts(self, module: nn.Module) -> None:
         """A family's vision pre-hook calls this first: the call is this thread's, and captures start afresh."""
