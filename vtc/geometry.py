@@ -28,7 +28,7 @@ arithmetic, with transformers' helpers):
   the image resized into its best grid resolution and padded to it; tokens in the model's packed order, taken from
   :meth:`vtc.adapters.llava_next.LlavaNextAdapter.packing` (the model's own ``pack_image_features``, with unpadding
   and newline tokens).
-* ``merged_grid``, Qwen2-VL / Qwen2.5-VL: the image is resized (``smart_resize``) to ``image_grid_thw`` patches;
+* ``merged_grid``, the Qwen families: the image is resized (``smart_resize``) to ``image_grid_thw`` patches;
   each visual token is a ``merge x merge`` group of patches, in row-major order of the merged grid.
 
 A box is the area the token's pixels were resampled FROM (the resize maps output pixel u to input
@@ -94,7 +94,7 @@ def token_boxes(
     Args:
         model: a supported VLM (``config.model_type`` in :func:`vtc.list_models`), or anything with its ``config``.
         inputs: the processor's output for the batch (``input_ids``; ``image_sizes`` for LLaVA-NeXT,
-            ``image_grid_thw`` for Qwen2-VL / Qwen2.5-VL).
+            ``image_grid_thw`` for the Qwen families).
         images: the images given to the processor, in the same order (all samples' images, flattened): PIL images,
             HWC / HW numpy arrays, or ``(height, width)`` pairs. Needed for LLaVA-1.5 and Qwen (their inputs do not
             record the original size); optional for LLaVA-NeXT (checked against ``image_sizes`` when given).
@@ -145,7 +145,7 @@ def image_token_boxes(
 ) -> torch.Tensor:
     """[n, 4] boxes of the visual tokens of ONE image of ``size`` = (height, width) pixels (see :func:`token_boxes`).
 
-    For Qwen2-VL / Qwen2.5-VL give ``grid_thw`` (the image's row of ``inputs["image_grid_thw"]``) or the
+    For the Qwen families give ``grid_thw`` (the image's row of ``inputs["image_grid_thw"]``) or the
     ``processor``, whose ``smart_resize`` settings then decide the grid.
     """
     config = model.config
@@ -372,7 +372,7 @@ def _llava_next_boxes(model: nn.Module, size: tuple[int, int], image_processor: 
     return _clip(boxes, size)
 
 
-# -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------
+# -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL ---------------------------------------------------------------------
 
 
 def _qwen_grid(config: Any, size: tuple[int, int], image_processor: Any) -> tuple[int, int, int]:

@@ -67,13 +67,14 @@ def load_processor(source: str | Path):
 
 
 def _is_qwen(source: str | Path) -> bool:
-    """Whether ``source`` holds a Qwen2-VL / 2.5-VL model or processor (by config.json, else processor_config.json)."""
+    """Whether ``source`` holds a model whose processor vtc may rebuild (Qwen2-VL / 2.5-VL: its adapter's
+    ``pil_processor``), by config.json, else processor_config.json."""
     import json
 
     from transformers import AutoConfig
 
     try:
-        return get_adapter_class(AutoConfig.from_pretrained(source)).layout == "merged_grid"
+        return getattr(get_adapter_class(AutoConfig.from_pretrained(source)), "pil_processor", False)
     except (OSError, ValueError):  # a directory of processor files only
         path = Path(source) / "processor_config.json"
         if not path.is_file():

@@ -97,7 +97,7 @@ class MultiheadClsRow(Probe):
 
 
 class QwenVisionReceived(Probe):
-    """Qwen2-VL / Qwen2.5-VL vision attention (fused qkv, 2-D rotary embedding, chunks by ``cu_seqlens``)."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention (fused qkv, 2-D rotary embedding, chunks by ``cu_seqlens``)."""
 
     classes = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")
 

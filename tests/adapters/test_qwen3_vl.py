@@ -76,8 +76,8 @@ def test_generate_equals_no_cache_reference_and_each_sample_alone(model, batch, 
             keep = batch["attention_mask"][b].bool()
             first = sum(len(g) for g in GRIDS[:b])
             start = sum(h * w for g in GRIDS[:b] for h, w in g)
-            alone = {k: batch[k][b][keep].unsqueeze(0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-            alone = {k: v for k, v in alone.items() if k in batch}
+            texts = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch]
+            alone = {k: batch[k][b][keep].unsqueeze(0) for k in texts}
             alone["pixel_values"] = batch["pixel_values"][start : start + sum(h * w for h, w in GRIDS[b])]
             alone["image_grid_thw"] = batch["image_grid_thw"][first : first + len(GRIDS[b])]
             assert torch.equal(greedy_generate(model, alone, 4), cached[b : b + 1])
@@ -104,7 +104,7 @@ def test_in_llm_drops_before_the_last_deepstack_layer_are_refused(model, method,
     a drop at layer 1 (FastV layer=1, or the adaptive schedule's 1/2/3 on 4 layers) is refused at attach time,
     with the first layer allowed; hooks untouched."""
     hooks = count_hooks(model)
-    with pytest.raises(ValueError, match=r"must start at layer 2 or later, e\.g\. .*layer=2"):
+    with pytest.raises(ValueError, match=r"must start at layer 2 or later: fastv / dart_llm take layer=2"):
         vtc.compress(model, method, keep=K, **options)
     assert count_hooks(model) == hooks
 
@@ -133,6 +133,31 @@ def test_merging_and_cls_methods_are_refused_with_the_alternative(model):
     assert count_hooks(model) == hooks
 
 
+def test_a_custom_merging_method_is_refused_before_the_language_model_runs(model, batch):
+    """A user's method whose plan merges (not dart's merge=True, which attach refuses) is refused once it plans."""
+
+    class MergeFirstTwo(vtc.Method):
+        name = "merge_first_two"
+        requires = ("features",)
+
+        def _plan(self, signals, keep):
+            features = signals["features"]
+            b, n = features.shape[:2]
+            kept = torch.arange(keep).expand(b, keep).clone()
+            merge_into = torch.arange(n).clamp(max=keep - 1).expand(b, n).clone()
+            return vtc.Plan(kept, n, merge_into)
+
+    calls = []
+    with vtc.compress(model, MergeFirstTwo(), keep=K):
+        spy = model.model.language_model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+        try:
+            with pytest.raises(ValueError, match=r"merges tokens.*deepstack_visual_embeds"), torch.no_grad():
+                model(**batch)
+        finally:
+            spy.remove()
+    assert not calls
+
+
 def test_both_variants_are_listed_and_run_from_the_command_line(capsys):
     assert {"qwen3_vl", "qwen3_vl_moe"} <= set(vtc.list_models())
     from vtc.__main__ import main
@@ -143,3 +168,18 @@ def test_both_variants_are_listed_and_run_from_the_command_line(capsys):
     )
     out = capsys.readouterr().out
     assert "Qwen3VLForConditionalGeneration" in out and "384 -> 64" in out
+
+
+@pytest.mark.parametrize(("name", "options"), [("divprune", {}), ("fastv", {"layer": 2})])
+def test_sdpa_and_eager_attention_agree(name, options):
+    """The same weights with SDPA and with eager attention keep the same tokens and give the same logits."""
+    outputs = []
+    for implementation in ("sdpa", "eager"):
+        model = tiny_qwen3_vl(text_layers=4, deepstack_visual_indexes=[0, 1], attn_implementation=implementation)
+        inputs = tiny_qwen_inputs(model, image_grids=GRIDS, seed=1)
+        with vtc.compress(model, name, keep=K, **options) as handle, torch.no_grad():
+            outputs.append((model(**inputs).logits, [k.clone() for k in handle.last_kept]))
+    (sdpa_logits, sdpa_kept), (eager_logits, eager_kept) = outputs
+    assert all(torch.equal(a, b) for a, b in zip(sdpa_kept, eager_kept, strict=True))
+    assert sdpa_logits.shape == eager_logits.shape
+    torch.testing.assert_close(sdpa_logits[:, -1], eager_logits[:, -1], rtol=1e-4, atol=1e-5)  # each row's last token

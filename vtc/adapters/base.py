@@ -514,6 +514,12 @@ class Adapter(ABC):
                 if grid is not None:
                     signals["grid"] = grid
                 plan = self.method.plan(signals, count)
+            if plan.merge_into is not None and not plan.is_identity and self.visual_aligned:
+                raise ValueError(
+                    f"method {self.method.name!r} merges tokens, but {type(self.model).__name__}'s language model also "
+                    f"takes {list(self.visual_aligned)} per visual token, which vtc keeps but does not merge; use a "
+                    "method that only selects tokens"
+                )
             plans.append(plan)
             kept_cols = cols.gather(1, plan.kept)
             keep[rows.expand_as(kept_cols), kept_cols] = True

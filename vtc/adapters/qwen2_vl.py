@@ -24,7 +24,7 @@ Video inputs (pixel_values_videos / <|video_pad|> tokens) are refused with a cle
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class Qwen2VLAdapter(Adapter):
     layout = "merged_grid"
     options = ("cls_model",)
     modules = ("visual", "language_model")
+    pil_processor: ClassVar[bool] = True  # vtc.loading may rebuild its processor without torchvision (QwenProcessor)
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)
@@ -126,6 +127,8 @@ class Qwen2VLAdapter(Adapter):
 
     def _vision_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         merged = getattr(output, "pooler_output", output)  # [tokens, D] in original order
+        if isinstance(merged, tuple):  # Qwen3-VL on transformers 4.x: (merged tokens, DeepStack features)
+            merged = merged[0]
         grid_thw = self.captured["grid_thw"]
         tokens = (grid_thw.prod(-1) // self.merge**2).tolist()
         received = None
@@ -194,7 +197,7 @@ class Qwen2VLAdapter(Adapter):
         for b in range(visual.shape[0]):
             cols = visual[b].nonzero().squeeze(1)
             breaks = ((cols[1:] - cols[:-1]) != 1).nonzero().squeeze(1) + 1
-            runs += [(b, run) for run in torch.tensor_split(cols, breaks.tolist())]
+            runs += [(b, run) for run in torch.tensor_split(cols, breaks.tolist()) if run.numel()]  # none: no image
         needs_vision = set(self.requires) - {"features"}
         vision = self.captured.get("images")
         if vision is None:

@@ -37,6 +37,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     options = ()
     token_aligned: ClassVar[tuple[str, ...]] = ("visual_pos_masks",)
     visual_aligned: ClassVar[tuple[str, ...]] = ("deepstack_visual_embeds",)
+    pil_processor: ClassVar[bool] = (
+        False  # its processor (video timestamps) is not rebuilt: AutoProcessor's error stands
+    )
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)
@@ -48,7 +51,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 f"method {self.method_names!r} needs [CLS] attention, but {type(self.model).__name__}'s vision tower "
                 "has no [CLS] token. Use vtc.compress(model, 'fastervlm', signal='attention_received', ...), which "
                 "ranks tokens by the attention they receive in the vision tower, or a method that needs no [CLS] "
-                "attention (divprune, dart, uniform, random, or an in-LLM method)"
+                "attention (divprune, dart, uniform, random, or an in-LLM method; adaptive with protect=0)"
             )
         if getattr(self.method, "merge", False) is True:
             raise ValueError(
@@ -63,6 +66,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 f"in-LLM method {self.layerwise.name!r} would drop tokens at decoder layer {first}, but "
                 f"{type(self.model).__name__} adds DeepStack visual features to the visual positions after each of "
                 f"its first {self.deepstack_layers} decoder layers (with a mask of the full prompt), so in-LLM "
-                f"dropping must start at layer {self.deepstack_layers} or later, e.g. "
-                f"vtc.compress(model, 'fastv', layer={self.deepstack_layers}, ...)"
+                f"dropping must start at layer {self.deepstack_layers} or later: fastv / dart_llm take "
+                f"layer={self.deepstack_layers} (in a method list: vtc.methods.FastV(layer={self.deepstack_layers})); "
+                "pdrop / adaptive take layers= (given for a 32-layer model, scaled to this one's "
+                f"{len(self.base.language_model.layers)}) whose first scales to {self.deepstack_layers} or more"
             )
