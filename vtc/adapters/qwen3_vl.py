@@ -37,9 +37,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     options = ()
     token_aligned: ClassVar[tuple[str, ...]] = ("visual_pos_masks",)
     visual_aligned: ClassVar[tuple[str, ...]] = ("deepstack_visual_embeds",)
-    pil_processor: ClassVar[bool] = (
-        False  # its processor (video timestamps) is not rebuilt: AutoProcessor's error stands
-    )
+    # Its processor (video timestamps) is not rebuilt without torchvision: AutoProcessor's error stands.
+    pil_processor: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)
