@@ -374,6 +374,7 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
                 samples[(method, keep)].append(split)
     none = samples[("none", None)]
     none_ttft = median([n["ttft_ms"] for n in none])
+    none_prefill = median([n["prefill_ms"] for n in none])
     rows = []
     for key, row in measured.items():
         for part in samples[key][0]:
@@ -388,7 +389,7 @@ def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: tor
             row["bound_ttft_ms"] = none_ttft  # nothing cut: the bound is the uncompressed request itself
         # What the tokens each layer saw cost at the uncompressed prefill's speed: its FLOPs estimate (that of
         # vtc.methods.layerwise, in handle.stats) as a fraction of the uncompressed prefill's.
-        row["expected_prefill_ms"] = median([n["prefill_ms"] for n in none]) * row.get("flops_ratio", 1.0)
+        row["expected_prefill_ms"] = none_prefill * row.get("flops_ratio", 1.0)
         row["of_expected"] = row["expected_prefill_ms"] / row["prefill_ms"]
         row["speedup"] = none_ttft / row["ttft_ms"]
         row["bound_speedup"] = none_ttft / row["bound_ttft_ms"]

@@ -25,7 +25,7 @@ from torch import nn
 from vtc.llm.layers import LayerDropper
 from vtc.llm.prefill import Dropped, declared_arguments, drop, kv_cache, output_cache, remap_decode, take
 from vtc.methods.base import Budget, Method, Plan
-from vtc.methods.layerwise import LayerwiseMethod, total_flops
+from vtc.methods.layerwise import LayerwiseMethod, same_shape, total_flops
 from vtc.registry import METHODS, adapter_options
 
 
@@ -496,11 +496,10 @@ class Adapter(ABC):
             for unit in units:
                 score[unit.sample, unit.positions] = unit.signals["cls_attention"].float()
             self._prefill.vision_score = score
-        groups: dict[tuple, list[int]] = {}
-        for i, unit in enumerate(units):
-            groups.setdefault((unit.positions.numel(), unit.keep, unit.grid), []).append(i)
+        groups = same_shape([(unit.positions.numel(), unit.keep, unit.grid) for unit in units])
         plans = []
-        for (_, count, grid), members in groups.items():
+        for members in groups:
+            count, grid = units[members[0]].keep, units[members[0]].grid
             if count == 0:
                 continue
             rows = torch.tensor([units[i].sample for i in members], device=embeds.device).unsqueeze(1)

@@ -125,7 +125,8 @@ def top_all(stages: list[Stage], signal: str) -> list[torch.Tensor]:
 
 
 def same_shape(keys: list[tuple]) -> list[list[int]]:
-    """Indices grouped by equal ``keys`` (what must be equal to stack them), in order of first appearance."""
+    """Indices grouped by equal ``keys`` (what must be equal to stack them), in order of first appearance: the
+    groups of one batched call (in-LLM choices here, pre-LLM plans in vtc.adapters.base)."""
     groups: dict[tuple, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
