@@ -1,6 +1,6 @@
 """End to end: where the time of one VLM request goes, with and without vtc, against the Amdahl bound.
 
-    python benchmarks/e2e.py [--model llava-7b-shape|shapes-llava|DIR|HUB_ID] [--device cpu|cuda]
+    python benchmarks/e2e.py [--model llava-7b-shape|tiny-FAMILY|shapes-llava|DIR|HUB_ID] [--device cpu|cuda]
                              [--methods M,...] [--keep 576,192,128,64] [--repeats R] [--quick] [--no-save]
 
 For each method at each budget, one ``generate()`` of ``--decode-tokens`` new tokens (greedy, no early stop) is
@@ -47,6 +47,7 @@ from selection import ForeignLoad, git_state, machine, median
 
 import vtc
 from vtc.llm.prefill import output_cache
+from vtc.tiny import TINY_MODELS, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
@@ -464,7 +465,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    shapes = ", ".join(SHAPES)
+    shapes = ", ".join([*SHAPES, *TINY_MODELS])
     parser.add_argument("--model", default="llava-7b-shape", help=f"{shapes}, an organism, a local dir, a hub id")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated vtc method names")
@@ -495,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.warmup, args.model = 1, 1, "quick"
     if args.model in SHAPES:
         model, inputs = shaped_llava(SHAPES[args.model], device)
+    elif args.model in TINY_MODELS:
+        model, inputs = tiny_model(args.model)
+        model, inputs = model.to(device), {key: value.to(device) for key, value in inputs.items()}
     else:
         model, inputs = loaded_model(args.model, args.image, args.prompt, device)
     settings = [("none", None)] + [(m, k) for m in methods for k in keeps]

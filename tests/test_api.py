@@ -28,7 +28,8 @@ def test_registries():
     assert vtc.list_methods("pre") == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
     assert vtc.list_methods("llm") == ["adaptive", "dart_llm", "fastv", "pdrop"]
     assert vtc.list_methods() == sorted(vtc.list_methods("pre") + vtc.list_methods("llm"))
-    assert vtc.list_models() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+    families = ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+    assert vtc.list_models() == families
     for name in vtc.list_methods("pre"):
         method = vtc.get_method(name)
         assert method.name == name
@@ -87,7 +88,8 @@ def test_unsupported_model_names_its_type_and_the_supported_ones():
         LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     )
     with pytest.raises(
-        ValueError, match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['llava', 'llava_next'"
+        ValueError,
+        match=r"model_type 'llama' \(LlamaForCausalLM\); supported model_types: \['internvl', 'llava', 'llava_next'",
     ):
         vtc.compress(llama, "dart", keep=8)
     assert count_hooks(llama) == 0

@@ -89,7 +89,7 @@ def test_registration_refuses_what_it_cannot_serve(scratch_registry):
         vtc.register(int)
 
     family = {"model_types": {"mine": "Mine"}, "modules": ("vision_tower", "language_model")}
-    with pytest.raises(TypeError, match=r"needs layout = one of \['grid', 'anyres', 'merged_grid'\]"):
+    with pytest.raises(TypeError, match=r"needs layout = one of \['grid', 'anyres', 'merged_grid', 'tiles'\]"):
         vtc.register_family(type("NoLayout", (Adapter,), family))
     with pytest.raises(TypeError, match="needs modules"):
         vtc.register_family(type("NoModules", (Adapter,), {**family, "layout": "grid", "modules": ()}))

@@ -438,6 +438,95 @@ def test_qwen2_5_vl_window_attention_keeps_row_major_token_order():
 # -- API errors -----------------------------------------------------------------------------------------
 
 
+# -- InternVL -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def internvl_probe(model) -> None:
+    """InternVL: each visual token = the mean normalised RGB of the 2 x 2 patches the pixel shuffle puts into it."""
+    base = model.model
+    embeddings = base.vision_tower.embeddings
+    conv = embeddings.patch_embeddings.projection  # Conv2d [C, 3, p, p]
+    weight = torch.zeros_like(conv.weight)
+    for c in range(3):
+        weight[c, c] = 1 / weight[c, c].numel()
+    conv.weight.copy_(weight)
+    conv.bias.zero_()
+    embeddings.cls_token.zero_()
+    embeddings.position_embeddings.zero_()
+    for layer in base.vision_tower.encoder.layer:
+        _pass_through(layer)
+    projector = base.multi_modal_projector
+    _pass_through(projector.layer_norm)
+    # Which vision channel each input channel of the projector holds: channel ids pushed through the pixel shuffle.
+    width = base.vision_tower.config.hidden_size
+    channel = torch.arange(width, dtype=torch.float64).expand(1, 2, 2, width)
+    source = base.pixel_shuffle(channel.contiguous(), scale_factor=model.config.downsample_ratio).flatten().long()
+    first, last = projector.linear_1, projector.linear_2
+    for linear in (first, last):
+        linear.weight.zero_()
+        linear.bias.zero_()
+    for c in range(3):  # average channel c over the token's patches (+10 keeps GELU linear; the second undoes it)
+        members = (source == c).nonzero().squeeze(1)
+        first.weight[c, members] = 1 / len(members)
+        first.bias[c] = 10.0
+        last.weight[c, c] = 1.0
+        last.bias[c] = -10.0
+
+
+def test_internvl_boxes_follow_the_tiles_the_thumbnail_and_the_pixel_shuffle():
+    try:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    except ImportError:  # transformers 4.x
+        from transformers import GotOcr2ImageProcessor as GotOcr2ImageProcessorPil
+
+    from vtc.tiny import INTERNVL_END_TOKEN_ID, INTERNVL_START_TOKEN_ID, tiny_internvl
+
+    model = tiny_internvl()  # 112 px tiles, 14 px patches: 4 x 4 tokens per tile
+    internvl_probe(model)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1, max_patches=6
+    )
+    samples = [[ramp(100, 250), ramp(200, 90)], [ramp(112, 112), ramp(200, 250)], [ramp(40, 230), ramp(200, 200)]]
+    flat = [image for images in samples for image in images]
+    processed = image_processor(images=flat, return_tensors="pt")
+    tiles = processed["num_patches"].tolist()
+    # cols x rows (+ the thumbnail): 3 x 1, 1 x 2, a single tile, 3 x 2, 6 x 1, 2 x 2
+    assert tiles == [4, 3, 1, 7, 7, 5]
+    rows, start = [], 0
+    for images in samples:
+        ids = [BOS_TOKEN_ID]
+        for k in tiles[start : start + len(images)]:
+            ids += [INTERNVL_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 16 * k + [INTERNVL_END_TOKEN_ID, 20]
+        start += len(images)
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = (input_ids != 0).long()
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": processed["pixel_values"]}
+    boxes = geometry.token_boxes(model, inputs, flat, image_processor)
+    tokens = visual_tokens(model, inputs)
+    checked = 0
+    for b, per_sample in enumerate(boxes):
+        rgb = decode(tokens[b], image_processor)
+        start = 0
+        for i, image_boxes in enumerate(per_sample):
+            image = samples[b][i]
+            part = rgb[start : start + len(image_boxes)]
+            checked += check_centres(image_boxes, part, (image.height, image.width), torch.ones(len(part), dtype=bool))
+            # The tiles cover the image once, and so does the thumbnail (the last 16 tokens of a tiled image).
+            area = image.height * image.width
+            areas = (image_boxes[:, 2] - image_boxes[:, 0]) * (image_boxes[:, 3] - image_boxes[:, 1])
+            assert areas.sum().item() == pytest.approx(area * (1 if len(image_boxes) == 16 else 2))
+            assert geometry.union_area(image_boxes[-16:]) == pytest.approx(area)
+            start += len(image_boxes)
+        assert start == len(tokens[b])
+    assert checked == 16 * sum(tiles)
+    with pytest.raises(ValueError, match=r"has 4 tiles in the inputs, but the processor settings"):
+        geometry.image_token_boxes(model, (100, 250), GotOcr2ImageProcessorPil(size={"height": 112, "width": 112},
+                                   max_patches=2), tiles=4)  # fmt: skip
+
+
 def test_errors_are_clear(llava):
     model, processor = llava
     inputs, flat = _llava_inputs(processor, [[ramp(40, 40)]])

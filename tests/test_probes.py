@@ -134,6 +134,30 @@ def test_cls_probe_equals_clip_eager_attention_weights(layers):
         torch.testing.assert_close(rows[i], weights[:, :, 0].mean(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cls_probe_equals_internvit_eager_attention_weights(qk_norm):
+    """InternViT (InternVL's tower): the same [CLS] row, with its optional QK-norm over the whole width (6B tower)."""
+    from vtc.tiny import tiny_internvl
+
+    tower = tiny_internvl(attn_implementation="eager", use_qk_norm=qk_norm).model.vision_tower
+    rows, weights = {}, {}
+    hooks = []
+    for i, layer in enumerate(tower.encoder.layer):
+        attention = layer.attention
+        assert isinstance(attention.q_norm, torch.nn.Identity) != qk_norm
+        hooks.append(attention.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, ClsRow(m).row(a[0]))))
+        hooks.append(attention.register_forward_hook(lambda m, a, out, i=i: weights.__setitem__(i, out[1])))
+    try:
+        with torch.no_grad():
+            tower(pixel_values=torch.randn(2, 3, 112, 112))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(rows) == len(weights) == 3
+    for i, weight in weights.items():
+        torch.testing.assert_close(rows[i], weight[:, :, 0].mean(1), rtol=1e-5, atol=1e-6)
+
+
 class PatchedAttention(LlamaAttention):
     """A user's own attention class: vtc has no probe for it."""
 

@@ -4,10 +4,10 @@ Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained
 per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
 uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
 speed-up, and the answers (marked against the truth).
-``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` use
-random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack), whose output is token
-ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
-with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
+``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` /
+``tiny-internvl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack,
+InternVL's tiles), whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained +
+AutoProcessor); with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import vtc
-from vtc import loading, organisms
+from vtc import loading, organisms, tiny
 from vtc.adapters.llava_next import BUDGETS
 from vtc.method_spec import parse_method, split_specs
 
@@ -51,31 +51,10 @@ def _interleaved_median_ms(fn, attachers: list[Callable[[], Any]], repeats: int)
     return [statistics.median(values) for values in times]
 
 
-TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
-
-
-def _tiny(name: str, seed: int):
-    """A random-weight model of a supported family, with one image-sized prompt (offline)."""
-    from vtc import tiny
-
-    shape = {"hidden_size": 256, "text_layers": 4, "vision_layers": 6, "heads": 8, "vocab_size": 1024}
-    if name == "tiny":
-        model = tiny.tiny_llava(**shape)
-        return model, tiny.tiny_llava_inputs(model, seed=seed)
-    if name == "tiny-llava-next":  # 336 px crops of 24 x 24 tokens, a 672 x 672 image: 2928 visual tokens
-        model = tiny.tiny_llava_next(image_size=336, **shape)
-        return model, tiny.tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
-    if name == "tiny-qwen3-vl":  # 16 px patches: a 512 x 768 image, 32 x 48 patches, 384 visual tokens
-        model = tiny.tiny_qwen3_vl(vision_hidden_size=shape["hidden_size"], **shape)
-    else:  # 14 px patches: a 448 x 672 image
-        model = (tiny.tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny.tiny_qwen2_5_vl)(**shape)
-    return model, tiny.tiny_qwen_inputs(model, image_grids=(((32, 48),),), seed=seed)
-
-
 def _load(args: argparse.Namespace, image):
     """(model, inputs, processor, true answers or None), on ``args.device``; ``image``: the opened ``--image``."""
-    if args.model in TINY_MODELS:
-        model, inputs = _tiny(args.model, args.seed)
+    if args.model in tiny.TINY_MODELS:
+        model, inputs = tiny.tiny_model(args.model, args.seed)
         inputs = {key: value.to(args.device) for key, value in inputs.items()}
         return model.to(args.device), inputs, None, None
     from vtc.organisms import scenes
@@ -131,7 +110,7 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace):
             methods.append((spec, name, options))
     image = None
     if args.image is not None:
-        if args.model in TINY_MODELS:
+        if args.model in tiny.TINY_MODELS:
             parser.error(f"--image needs a real model; {args.model!r} builds its own random inputs")
         from PIL import Image
 
@@ -158,7 +137,7 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="shapes-llava",
-        help=f"a shipped organism ({', '.join(organisms.ORGANISMS)}), one of {TINY_MODELS} (random weights), "
+        help=f"a shipped organism ({', '.join(organisms.ORGANISMS)}), one of {tiny.TINY_MODELS} (random weights), "
         "a local dir or hub id",
     )
     parser.add_argument(
@@ -167,7 +146,9 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
         help="comma-separated method names, options after colons (fastervlm:signal=attention_received)",
     )
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
-    parser.add_argument("--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail")
+    parser.add_argument(
+        "--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail; InternVL: global or per_crop"
+    )
     parser.add_argument("--image", help="image file (real models)")
     parser.add_argument("--prompt", default="Describe the image briefly.", help="question about --image")
     parser.add_argument("--scene", type=int, default=0, help="without --image: the shapes test scene to ask about")

@@ -30,6 +30,10 @@ arithmetic, with transformers' helpers):
   and newline tokens).
 * ``merged_grid``, the Qwen families: the image is resized (``smart_resize``) to ``image_grid_thw`` patches;
   each visual token is a ``merge x merge`` group of patches, in row-major order of the merged grid.
+* ``tiles``, InternVL (``GotOcr2ImageProcessor`` with ``crop_to_patches``): the image is resized to the tile grid
+  whose aspect ratio fits best (``get_optimal_tiled_canvas`` between ``min_patches`` and ``max_patches`` tiles), cut
+  into tiles in row-major order, and followed by a thumbnail (the whole image resized to one tile) when there is more
+  than one tile; a token's box covers the patches the model's own ``pixel_shuffle`` puts into it.
 
 A box is the area the token's pixels were resampled FROM (the resize maps output pixel u to input
 [u * s, (u + 1) * s]); a bicubic filter also gives a little weight to pixels just outside it.
@@ -126,6 +130,13 @@ def token_boxes(
         if sizes is not None and [tuple(s) for s in sizes] != recorded:
             raise ValueError(f"the images have sizes {sizes} but inputs['image_sizes'] records {recorded}")
         per_image = [image_token_boxes(model, size, processor) for size in recorded]
+    elif layout == "tiles":
+        if sizes is None:
+            raise ValueError("token_boxes needs the images (or their (height, width)) for InternVL inputs")
+        tiles = _tile_counts(model, input_ids)
+        if len(sizes) != len(tiles):
+            raise ValueError(f"{len(sizes)} images given, but input_ids hold {len(tiles)} runs of image tokens")
+        per_image = [image_token_boxes(model, size, processor, tiles=k) for size, k in zip(sizes, tiles, strict=True)]
     else:
         grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else []
         if sizes is None:
@@ -142,11 +153,14 @@ def image_token_boxes(
     processor: Any = None,
     *,
     grid_thw: Sequence[int] | None = None,
+    tiles: int | None = None,
 ) -> torch.Tensor:
     """[n, 4] boxes of the visual tokens of ONE image of ``size`` = (height, width) pixels (see :func:`token_boxes`).
 
     For the Qwen families give ``grid_thw`` (the image's row of ``inputs["image_grid_thw"]``) or the
-    ``processor``, whose ``smart_resize`` settings then decide the grid.
+    ``processor``, whose ``smart_resize`` settings then decide the grid. For InternVL, ``tiles`` is the image's tile
+    count (its placeholders / ``image_seq_length``), checked against the processor's tiling; None: tiled as
+    InternVLProcessor does by default (``crop_to_patches``).
     """
     config = model.config
     height, width = (int(v) for v in size)
@@ -159,7 +173,9 @@ def image_token_boxes(
         return _llava_next_boxes(model, (height, width), _image_processor(processor))
     if layout == "merged_grid":
         return _qwen_boxes(config, (height, width), _image_processor(processor), grid_thw)
-    raise ValueError(f"token_boxes knows the layouts grid, anyres and merged_grid, not {layout!r}")
+    if layout == "tiles":
+        return _internvl_boxes(model, (height, width), _image_processor(processor), tiles)
+    raise ValueError(f"token_boxes knows the layouts grid, anyres, merged_grid and tiles, not {layout!r}")
 
 
 def _layout(config: Any) -> str:
@@ -307,13 +323,13 @@ def _llava_boxes(config: Any, size: tuple[int, int], image_processor: Any) -> to
 
 
 def _packer(model: nn.Module):
-    """A LlavaNextAdapter used only for its packing map (no hooks are attached)."""
+    """The family's adapter, used only for its token maps (LLaVA-NeXT's packing, InternVL's pixel shuffle groups);
+    no hooks are attached."""
     if model not in _packers:
-        from vtc.adapters.llava_next import LlavaNextAdapter
         from vtc.methods.base import Budget
         from vtc.methods.keep_all import KeepAll
 
-        _packers[model] = LlavaNextAdapter(model, KeepAll(), Budget(ratio=1.0))
+        _packers[model] = ADAPTERS[model.config.model_type](model, KeepAll(), Budget(ratio=1.0))
     return _packers[model]
 
 
@@ -410,6 +426,75 @@ def _qwen_boxes(
     resized = _Affine(size[0] / (grid_h * patch), 0.0, size[1] / (grid_w * patch), 0.0)
     cells = _grid_boxes(grid_h // merge, grid_w // merge, patch * merge, patch * merge)
     return _clip(resized.boxes(cells), size)
+
+
+# -- InternVL -------------------------------------------------------------------------------------------
+
+
+def _tile_counts(model: nn.Module, input_ids: torch.Tensor) -> list[int]:
+    """Tile count of every image of a batch, in order: its run of consecutive placeholders / tokens per tile."""
+    adapter = _packer(model)
+    visual = input_ids == adapter.image_token_id
+    return [image.vision["tiles"] for image in adapter._locate_images(visual, visual)]
+
+
+def _tile_layout(config: Any, size: tuple[int, int], image_processor: Any) -> tuple[int, int]:
+    """(rows, cols) of the tiles the processor cuts an image of ``size`` into (before the thumbnail)."""
+    try:  # transformers 5.x: the PIL module (the torchvision one needs torchvision)
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:  # 4.x
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    tile = _tile_size(config, image_processor)
+    low = getattr(image_processor, "min_patches", None) or 1
+    high = getattr(image_processor, "max_patches", None) or 12
+    cols, rows = get_optimal_tiled_canvas(tuple(size), tile, low, high)
+    return rows, cols
+
+
+def _tile_size(config: Any, image_processor: Any) -> tuple[int, int]:
+    size = getattr(image_processor, "size", None)
+    if _get(size, "height") and _get(size, "width"):
+        return int(_get(size, "height")), int(_get(size, "width"))
+    side = config.vision_config.image_size
+    return (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+
+
+def _internvl_boxes(model: nn.Module, size: tuple[int, int], image_processor: Any, tiles: int | None) -> torch.Tensor:
+    config = model.config
+    tile_h, tile_w = _tile_size(config, image_processor)
+    if (tile_h, tile_w) != tuple(_tile_size(config, None)):
+        raise ValueError(
+            f"the image processor makes tiles of {tile_h} x {tile_w} pixels, but the vision tower takes "
+            f"{_tile_size(config, None)}; pass the processor the model was used with"
+        )
+    rows, cols = _tile_layout(config, size, image_processor)
+    tiled = rows * cols + 1 if rows * cols > 1 else 1  # the thumbnail follows several tiles
+    if tiles is None:
+        tiles = tiled
+    if tiles not in (1, tiled):
+        raise ValueError(
+            f"an image of {size[0]} x {size[1]} pixels has {tiles} tiles in the inputs, but the processor settings "
+            f"(min_patches / max_patches) give {tiled} ({rows} x {cols} and a thumbnail); pass the processor the model "
+            "was used with"
+        )
+    patch = config.vision_config.patch_size
+    patch_y, patch_x = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+    groups = _packer(model).groups  # [T, patches per token]: the patches each token holds
+    patches = _grid_boxes(tile_h // patch_y, tile_w // patch_x, patch_y, patch_x)  # one tile's patches
+    held = patches[groups]  # [T, group, 4]
+    tokens = torch.cat([held[..., :2].amin(1), held[..., 2:].amax(1)], dim=-1)  # their union, in tile pixels
+    whole = _Affine(size[0] / tile_h, 0.0, size[1] / tile_w, 0.0)  # the image resized to one tile
+    if tiles == 1:  # one tile of the whole image (a 1 x 1 grid, or crop_to_patches off)
+        return _clip(whole.boxes(tokens), size)
+    resized = _Affine(size[0] / (rows * tile_h), 0.0, size[1] / (cols * tile_w), 0.0)
+    out = [
+        resized.boxes(_Affine(1.0, float(r * tile_h), 1.0, float(c * tile_w)).boxes(tokens))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    out.append(whole.boxes(tokens))
+    return _clip(torch.cat(out), size)
 
 
 # -- batch layout ---------------------------------------------------------------------------------------

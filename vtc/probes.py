@@ -48,9 +48,10 @@ def probe(kind: type[P], attn: nn.Module, purpose: str) -> P:
 
 
 class ClsRow(Probe):
-    """CLIP-style vision attention (q_proj, k_proj, num_heads, head_dim, scale; no rotary embedding)."""
+    """CLIP-style vision attention (q_proj, k_proj, num_heads, head_dim, scale; no rotary embedding); InternViT's
+    adds an optional QK-norm over the whole width (``q_norm`` / ``k_norm``, identities when off)."""
 
-    classes = ("CLIPAttention",)
+    classes = ("CLIPAttention", "InternVLVisionAttention")
 
     def row(self, hidden: torch.Tensor) -> torch.Tensor:
         """Softmax attention of the first ([CLS]) query over all keys, mean over heads: [B, T, C] -> [B, T] fp32.
@@ -60,8 +61,11 @@ class ClsRow(Probe):
         attn = self.attn
         b, t, _ = hidden.shape
         heads, head_dim = attn.num_heads, attn.head_dim
-        query = attn.q_proj(hidden[:, :1]).view(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
-        keys = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
+        query, keys = attn.q_proj(hidden[:, :1]), attn.k_proj(hidden)
+        if hasattr(attn, "q_norm"):
+            query, keys = attn.q_norm(query), attn.k_norm(keys)
+        query = query.view(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
+        keys = keys.view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
         logits = query.float() @ keys.float().transpose(-1, -2) * attn.scale  # [B, H, 1, T]
         return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 METHODS: dict[str, type] = {}  # pre-LLM methods (vtc.Method): choose visual tokens before the language model
 LAYERWISE_METHODS: dict[str, type] = {}  # in-LLM methods (vtc.LayerwiseMethod): drop between decoder layers
 ADAPTERS: dict[str, type] = {}  # config.model_type -> adapter class (a vtc.adapters.base.Adapter)
-LAYOUTS = ("grid", "anyres", "merged_grid")  # how an adapter's tokens tile an image (see vtc.geometry)
+LAYOUTS = ("grid", "anyres", "merged_grid", "tiles")  # how an adapter's tokens tile an image (see vtc.geometry)
 RESERVED = ("none",)  # the name of the identity stage of an in-LLM method alone
 
 T = TypeVar("T", bound=type)

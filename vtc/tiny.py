@@ -1,6 +1,6 @@
 """Tiny random-weight models built from configs: offline, seconds on a CPU, real transformers classes.
 
-LLaVA-1.5, LLaVA-NeXT (AnyRes), Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE). Used by the tests, the
+LLaVA-1.5, LLaVA-NeXT (AnyRes), Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE) and InternVL. Used by the tests, the
 benchmarks and ``python -m vtc``.
 They have the real token geometry (a 336 px CLIP-style tower with 14 px patches gives LLaVA-1.5's 576 visual
 tokens per image) but random weights, so they exercise every code path without downloading anything.
@@ -13,6 +13,9 @@ import inspect
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -562,6 +565,116 @@ def tiny_qwen_inputs(
     return inputs
 
 
+# ---------------------------------------------------------------------------------------------- InternVL
+
+# InternVL's <img> / </img> around each image's context tokens (IMAGE_TOKEN_ID); text tokens from 6 on.
+INTERNVL_START_TOKEN_ID = 4
+INTERNVL_END_TOKEN_ID = 5
+
+
+def tiny_internvl_config(
+    *,
+    hidden_size: int = 64,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vocab_size: int = 256,
+    heads: int = 4,
+    use_qk_norm: bool = False,
+    vision_feature_layer: int = -1,
+    attn_implementation: str = "sdpa",
+) -> InternVLConfig:
+    """An InternVL3-shaped config: an InternViT tower with a [CLS] token on ``image_size`` px tiles, pixel shuffle
+    (2 x 2 patches into one token, ``(image_size / patch_size / 2)^2`` tokens per tile), a Qwen2 language model."""
+    vision = InternVLVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=[image_size, image_size],
+        patch_size=[patch_size, patch_size],
+        use_qk_norm=use_qk_norm,
+        norm_type="rms_norm" if use_qk_norm else "layer_norm",
+        initializer_range=0.2,
+    )
+    text = {
+        "model_type": "qwen2",
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "initializer_range": 0.2,
+        "pad_token_id": PAD_TOKEN_ID,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+    }
+    tokens = (image_size // patch_size // 2) ** 2
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=tokens,
+        vision_feature_layer=vision_feature_layer,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_internvl(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> InternVLForConditionalGeneration:
+    """A random-weight InternVLForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
+    config = tiny_internvl_config(attn_implementation=attn_implementation, **config_options)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():  # special tokens get logit 0 (as in llava_from_config): greedy decoding never emits them
+        model.lm_head.weight[: INTERNVL_END_TOKEN_ID + 1] = 0
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_internvl_inputs(
+    model: InternVLForConditionalGeneration,
+    *,
+    tiles: tuple[tuple[int, ...], ...] = ((3,),),
+    text_lengths: tuple[tuple[int, int], ...] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / pixel_values for a batch, laid out like InternVLProcessor's.
+
+    ``tiles[b]`` lists the tile count of each image of sample b (InternVL's dynamic tiling: an image of k > 1 tiles
+    is k - 1 high-resolution tiles and its thumbnail last). Sample b is ``<bos> text [<img> <image>xT*k </img>
+    text]... text``, left-padded; pixel_values is [all tiles, 3, S, S] in sequence order (batch row 0 first).
+    """
+    config = model.config
+    side = config.vision_config.image_size[0]
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    first_text = INTERNVL_END_TOKEN_ID + 1
+    rows = []
+    for b, counts in enumerate(tiles):
+        before, after = text_lengths[b] if text_lengths else (3 + 2 * b, 5 + b)
+        ids = [BOS_TOKEN_ID] + torch.randint(first_text, vocab, (before,), generator=generator).tolist()
+        for count in counts:
+            ids += [INTERNVL_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * config.image_seq_length * count
+            ids += [INTERNVL_END_TOKEN_ID] + torch.randint(first_text, vocab, (2,), generator=generator).tolist()
+        ids += torch.randint(first_text, vocab, (after,), generator=generator).tolist()
+        rows.append(ids)
+    input_ids, attention_mask = _left_pad(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    total = sum(sum(counts) for counts in tiles)
+    if total:
+        pixel_values = torch.randn(total, 3, side, side, generator=generator)
+        inputs["pixel_values"] = pixel_values.to(next(model.parameters()).dtype)
+    return inputs
+
+
 _WORDS = (  # noqa: SIM905 - a sentence reads better than 37 quoted words
     "<pad> <s> </s> <image> <unk> USER: ASSISTANT: what is in the image ? describe it briefly . "
     "a an of on and red green blue yellow circle square triangle cat dog how many left right yes no"
@@ -611,3 +724,31 @@ def save_tiny_llava(directory: str, seed: int = 0, **config_options) -> str:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# ---------------------------------------------------------------------------------------------- one per family
+
+# The models of ``python -m vtc --model tiny-...`` and ``benchmarks/e2e.py --model tiny-...``: one per family, wide
+# enough (256) and with real-sized images that timings mean something on a CPU.
+TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl")
+
+
+def tiny_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """(random-weight model, a one-image prompt's inputs) for a name of :data:`TINY_MODELS`."""
+    shape = {"hidden_size": 256, "text_layers": 4, "vision_layers": 6, "heads": 8, "vocab_size": 1024}
+    if name == "tiny":
+        model = tiny_llava(**shape)
+        return model, tiny_llava_inputs(model, seed=seed)
+    if name == "tiny-llava-next":  # 336 px crops of 24 x 24 tokens, a 672 x 672 image: 2928 visual tokens
+        model = tiny_llava_next(image_size=336, **shape)
+        return model, tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
+    if name == "tiny-internvl":  # 448 px tiles of 16 x 16 tokens, an image of 2 x 2 tiles + thumbnail: 1280 tokens
+        model = tiny_internvl(image_size=448, vision_hidden_size=shape["hidden_size"], **shape)
+        return model, tiny_internvl_inputs(model, tiles=((5,),), seed=seed)
+    if name == "tiny-qwen3-vl":  # 16 px patches: a 512 x 768 image, 32 x 48 patches, 384 visual tokens
+        model = tiny_qwen3_vl(vision_hidden_size=shape["hidden_size"], **shape)
+    elif name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):  # 14 px patches: a 448 x 672 image
+        model = (tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny_qwen2_5_vl)(**shape)
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {list(TINY_MODELS)}")
+    return model, tiny_qwen_inputs(model, image_grids=(((32, 48),),), seed=seed)

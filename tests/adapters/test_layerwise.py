@@ -27,6 +27,8 @@ from vtc.tiny import (
     IMAGE_TOKEN_ID,
     QWEN_IMAGE_TOKEN_ID,
     llava_next_image_tokens,
+    tiny_internvl,
+    tiny_internvl_inputs,
     tiny_llava,
     tiny_llava_inputs,
     tiny_llava_next,
@@ -57,6 +59,7 @@ class Family:
 
 
 NEXT_SIZES = (((56, 112),), ((112, 112), (56, 56)))
+INTERNVL_TILES = ((3,), (1, 5))  # 48 | 16 + 80 tokens (16 per tile): the 1-tile image is at the in-LLM budget
 QWEN_GRIDS = (((8, 12),), ((8, 8), (4, 6)))  # 24 | 16 + 6 tokens: the last image is below the budget
 FAMILIES = {
     "llava": Family(
@@ -86,6 +89,13 @@ FAMILIES = {
         QWEN_IMAGE_TOKEN_ID,
         8,
         (12, 8),
+    ),
+    "internvl": Family(
+        lambda **kw: tiny_internvl(text_layers=DEPTH, **kw),
+        lambda model: tiny_internvl_inputs(model, tiles=INTERNVL_TILES, seed=1),
+        IMAGE_TOKEN_ID,
+        12,
+        (24, 12),
     ),
     # DeepStack features are added after decoder layer 0 only, so every schedule above (from layer 1) applies.
     "qwen3_vl": Family(
@@ -128,6 +138,8 @@ def image_tokens(name: str, model) -> list[list[int]]:
         return [[576, 576], [576]]
     if name == "llava_next":
         return [[llava_next_image_tokens(model, h, w) for h, w in sizes] for sizes in NEXT_SIZES]
+    if name == "internvl":
+        return [[16 * k for k in tiles] for tiles in INTERNVL_TILES]
     return [[h * w // 4 for h, w in grids] for grids in QWEN_GRIDS]
 
 
@@ -188,6 +200,9 @@ def alone(setup: Setup, b: int) -> dict:
     first = sum(counts[:b])
     if setup.name == "llava":
         out["pixel_values"] = inputs["pixel_values"][first : first + counts[b]]
+    elif setup.name == "internvl":
+        tiles = [sum(t) for t in INTERNVL_TILES]
+        out["pixel_values"] = inputs["pixel_values"][sum(tiles[:b]) : sum(tiles[: b + 1])]
     elif setup.name == "llava_next":
         out["pixel_values"] = inputs["pixel_values"][first : first + counts[b]]
         out["image_sizes"] = inputs["image_sizes"][first : first + counts[b]]

@@ -38,17 +38,25 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)
-        config = model.config
+        self._vision_setup(model.config)
+
+    def _vision_setup(self, config) -> None:
+        """What the vision tower gives: token grid, tokens per image, [CLS] signals (CLIP-style towers)."""
         vision = getattr(self.base.vision_tower, "vision_model", self.base.vision_tower)
-        self.vision_layers = vision.encoder.layers
         vision_config = config.vision_config
         side = vision_config.image_size // vision_config.patch_size
         self.strategy = config.vision_feature_select_strategy
         self.grid = (side, side) if self.strategy == "default" else None
         self.tokens_per_image = side * side + (0 if self.strategy == "default" else 1)
-        self.feature_layer = self._feature_layer(config.vision_feature_layer, len(self.vision_layers))
-        self.vision_layers_used = None if self.feature_layer is None else self.feature_layer + 1
         has_cls = hasattr(getattr(vision, "embeddings", None), "class_embedding")
+        self._vision_signals([layer.self_attn for layer in vision.encoder.layers], has_cls)
+
+    def _vision_signals(self, attention: list[nn.Module], has_cls: bool) -> None:
+        """The vision tower's attention modules (one per layer) and whether it has a [CLS] token: the feature layer,
+        the signals provided, and the layers whose [CLS] rows the method needs."""
+        self.vision_attention = attention
+        self.feature_layer = self._feature_layer(self.model.config.vision_feature_layer, len(attention))
+        self.vision_layers_used = None if self.feature_layer is None else self.feature_layer + 1
         self.provides = ("features",) + (_CLS_SIGNALS if has_cls and self.feature_layer is not None else ())
         if "cls_attention" in self.provides:
             self.signal_sources = {
@@ -61,7 +69,7 @@ class LlavaAdapter(Adapter):
     def check(self) -> None:
         super().check()
         purpose = "the [CLS] attention of the vision tower"
-        self._cls_probes = {i: probe(ClsRow, self.vision_layers[i].self_attn, purpose) for i in self._cls_layers}
+        self._cls_probes = {i: probe(ClsRow, self.vision_attention[i], purpose) for i in self._cls_layers}
 
     @staticmethod
     def _feature_layer(vision_feature_layer: int | list[int], num_layers: int) -> int | None:
@@ -85,7 +93,7 @@ class LlavaAdapter(Adapter):
         if self._cls_layers or self.watches_projector:
             self._hook(self.base.vision_tower, self._vision_pre_hook, pre=True)
             for i in self._cls_layers:
-                self._hook(self.vision_layers[i].self_attn, self._cls_hook(i), pre=True)
+                self._hook(self.vision_attention[i], self._cls_hook(i), pre=True)
             self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
