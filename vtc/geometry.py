@@ -307,13 +307,13 @@ def _llava_boxes(config: Any, size: tuple[int, int], image_processor: Any) -> to
 
 
 def _packer(model: nn.Module):
-    """A LlavaNextAdapter used only for its packing map (no hooks are attached)."""
+    """The model family's adapter, used only to pack per-crop boxes as the model packs its features (no hooks are
+    attached)."""
     if model not in _packers:
-        from vtc.adapters.llava_next import LlavaNextAdapter
         from vtc.methods.base import Budget
         from vtc.methods.keep_all import KeepAll
 
-        _packers[model] = LlavaNextAdapter(model, KeepAll(), Budget(ratio=1.0))
+        _packers[model] = ADAPTERS[model.config.model_type](model, KeepAll(), Budget(ratio=1.0))
     return _packers[model]
 
 
@@ -360,16 +360,7 @@ def _crop_boxes(config: Any, size: tuple[int, int], image_processor: Any) -> tor
 
 def _llava_next_boxes(model: nn.Module, size: tuple[int, int], image_processor: Any) -> torch.Tensor:
     crops = _crop_boxes(model.config, size, image_processor)  # [C, T, 4]
-    source = _packer(model).packing(size).cpu()  # [L] crop * T + patch, -1 = newline
-    flat = crops.flatten(0, 1)
-    if int(source.max()) >= flat.shape[0]:
-        raise ValueError(
-            f"the model packs {int(source.max()) // crops.shape[1] + 1} crops for a {size} image but the processor "
-            f"settings give {crops.shape[0]}; pass the processor the model was used with"
-        )
-    boxes = flat[source.clamp(min=0)]
-    boxes[source < 0] = float("nan")
-    return _clip(boxes, size)
+    return _clip(_packer(model).pack_boxes(crops, size), size)  # [L, 4], NaN rows for the newline tokens
 
 
 # -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL ---------------------------------------------------------------------
