@@ -246,7 +246,7 @@ class LlavaNextAdapter(LlavaAdapter):
         area of the unpadded big grid ``big`` [H', W'] (crop c at c - 1)."""
         height, width = self.grid
         thumb = thumb.view(height, width)
-        # Crop id under the centre of every thumbnail token: the unpadded grid covers exactly the image, as the base does.
+        # Crop id under the centre of every thumbnail token (the unpadded grid covers exactly the image, as the base).
         ys = ((torch.arange(height) + 0.5) * big.shape[0] / height).long()
         xs = ((torch.arange(width) + 0.5) * big.shape[1] / width).long()
         owner = big[ys.unsqueeze(1), xs.unsqueeze(0)].to(thumb.device) - 1  # [H, W] in 0..crops-2
