@@ -4,10 +4,10 @@ Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained
 per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
 uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
 speed-up, and the answers (marked against the truth).
-``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` use
-random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack), whose output is token
-ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
-with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
+``--model tiny`` / ``tiny-llava-next`` / ``tiny-llava-onevision`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` /
+``tiny-qwen3-vl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, AnyRes downsampled,
+M-RoPE, DeepStack), whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained +
+AutoProcessor); with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _interleaved_median_ms(fn, attachers: list[Callable[[], Any]], repeats: int)
     return [statistics.median(values) for values in times]
 
 
-TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
 
 
 def _tiny(name: str, seed: int):
@@ -65,6 +65,11 @@ def _tiny(name: str, seed: int):
     if name == "tiny-llava-next":  # 336 px crops of 24 x 24 tokens, a 672 x 672 image: 2928 visual tokens
         model = tiny.tiny_llava_next(image_size=336, **shape)
         return model, tiny.tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
+    if name == "tiny-llava-onevision":  # the released geometry: 384 px crops of 27 x 27 tokens, pinpoints up to 6 x 6
+        # crops, anyres_max_9; a 1536 x 1536 image: 4 x 4 crops, 108 x 108 tokens downsampled to 81 x 81, 7371 in all
+        pinpoints = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+        model = tiny.tiny_llava_onevision(image_size=384, image_grid_pinpoints=pinpoints, max_crops=9, **shape)
+        return model, tiny.tiny_llava_onevision_inputs(model, image_sizes=(((1536, 1536),),), seed=seed)
     if name == "tiny-qwen3-vl":  # 16 px patches: a 512 x 768 image, 32 x 48 patches, 384 visual tokens
         model = tiny.tiny_qwen3_vl(vision_hidden_size=shape["hidden_size"], **shape)
     else:  # 14 px patches: a 448 x 672 image
@@ -167,7 +172,7 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
         help="comma-separated method names, options after colons (fastervlm:signal=attention_received)",
     )
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
-    parser.add_argument("--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail")
+    parser.add_argument("--budget", help="LLaVA-NeXT, OneVision: global (default), per_crop or thumbnail")
     parser.add_argument("--image", help="image file (real models)")
     parser.add_argument("--prompt", default="Describe the image briefly.", help="question about --image")
     parser.add_argument("--scene", type=int, default=0, help="without --image: the shapes test scene to ask about")

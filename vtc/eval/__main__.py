@@ -46,7 +46,9 @@ def build_parser(prog: str = "python -m vtc.eval") -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="directory for the result files")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's")
-    parser.add_argument("--budget", help="LLaVA-NeXT: how keep is shared by crops (global, per_crop, thumbnail)")
+    parser.add_argument(
+        "--budget", help="LLaVA-NeXT, OneVision: how keep is shared by crops (global, per_crop, thumbnail)"
+    )
     parser.add_argument("--device", help="default: this process's accelerator (cuda:N under accelerate) or cpu")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, ...")
     return parser
