@@ -707,6 +707,17 @@ def test_other_feature_strategies_are_refused():
     assert count_hooks(model) == 0
 
 
+def test_a_tower_with_a_cls_token_is_refused():
+    config = tiny_llava_onevision().config
+    config.vision_config = transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14
+    )
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match=r"LLaVA-OneVision with a vision tower without a \[CLS\] token.*CLIP"):
+        vtc.compress(model, "divprune", keep=8)
+    assert count_hooks(model) == 0
+
+
 def test_labels_are_refused(model, batch):
     with vtc.compress(model, "random", keep=8, budget="per_crop"), pytest.raises(ValueError, match="inference"):
         model(**batch, labels=batch["input_ids"])
