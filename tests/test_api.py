@@ -28,8 +28,16 @@ def test_registries():
     assert vtc.list_methods("pre") == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
     assert vtc.list_methods("llm") == ["adaptive", "dart_llm", "fastv", "pdrop"]
     assert vtc.list_methods() == sorted(vtc.list_methods("pre") + vtc.list_methods("llm"))
-    families = ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
-    assert vtc.list_models() == families
+    assert vtc.list_models() == [
+        "internvl",
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "qwen2_5_vl",
+        "qwen2_vl",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ]
     for name in vtc.list_methods("pre"):
         method = vtc.get_method(name)
         assert method.name == name

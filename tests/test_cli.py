@@ -68,6 +68,19 @@ def test_other_tiny_families_and_methods_they_cannot_run(capsys):
     assert 96 < kept <= 96 + 48  # 96 content tokens + the newlines of their rows (48 rows of 2 x 2 crops)
 
 
+def test_tiny_llava_onevision_downsamples_and_refuses_cls_methods(capsys):
+    """The released geometry (27 x 27 tokens per 384 px crop, anyres_max_9): a 1536 x 1536 image's 4 x 4 crops give a
+    108 x 108 grid, downsampled to 81 x 81; the thumbnail budget shares it by the attention received."""
+    received = "fastervlm:signal=attention_received"
+    argv = ["--model", "tiny-llava-onevision", "--methods", f"fastervlm,{received}", "--budget", "thumbnail"]
+    assert main([*argv, "--keep", "1800", "--repeats", "1", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "7371 visual tokens in the prompt" in out  # 27 x 27 base + 81 rows of 81 tokens and a newline
+    kept = int(re.search(rf"{received} +7371 -> (\d+)", out).group(1))
+    assert 1800 < kept <= 1800 + 81  # 1800 content tokens + the newlines of their rows
+    assert "skipped fastervlm: method 'fastervlm' needs [CLS] attention" in out
+
+
 def test_default_is_the_shipped_organism_answering_a_scene(capsys):
     from vtc import loading
     from vtc.eval import runner

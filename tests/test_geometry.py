@@ -28,7 +28,9 @@ from vtc.tiny import (
     QWEN_IMAGE_TOKEN_ID,
     QWEN_VISION_END_TOKEN_ID,
     QWEN_VISION_START_TOKEN_ID,
+    llava_onevision_image_tokens,
     tiny_llava_next,
+    tiny_llava_onevision,
     tiny_qwen2_5_vl,
 )
 
@@ -62,7 +64,8 @@ def _pass_through(module: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def clip_probe(model) -> None:
-    """LLaVA / LLaVA-NeXT: each visual token = the mean normalised RGB of its patch (channels 0-2)."""
+    """LLaVA / LLaVA-NeXT (CLIP) and LLaVA-OneVision (SigLIP): each visual token = the mean normalised RGB of its
+    patch (channels 0-2); a token OneVision resamples, the same mix of its patches' colours."""
     base = model.model
     vision = getattr(base.vision_tower, "vision_model", base.vision_tower)
     embeddings = vision.embeddings
@@ -70,11 +73,21 @@ def clip_probe(model) -> None:
     for c in range(3):
         weight[c, c] = 1 / weight[c, c].numel()
     embeddings.patch_embedding.weight.copy_(weight)
-    embeddings.class_embedding.zero_()
+    if embeddings.patch_embedding.bias is not None:  # SigLIP
+        embeddings.patch_embedding.bias.zero_()
+    if hasattr(embeddings, "class_embedding"):  # CLIP
+        embeddings.class_embedding.zero_()
     embeddings.position_embedding.weight.zero_()
-    _pass_through(vision.pre_layrnorm)
+    for norm in ("pre_layrnorm", "post_layernorm"):
+        if hasattr(vision, norm):
+            _pass_through(getattr(vision, norm))
     for layer in vision.encoder.layers:
-        _pass_through(layer)
+        if hasattr(embeddings, "class_embedding"):
+            _pass_through(layer)
+        else:  # SigLIP: no branch adds to the residual stream (transformers 4.57 records its hidden states by hooks)
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
     _pass_through(base.multi_modal_projector)
     if getattr(base, "image_newline", None) is not None:
         base.image_newline.fill_(NEWLINE_MARK)
@@ -354,6 +367,77 @@ def test_llava_next_boxes_follow_anyres_crops_unpadding_and_newlines():
             assert bool(empty[padding].all())
             start = end
     assert checked >= 200, checked
+
+
+def _llava_onevision_processor(model):
+    try:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil as P,
+        )
+    except ImportError:
+        from transformers import LlavaOnevisionImageProcessor as P
+    side = model.config.vision_config.image_size
+    return P(
+        size={"height": side, "width": side},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+
+
+def test_llava_onevision_boxes_follow_crops_downsampling_and_one_crop_images():
+    """LLaVA-OneVision's real image processor: images of single-image samples are cut into AnyRes crops, packed with
+    unpadding and, above the tiny model's cap of 2 crops' worth of tokens, bilinear downsampling; the images of a
+    sample with several images are padded to a square and kept as one crop (batch_num_images)."""
+    model = tiny_llava_onevision()  # 56 px crops, 14 px patches, pinpoints 1x1 .. 3x3, anyres_max_2
+    clip_probe(model)
+    image_processor = _llava_onevision_processor(model)
+    # Downsampled (rows cut) | two images of one sample, one crop each | downsampled (columns cut) | not downsampled
+    samples = [[(120, 150)], [(100, 130), (140, 90)], [(168, 100)], [(30, 170)]]
+    processed = image_processor(images=[[ramp(*size) for size in sizes] for sizes in samples], return_tensors="pt")
+    rows = []
+    for sizes in samples:
+        ids = [BOS_TOKEN_ID]
+        for height, width in sizes:
+            ids += [IMAGE_TOKEN_ID] * llava_onevision_image_tokens(model, height, width, len(sizes) == 1) + [20, 21]
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    inputs = {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), **processed}
+    assert inputs["batch_num_images"].tolist() == [1, 2, 1, 1]
+    flat = [size for sizes in samples for size in sizes]
+    boxes = geometry.token_boxes(model, inputs, [ramp(*size) for size in flat], image_processor)
+    tokens = visual_tokens(model, inputs)
+    side, checked, resampled = 4, 0, 0
+    uncapped = tiny_llava_onevision(max_crops=100)  # the same crops and unpadding, never downsampled
+    for b, per_sample in enumerate(boxes):
+        all_boxes = torch.cat(per_sample)
+        assert len(all_boxes) == len(tokens[b])
+        newline = (tokens[b][:, 0] == NEWLINE_MARK) & (tokens[b][:, 1] == NEWLINE_MARK)
+        assert torch.equal(all_boxes.isnan().any(-1), newline)  # NaN rows exactly at the newline tokens
+        rgb = decode(tokens[b], image_processor)
+        start = 0
+        for i, image_boxes in enumerate(per_sample):
+            height, width = samples[b][i]
+            part, end = rgb[start : start + len(image_boxes)], start + len(image_boxes)
+            is_newline = newline[start:end]
+            content = ~is_newline & (part[:, 2] > 254)  # every pixel from the image (no padding)
+            checked += check_centres(image_boxes, part, (height, width), content)
+            base = image_boxes[: side * side]  # the whole image, squeezed (one crop) or padded to a square
+            assert geometry.union_area(base) == pytest.approx(height * width)
+            if len(samples[b]) == 1:  # cut into crops: the big grid's tokens tile what its unpadded patches cover
+                grid = image_boxes[side * side :][~is_newline[side * side :]]
+                patches = geometry.image_token_boxes(uncapped, (height, width), image_processor)[side * side :]
+                patches = patches[~patches.isnan().any(-1)]
+                areas = (grid[:, 2] - grid[:, 0]) * (grid[:, 3] - grid[:, 1])
+                assert float(areas.sum()) == pytest.approx(geometry.union_area(grid))  # no overlap
+                assert geometry.union_area(grid) == pytest.approx(geometry.union_area(patches))
+                resampled += len(grid) < len(patches)
+            else:  # one crop: the square-padded image's tokens, then a newline; its inner tokens were checked
+                assert len(image_boxes) == side * side + 1 and bool(is_newline[-1]) and int(content.sum()) >= 4
+            start = end
+    assert checked >= 100, checked  # tokens whose pixels all come from the image (no padding)
+    assert resampled == 2
 
 
 # -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------

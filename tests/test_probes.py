@@ -16,12 +16,14 @@ from transformers import (
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 import vtc
 from tests.helpers import count_hooks
-from vtc.probes import ClsRow, DecoderAttention, MultiheadClsRow, probe
+from vtc.probes import ClsRow, DecoderAttention, MultiheadClsRow, VisionReceived, probe
 from vtc.tiny import tiny_llava, tiny_llava_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl, tiny_qwen_inputs
 
 TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -156,6 +158,37 @@ def test_cls_probe_equals_internvit_eager_attention_weights(qk_norm):
     assert len(rows) == len(weights) == 3
     for i, weight in weights.items():
         torch.testing.assert_close(rows[i], weight[:, :, 0].mean(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, side", [(2, 4), (3, 7)])
+def test_received_probe_equals_siglip_eager_attention_weights(batch, side):
+    """SigLIP (LLaVA-OneVision's tower): the column means of every layer's eager weights, over queries and heads."""
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=14 * side,
+        patch_size=14, vision_use_head=False, attn_implementation="eager",
+    )  # fmt: skip
+    tower = SiglipVisionModel(config).eval()
+    encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+    received = {}
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: received.__setitem__(i, VisionReceived(m).received(kw["hidden_states"])),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(encoder_layers)
+    ]
+    try:
+        with torch.no_grad():
+            out = tower(torch.randn(batch, 3, 14 * side, 14 * side), output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(out.attentions) == len(encoder_layers)
+    for i, weights in enumerate(out.attentions):  # [B, H, T, T]
+        assert weights.shape[-1] == side * side  # no [CLS] token
+        torch.testing.assert_close(received[i], weights.mean(dim=(1, 2)), rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(received[i], weights[:, :, 0].mean(1))  # not one query's row
 
 
 class PatchedAttention(LlamaAttention):

@@ -4,10 +4,11 @@ Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained
 per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
 uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
 speed-up, and the answers (marked against the truth).
-``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` /
-``tiny-internvl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack,
-InternVL's tiles), whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained +
-AutoProcessor); with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
+``--model tiny`` / ``tiny-llava-next`` / ``tiny-llava-onevision`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` /
+``tiny-qwen3-vl`` / ``tiny-internvl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes,
+AnyRes downsampled, M-RoPE, DeepStack, InternVL's tiles), whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a
+real model (from_pretrained + AutoProcessor); with ``--image PATH`` it answers ``--prompt`` about that image, without
+it the scene's questions.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
     parser.add_argument(
-        "--budget", help="LLaVA-NeXT: global (default), per_crop or thumbnail; InternVL: global or per_crop"
+        "--budget",
+        help="LLaVA-NeXT, OneVision: global (default), per_crop or thumbnail; InternVL: global or per_crop",
     )
     parser.add_argument("--image", help="image file (real models)")
     parser.add_argument("--prompt", default="Describe the image briefly.", help="question about --image")

@@ -178,9 +178,11 @@ def compress(
         keep: visual tokens kept per image. Exactly one of ``keep`` / ``ratio``. In-LLM methods: the count
             after their (last) drop layer; for "adaptive" the floor.
         ratio: fraction of visual tokens kept per image, in (0, 1] (round(ratio * N), at least 1).
-        budget: LLaVA-NeXT and InternVL: how ``keep`` is shared by an image's parts. LLaVA-NeXT (base and AnyRes
-            crops): "global" (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`); InternVL
-            (tiles and thumbnail): "global" (default) or "per_crop" (see :mod:`vtc.adapters.internvl`).
+        budget: LLaVA-NeXT, LLaVA-OneVision and InternVL: how ``keep`` is shared by an image's parts (pre-LLM
+            methods; in-LLM ones choose per image). LLaVA-NeXT / OneVision (base and AnyRes crops): "global"
+            (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`,
+            :mod:`vtc.adapters.llava_onevision`); InternVL (tiles and thumbnail): "global" (default) or "per_crop"
+            (see :mod:`vtc.adapters.internvl`).
         cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL): an auxiliary open_clip CLIP (a model name such as
             "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
             resampled onto the visual-token grid, for methods that need ``cls_attention``.

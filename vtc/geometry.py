@@ -14,8 +14,8 @@ sequence order; several images of a sample are concatenated, so ``torch.cat(boxe
 
 Two kinds of rows carry no area:
 
-* NaN rows: tokens with no place in the image, LLaVA-NeXT's ``image_newline`` tokens (and the [CLS] token
-  of a LLaVA model with ``vision_feature_select_strategy="full"``).
+* NaN rows: tokens with no place in the image, LLaVA-NeXT's and OneVision's ``image_newline`` tokens (and the [CLS]
+  token of a LLaVA model with ``vision_feature_select_strategy="full"``).
 * empty boxes (``x0 == x1`` or ``y0 == y1``): tokens that see only padding the processor added.
 
 What is inverted, per token layout (each family's adapter names its ``layout``; each step is the processor's own
@@ -24,10 +24,13 @@ arithmetic, with transformers' helpers):
 * ``grid``, LLaVA-1.5 (``CLIPImageProcessor`` / ``LlavaImageProcessor``): optional pad to a square
   (``LlavaImageProcessor`` with ``do_pad``), resize (shortest edge, or a fixed size), center crop, then a grid of
   ``patch_size`` patches in row-major order. The crop can cut parts of the image off: no token covers them.
-* ``anyres``, LLaVA-NeXT: the base image (the whole image squeezed to the crop size) and the high-resolution crops of
-  the image resized into its best grid resolution and padded to it; tokens in the model's packed order, taken from
-  :meth:`vtc.adapters.llava_next.LlavaNextAdapter.packing` (the model's own ``pack_image_features``, with unpadding
-  and newline tokens).
+* ``anyres``, LLaVA-NeXT and LLaVA-OneVision: the base image (the whole image squeezed to the crop size) and the
+  high-resolution crops of the image resized into its best grid resolution and padded to it; the boxes of their
+  patches are packed into the model's token order by the family's adapter (``pack_boxes``: the model's own
+  ``pack_image_features``, with unpadding and newline tokens). LLaVA-OneVision downsamples a big grid of crop tokens
+  (bilinear): such a token's box is centred where it samples the grid and as wide as its sampling step, so the tokens
+  still tile the image. Its processor does not cut the images of a sample with several images (``batch_num_images``):
+  each is padded to a square (centred) and resized to one crop.
 * ``merged_grid``, the Qwen families: the image is resized (``smart_resize``) to ``image_grid_thw`` patches;
   each visual token is a ``merge x merge`` group of patches, in row-major order of the merged grid.
 * ``tiles``, InternVL (``GotOcr2ImageProcessor`` with ``crop_to_patches``): the image is resized to the tile grid
@@ -97,8 +100,8 @@ def token_boxes(
 
     Args:
         model: a supported VLM (``config.model_type`` in :func:`vtc.list_models`), or anything with its ``config``.
-        inputs: the processor's output for the batch (``input_ids``; ``image_sizes`` for LLaVA-NeXT,
-            ``image_grid_thw`` for the Qwen families).
+        inputs: the processor's output for the batch (``input_ids``; ``image_sizes`` for LLaVA-NeXT and OneVision,
+            with ``batch_num_images`` for OneVision; ``image_grid_thw`` for the Qwen families).
         images: the images given to the processor, in the same order (all samples' images, flattened): PIL images,
             HWC / HW numpy arrays, or ``(height, width)`` pairs. Needed for LLaVA-1.5 and Qwen (their inputs do not
             record the original size); optional for LLaVA-NeXT (checked against ``image_sizes`` when given).
@@ -129,7 +132,14 @@ def token_boxes(
         recorded = [tuple(int(v) for v in size) for size in inputs["image_sizes"].tolist()]
         if sizes is not None and [tuple(s) for s in sizes] != recorded:
             raise ValueError(f"the images have sizes {sizes} but inputs['image_sizes'] records {recorded}")
-        per_image = [image_token_boxes(model, size, processor) for size in recorded]
+        counts = inputs.get("batch_num_images")
+        # LLaVA-OneVision's processor cuts only the image of a single-image sample into crops.
+        patched = [True] * len(recorded) if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
+        if len(patched) != len(recorded):
+            raise ValueError(f"inputs['batch_num_images'] counts {len(patched)} images, image_sizes {len(recorded)}")
+        per_image = [
+            image_token_boxes(model, size, processor, patched=cut) for size, cut in zip(recorded, patched, strict=True)
+        ]
     elif layout == "tiles":
         if sizes is None:
             raise ValueError("token_boxes needs the images (or their (height, width)) for InternVL inputs")
@@ -154,13 +164,15 @@ def image_token_boxes(
     *,
     grid_thw: Sequence[int] | None = None,
     tiles: int | None = None,
+    patched: bool = True,
 ) -> torch.Tensor:
     """[n, 4] boxes of the visual tokens of ONE image of ``size`` = (height, width) pixels (see :func:`token_boxes`).
 
     For the Qwen families give ``grid_thw`` (the image's row of ``inputs["image_grid_thw"]``) or the
-    ``processor``, whose ``smart_resize`` settings then decide the grid. For InternVL, ``tiles`` is the image's tile
-    count (its placeholders / ``image_seq_length``), checked against the processor's tiling; None: tiled as
-    InternVLProcessor does by default (``crop_to_patches``).
+    ``processor``, whose ``smart_resize`` settings then decide the grid. ``patched=False``: a LLaVA-OneVision image
+    of a sample with several images, not cut into AnyRes crops. For InternVL, ``tiles`` is the image's tile count (its
+    placeholders / ``image_seq_length``), checked against the processor's tiling; None: tiled as InternVLProcessor does
+    by default (``crop_to_patches``).
     """
     config = model.config
     height, width = (int(v) for v in size)
@@ -170,7 +182,7 @@ def image_token_boxes(
     if layout == "grid":
         return _llava_boxes(config, (height, width), _image_processor(processor))
     if layout == "anyres":
-        return _llava_next_boxes(model, (height, width), _image_processor(processor))
+        return _anyres_boxes(model, (height, width), _image_processor(processor), patched)
     if layout == "merged_grid":
         return _qwen_boxes(config, (height, width), _image_processor(processor), grid_thw)
     if layout == "tiles":
@@ -319,12 +331,12 @@ def _llava_boxes(config: Any, size: tuple[int, int], image_processor: Any) -> to
     return _clip(boxes, size)
 
 
-# -- LLaVA-NeXT -----------------------------------------------------------------------------------------
+# -- LLaVA-NeXT, LLaVA-OneVision ----------------------------------------------------------------------------
 
 
 def _packer(model: nn.Module):
-    """The family's adapter, used only for its token maps (LLaVA-NeXT's packing, InternVL's pixel shuffle groups);
-    no hooks are attached."""
+    """The model family's adapter, used only for its token maps (the AnyRes families' box packing, InternVL's pixel
+    shuffle groups); no hooks are attached."""
     if model not in _packers:
         from vtc.methods.base import Budget
         from vtc.methods.keep_all import KeepAll
@@ -374,18 +386,24 @@ def _crop_boxes(config: Any, size: tuple[int, int], image_processor: Any) -> tor
     return torch.stack(out)
 
 
-def _llava_next_boxes(model: nn.Module, size: tuple[int, int], image_processor: Any) -> torch.Tensor:
-    crops = _crop_boxes(model.config, size, image_processor)  # [C, T, 4]
-    source = _packer(model).packing(size).cpu()  # [L] crop * T + patch, -1 = newline
-    flat = crops.flatten(0, 1)
-    if int(source.max()) >= flat.shape[0]:
-        raise ValueError(
-            f"the model packs {int(source.max()) // crops.shape[1] + 1} crops for a {size} image but the processor "
-            f"settings give {crops.shape[0]}; pass the processor the model was used with"
-        )
-    boxes = flat[source.clamp(min=0)]
-    boxes[source < 0] = float("nan")
-    return _clip(boxes, size)
+def _square_boxes(config: Any, size: tuple[int, int], image_processor: Any) -> torch.Tensor:
+    """[1, T, 4] LLaVA-OneVision's image of a multi-image sample: padded to a square of its longest edge (centred),
+    then resized to one crop."""
+    vision = config.vision_config
+    side, patch = vision.image_size, vision.patch_size
+    height, width = size
+    edge = max(height, width)
+    pad = _Affine(1.0, -float((edge - height) // 2), 1.0, -float((edge - width) // 2))
+    crop_map, processed = _resize_and_crop((edge, edge), image_processor, side)
+    _check_processed(processed, side, "images")
+    grid = side // patch
+    return crop_map.then(pad).boxes(_grid_boxes(grid, grid, patch, patch)).unsqueeze(0)
+
+
+def _anyres_boxes(model: nn.Module, size: tuple[int, int], image_processor: Any, patched: bool) -> torch.Tensor:
+    config = model.config
+    crops = _crop_boxes(config, size, image_processor) if patched else _square_boxes(config, size, image_processor)
+    return _clip(_packer(model).pack_boxes(crops, size), size)  # [L, 4], NaN rows for the newline tokens
 
 
 # -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL ---------------------------------------------------------------------

@@ -100,6 +100,29 @@ class MultiheadClsRow(Probe):
         return logits.softmax(dim=-1).mean(dim=1)
 
 
+class VisionReceived(Probe):
+    """SigLIP vision attention (q_proj, k_proj, num_heads, head_dim, scale; no rotary embedding, no [CLS] token)."""
+
+    classes = ("SiglipAttention",)
+
+    def received(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean softmax attention each token receives from all queries of its image, mean over heads: [B, T, C] ->
+        [B, T] fp32 (the column means of the module's eager attention weights). ``hidden`` is the module's input
+        (already layer-normed); the vision tower attends without a mask. O(T^2) per image, in blocks of queries so
+        that memory stays O(B * heads * block * T)."""
+        attn = self.attn
+        b, t, _ = hidden.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        queries = attn.q_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()  # [B, H, T, d]
+        keys = attn.k_proj(hidden).view(b, t, heads, head_dim).transpose(1, 2).float()
+        received = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
+        block = max(1, (1 << 24) // max(1, b * heads * t))
+        for first in range(0, t, block):
+            logits = queries[:, :, first : first + block] @ keys.transpose(-1, -2) * attn.scale  # [B, H, block, T]
+            received += logits.softmax(dim=-1).sum(dim=(1, 2))
+        return received / (t * heads)
+
+
 class QwenVisionReceived(Probe):
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention (fused qkv, 2-D rotary embedding, chunks by ``cu_seqlens``)."""
 

@@ -1,7 +1,7 @@
 """Tiny random-weight models built from configs: offline, seconds on a CPU, real transformers classes.
 
-LLaVA-1.5, LLaVA-NeXT (AnyRes), Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE) and InternVL. Used by the tests, the
-benchmarks and ``python -m vtc``.
+LLaVA-1.5, LLaVA-NeXT (AnyRes), LLaVA-OneVision (AnyRes with downsampling, SigLIP, Qwen2), Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL (dense and MoE) and InternVL. Used by the tests, the benchmarks and ``python -m vtc``.
 They have the real token geometry (a 336 px CLIP-style tower with 14 px patches gives LLaVA-1.5's 576 visual
 tokens per image) but random weights, so they exercise every code path without downloading anything.
 """
@@ -21,8 +21,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLTextConfig,
@@ -30,6 +33,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
+    SiglipVisionConfig,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -37,6 +41,7 @@ IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
+ONEVISION_VIDEO_TOKEN_ID = 4  # LLaVA-OneVision's <video>; its text tokens are drawn from 5 on
 # Qwen2-VL / Qwen2.5-VL special tokens (pad, bos and eos as above); text tokens are drawn from QWEN_FIRST_TEXT_ID on.
 QWEN_IMAGE_TOKEN_ID = 3
 QWEN_VIDEO_TOKEN_ID = 4
@@ -288,6 +293,157 @@ def tiny_llava_next_inputs(
             pixel_values[i, :count] = torch.randn(count, 3, side, side, generator=generator)
         inputs["pixel_values"] = pixel_values.to(next(model.parameters()).dtype)
         inputs["image_sizes"] = torch.tensor(flat, dtype=torch.long)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-OneVision
+
+
+def tiny_llava_onevision_config(
+    *,
+    hidden_size: int = 64,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    image_size: int = 56,
+    patch_size: int = 14,
+    vocab_size: int = 256,
+    vision_feature_layer: int = -1,
+    attn_implementation: str = "sdpa",
+    intermediate_size: int | None = None,
+    heads: int = 4,
+    image_grid_pinpoints: list[list[int]] | None = None,
+    max_crops: int = 2,
+) -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision-shaped config: a SigLIP tower (no [CLS], vision_feature_select_strategy "full", features of
+    its last layer), a Qwen2 text model, AnyRes crops of ``image_size`` px with unpadding and image_newline, and the
+    big grid of crop tokens downsampled (bilinear) once it holds more than 1.1^2 * ``max_crops`` crops' worth of
+    tokens (``vision_aspect_ratio="anyres_max_<max_crops>"``; the released models: 9).
+
+    The default pinpoints (1x1, 1x2, 2x1, 2x2, 1x3, 3x1 and 3x3 crops) with ``max_crops=2`` downsample a 2x2, 1x3 or
+    3x3 grid and leave a 1x1 or 1x2 grid, or one that unpadding shrinks enough, as it is.
+    """
+    intermediate = intermediate_size or 2 * hidden_size
+    vision = SiglipVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=vocab_size,
+        max_position_embeddings=16384,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+    if image_grid_pinpoints is None:
+        crops = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (3, 3)]
+        image_grid_pinpoints = [[rows * image_size, cols * image_size] for rows, cols in crops]
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=ONEVISION_VIDEO_TOKEN_ID,
+        image_grid_pinpoints=image_grid_pinpoints,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=f"anyres_max_{max_crops}",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_onevision(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> LlavaOnevisionForConditionalGeneration:
+    """A random-weight LlavaOnevisionForConditionalGeneration in eval mode (weights depend only on ``seed``)."""
+    config = tiny_llava_onevision_config(attn_implementation=attn_implementation, **config_options)
+    torch.manual_seed(seed)
+    config.text_config.initializer_range = 0.2  # random tokens distinguishable, no greedy ties
+    model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():  # pad, bos, eos, <image>, <video> get logit 0: greedy decoding never emits them
+        model.lm_head.weight[: ONEVISION_VIDEO_TOKEN_ID + 1] = 0
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def llava_onevision_crops(model: LlavaOnevisionForConditionalGeneration, height: int, width: int, patched: bool) -> int:
+    """Crops (base image included) the vision tower sees of a ``height`` x ``width`` image: one if it is not cut into
+    AnyRes crops (LLaVA-OneVision's processor cuts only the image of a single-image sample)."""
+    config = model.config
+    if not patched:
+        return 1
+    return image_size_to_num_patches((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def llava_onevision_image_tokens(
+    model: LlavaOnevisionForConditionalGeneration, height: int, width: int, patched: bool = True
+) -> int:
+    """Visual tokens (base + unpadded, possibly downsampled, crops + newlines) the model makes of a ``height`` x
+    ``width`` px image: packs dummy features of the right crop count with the model's own ``pack_image_features``."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    features = [torch.zeros(llava_onevision_crops(model, height, width, patched), side * side, 1)]
+    _, lengths = model.model.pack_image_features(
+        features,
+        torch.tensor([[height, width]]),
+        image_newline=torch.zeros(1),
+        vision_aspect_ratio=model.config.vision_aspect_ratio,
+    )
+    return int(lengths[0])
+
+
+def tiny_llava_onevision_inputs(
+    model: LlavaOnevisionForConditionalGeneration,
+    *,
+    image_sizes: tuple[tuple[tuple[int, int], ...], ...] = (((56, 112),),),
+    text_lengths: tuple[tuple[int, int], ...] | None = None,
+    seed: int = 0,
+    batch_num_images: bool = True,
+) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / pixel_values / image_sizes / batch_num_images for a batch, laid out like
+    LlavaOnevisionProcessor's (see ``tiny_llava_next_inputs``; text tokens from 5 on, after <video>).
+
+    ``batch_num_images`` (as the processor gives it) makes the images of a sample with several images one crop
+    each, not cut into AnyRes crops; ``batch_num_images=False`` leaves it out, and every image is cut (transformers'
+    single-image reading).
+    """
+    vision = model.config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    first_text = ONEVISION_VIDEO_TOKEN_ID + 1
+    rows, crops = [], []
+    for b, sizes in enumerate(image_sizes):
+        before, after = text_lengths[b] if text_lengths else (3 + 2 * b, 5 + b)
+        ids = [BOS_TOKEN_ID] + torch.randint(first_text, vocab, (before,), generator=generator).tolist()
+        patched = len(sizes) == 1 or not batch_num_images
+        for height, width in sizes:
+            n = llava_onevision_image_tokens(model, height, width, patched)
+            ids += [IMAGE_TOKEN_ID] * n + torch.randint(first_text, vocab, (2,), generator=generator).tolist()
+            crops.append(llava_onevision_crops(model, height, width, patched))
+        ids += torch.randint(first_text, vocab, (after,), generator=generator).tolist()
+        rows.append(ids)
+    input_ids, attention_mask = _left_pad(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    flat = [size for sizes in image_sizes for size in sizes]
+    if flat:
+        side = vision.image_size
+        pixel_values = torch.zeros(len(flat), max(crops), 3, side, side)
+        for i, count in enumerate(crops):
+            pixel_values[i, :count] = torch.randn(count, 3, side, side, generator=generator)
+        inputs["pixel_values"] = pixel_values.to(next(model.parameters()).dtype)
+        inputs["image_sizes"] = torch.tensor(flat, dtype=torch.long)
+        if batch_num_images:
+            inputs["batch_num_images"] = torch.tensor([len(sizes) for sizes in image_sizes], dtype=torch.long)
     return inputs
 
 
@@ -730,7 +886,15 @@ def save_tiny_llava(directory: str, seed: int = 0, **config_options) -> str:
 
 # The models of ``python -m vtc --model tiny-...`` and ``benchmarks/e2e.py --model tiny-...``: one per family, wide
 # enough (256) and with real-sized images that timings mean something on a CPU.
-TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl")
+TINY_MODELS = (
+    "tiny",
+    "tiny-llava-next",
+    "tiny-llava-onevision",
+    "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl",
+    "tiny-qwen3-vl",
+    "tiny-internvl",
+)
 
 
 def tiny_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -742,6 +906,11 @@ def tiny_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, tor
     if name == "tiny-llava-next":  # 336 px crops of 24 x 24 tokens, a 672 x 672 image: 2928 visual tokens
         model = tiny_llava_next(image_size=336, **shape)
         return model, tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
+    if name == "tiny-llava-onevision":  # the released geometry: 384 px crops of 27 x 27 tokens, pinpoints up to 6 x 6
+        # crops, anyres_max_9; a 1536 x 1536 image: 4 x 4 crops, 108 x 108 tokens downsampled to 81 x 81, 7371 in all
+        pinpoints = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+        model = tiny_llava_onevision(image_size=384, image_grid_pinpoints=pinpoints, max_crops=9, **shape)
+        return model, tiny_llava_onevision_inputs(model, image_sizes=(((1536, 1536),),), seed=seed)
     if name == "tiny-internvl":  # 448 px tiles of 16 x 16 tokens, an image of 2 x 2 tiles + thumbnail: 1280 tokens
         model = tiny_internvl(image_size=448, vision_hidden_size=shape["hidden_size"], **shape)
         return model, tiny_internvl_inputs(model, tiles=((5,),), seed=seed)

@@ -1,4 +1,5 @@
-"""In-LLM methods (dropping between decoder layers) on tiny LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""In-LLM methods (dropping between decoder layers) on tiny LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL.
 
 Every model has 6 text layers, so the schedules are written out here for that depth (FastV / DART at layer 2,
 PyramidDrop's 8/16/24 of 32 at 2/3/4, the adaptive method's 2/6/10/14 of 32 at 1/2/3). Expectations come from
@@ -27,12 +28,15 @@ from vtc.tiny import (
     IMAGE_TOKEN_ID,
     QWEN_IMAGE_TOKEN_ID,
     llava_next_image_tokens,
+    llava_onevision_image_tokens,
     tiny_internvl,
     tiny_internvl_inputs,
     tiny_llava,
     tiny_llava_inputs,
     tiny_llava_next,
     tiny_llava_next_inputs,
+    tiny_llava_onevision,
+    tiny_llava_onevision_inputs,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
     tiny_qwen3_vl,
@@ -60,6 +64,9 @@ class Family:
 
 NEXT_SIZES = (((56, 112),), ((112, 112), (56, 56)))
 INTERNVL_TILES = ((3,), (1, 5))  # 48 | 16 + 80 tokens (16 per tile): the 1-tile image is at the in-LLM budget
+# A downsampled AnyRes image alone; two images of one sample (batch_num_images), one crop each.
+ONEVISION_SIZES = (((168, 168),), ((112, 112), (56, 56)))
+ANYRES = ("llava_next", "llava_onevision")
 QWEN_GRIDS = (((8, 12),), ((8, 8), (4, 6)))  # 24 | 16 + 6 tokens: the last image is below the budget
 FAMILIES = {
     "llava": Family(
@@ -72,6 +79,13 @@ FAMILIES = {
     "llava_next": Family(
         lambda **kw: tiny_llava_next(text_layers=DEPTH, **kw),
         lambda model: tiny_llava_next_inputs(model, image_sizes=NEXT_SIZES, seed=1),
+        IMAGE_TOKEN_ID,
+        12,
+        (24, 12),
+    ),
+    "llava_onevision": Family(
+        lambda **kw: tiny_llava_onevision(text_layers=DEPTH, **kw),
+        lambda model: tiny_llava_onevision_inputs(model, image_sizes=ONEVISION_SIZES, seed=1),
         IMAGE_TOKEN_ID,
         12,
         (24, 12),
@@ -140,6 +154,10 @@ def image_tokens(name: str, model) -> list[list[int]]:
         return [[llava_next_image_tokens(model, h, w) for h, w in sizes] for sizes in NEXT_SIZES]
     if name == "internvl":
         return [[16 * k for k in tiles] for tiles in INTERNVL_TILES]
+    if name == "llava_onevision":
+        return [
+            [llava_onevision_image_tokens(model, h, w, len(sizes) == 1) for h, w in sizes] for sizes in ONEVISION_SIZES
+        ]
     return [[h * w // 4 for h, w in grids] for grids in QWEN_GRIDS]
 
 
@@ -203,9 +221,11 @@ def alone(setup: Setup, b: int) -> dict:
     elif setup.name == "internvl":
         tiles = [sum(t) for t in INTERNVL_TILES]
         out["pixel_values"] = inputs["pixel_values"][sum(tiles[:b]) : sum(tiles[: b + 1])]
-    elif setup.name == "llava_next":
+    elif setup.name in ANYRES:
         out["pixel_values"] = inputs["pixel_values"][first : first + counts[b]]
         out["image_sizes"] = inputs["image_sizes"][first : first + counts[b]]
+        if "batch_num_images" in inputs:
+            out["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
     else:
         grids = inputs["image_grid_thw"]
         patches = grids.prod(-1).tolist()
@@ -254,7 +274,7 @@ def expected_visual(schedule: list[int], lm_tokens: list[list[int]], keep: int, 
 
 def language_model_tokens(setup: Setup, case: str) -> list[list[int]]:
     """Visual tokens of each image at the language model's input: all of them, or what divprune alone keeps
-    (LLaVA-NeXT: its budget counts content tokens and row newlines follow, see test_llava_next)."""
+    (LLaVA-NeXT, OneVision: the budget counts content tokens and row newlines follow, see test_llava_next)."""
     if case != COMPOSED:
         return setup.tokens
     with vtc.compress(setup.model, "divprune", keep=setup.family.composed[0]) as handle:
@@ -262,7 +282,7 @@ def language_model_tokens(setup: Setup, case: str) -> list[list[int]]:
     counts = [
         [len(k) for k in per_image(kept, sizes)] for kept, sizes in zip(handle.last_kept, setup.tokens, strict=True)
     ]
-    if setup.name != "llava_next":
+    if setup.name not in ANYRES:
         assert counts == [[min(setup.family.composed[0], n) for n in sizes] for sizes in setup.tokens]
     return counts
 

@@ -220,3 +220,85 @@ def test_llava_next_budgets_merges_and_newlines(tmp_path):
     assert per_crop.options == {"budget": "per_crop"} and per_crop.merge_into is None
     with pytest.raises(core.DemoError, match="larger than the 56 visual tokens"):
         core.compare(bundle, image, "what is in the image ?", "random", 57)
+
+
+class OnevisionProcessor:
+    """LlavaOnevisionProcessor's job for one image per prompt: its real image processor, the tokenizer, and each
+    <image> expanded to the tokens the model makes of the image. (The real processor needs torchvision for its video
+    processor, which these tests do without.)"""
+
+    def __init__(self, model, image_processor, tokenizer, chat_template: str):
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.chat_template = chat_template
+
+    def apply_chat_template(self, conversation, add_generation_prompt=True, tokenize=False):
+        return self.tokenizer.apply_chat_template(
+            conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def __call__(self, images, text, return_tensors="pt", **kwargs):
+        from transformers import BatchFeature
+
+        from vtc.tiny import llava_onevision_image_tokens
+
+        pixels = self.image_processor(images=images, return_tensors=return_tensors)
+        texts = []
+        for prompt, (height, width) in zip(text, pixels["image_sizes"].tolist(), strict=True):
+            count = llava_onevision_image_tokens(self.model, height, width)
+            texts.append(prompt.replace("<image>", " ".join(["<image>"] * count), 1))
+        return BatchFeature({**self.tokenizer(texts, return_tensors=return_tensors, **kwargs), **pixels})
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+
+def test_llava_onevision_budgets_merges_and_a_downsampled_overlay(tmp_path):
+    """A tiny LLaVA-OneVision whose 3 x 3 grid of crops is downsampled: the budget counts content tokens (newlines
+    excluded), the overlay's boxes tile the image, merge groups map through the content tokens, the AnyRes budget
+    option reaches vtc, and fastervlm takes the attention received (no [CLS] token)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from vtc.demo import render
+    from vtc.tiny import CHAT_TEMPLATE, save_tiny_llava, tiny_llava_onevision
+
+    try:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil as P,
+        )
+    except ImportError:
+        from transformers import LlavaOnevisionImageProcessor as P
+    save_tiny_llava(str(tmp_path))  # for its word-level tokenizer
+    model = tiny_llava_onevision(vocab_size=64)
+    side = model.config.vision_config.image_size
+    image_processor = P(size={"height": side, "width": side}, image_grid_pinpoints=model.config.image_grid_pinpoints)
+    processor = OnevisionProcessor(model, image_processor, AutoTokenizer.from_pretrained(tmp_path), CHAT_TEMPLATE)
+    bundle = core.Bundle("tiny-llava-onevision", model, processor)
+    assert bundle.crop_budgets and not bundle.has_cls
+    # Noise, so that every crop has its own features (vtc recovers a generate() call's packing from them).
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 150, 3), dtype=np.uint8))
+    assert core.budget_limit(bundle, image) == 46  # 16 base + 5 x 6 downsampled; 5 newlines besides
+    result = core.compare(
+        bundle, image, "what is in the image ?", "dart", 20, options={"merge": True}, max_new_tokens=2
+    )
+    assert result.tokens_before == 51 and len(result.kept) == result.tokens_after >= 20  # + the kept rows' newlines
+    newline = result.boxes.isnan().any(-1)
+    assert int(newline.sum()) == 5
+    grid = result.boxes[16:][~newline[16:]]
+    areas = (grid[:, 2] - grid[:, 0]) * (grid[:, 3] - grid[:, 1])
+    assert float(areas.sum()) == pytest.approx(geometry.union_area(grid))  # downsampled tokens tile, no overlap
+    targets = result.merge_into
+    assert targets is not None and (targets[newline] == -1).all()
+    assert set(targets[~newline].unique().tolist()) <= set(result.kept.tolist())
+    render.draw_overlay(result.image, result.boxes, result.kept, targets, scale=2, outline=True)
+    for budget in ("per_crop", "thumbnail"):
+        run = core.compare(bundle, image, "what is in the image ?", "random", 20, options={"budget": budget})
+        assert run.options == {"budget": budget} and run.merge_into is None
+    received = core.compare(
+        bundle, image, "what is in the image ?", "fastervlm", 20, options={"signal": "attention_received"}
+    )
+    assert "attention_received" in received.signals
+    with pytest.raises(core.DemoError, match="larger than the 46 visual tokens"):
+        core.compare(bundle, image, "what is in the image ?", "random", 47)
+    with pytest.raises(core.DemoError, match=r"no \[CLS\] token"):
+        core.compare(bundle, image, "what is in the image ?", "fastervlm", 20)

@@ -51,20 +51,24 @@ class LlavaNextAdapter(LlavaAdapter):
     layout = "anyres"
     options = ("budget",)
     watches_projector = True
+    feature_strategy = "default"  # the vision_feature_select_strategy of the released models, the one vtc supports
+    thumbnail_signal = "cls_attention"  # the base image's signal that budget="thumbnail" shares the crops' budget by
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         options = options or {}
         self.crop_budget = options.get("budget") or "global"
+        family = " / ".join(self.model_types.values())
         if self.crop_budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {list(BUDGETS)} for LLaVA-NeXT, got {self.crop_budget!r}")
+            raise ValueError(f"budget must be one of {list(BUDGETS)} for {family}, got {self.crop_budget!r}")
         super().__init__(model, method, budget, options, **layerwise)
-        if self.strategy != "default":
+        if self.strategy != self.feature_strategy:
             raise ValueError(
-                f"vtc supports LLaVA-NeXT with vision_feature_select_strategy 'default' (the released models), "
-                f"got {self.strategy!r}"
+                f"vtc supports {family} with vision_feature_select_strategy {self.feature_strategy!r} (the released "
+                f"models), got {self.strategy!r}"
             )
-        if self.crop_budget == "thumbnail" and "cls_attention" not in self.provides:
-            raise ValueError("budget='thumbnail' needs the vision tower's [CLS] attention, which this model lacks")
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.grid = (side, side)  # one crop's patch tokens
         self.tokens_per_image = None  # varies with each image's size
         self.patch_tokens = self.grid[0] * self.grid[1]  # tokens per crop (CLS dropped)
         self._image_sizes: list[tuple[int, int]] = []
@@ -72,6 +76,14 @@ class LlavaNextAdapter(LlavaAdapter):
         self._lengths: list[int] = []
         self._layout: list[tuple[torch.Tensor, int | None]] = []
         self._packings: dict[tuple[int, int], torch.Tensor] = {}
+
+    def check(self) -> None:
+        if self.crop_budget == "thumbnail" and self.thumbnail_signal not in self.provides:
+            what = {"cls_attention": "[CLS] attention", "attention_received": "attention received"}
+            raise ValueError(
+                f"budget='thumbnail' needs the vision tower's {what[self.thumbnail_signal]}, which this model lacks"
+            )
+        super().check()
 
     def _needed_vision_layers(self) -> list[int]:
         layers = super()._needed_vision_layers()
@@ -110,6 +122,20 @@ class LlavaNextAdapter(LlavaAdapter):
             packed, _ = self.base.pack_image_features([index], torch.tensor([size]), "default", image_newline=newline)
             self._packings[size] = packed[0][:, 0].long()
         return self._packings[size]
+
+    def pack_boxes(self, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[L, 4] box of each packed token of an image of ``size`` from ``boxes`` [crops, T, 4], the box of every
+        patch of the base image (crop 0) and of each crop; NaN rows for the newline tokens (vtc.geometry)."""
+        source = self.packing(size).cpu()
+        flat = boxes.flatten(0, 1)
+        if int(source.max()) >= flat.shape[0]:
+            raise ValueError(
+                f"the model packs {int(source.max()) // boxes.shape[1] + 1} crops for a {size} image but the processor "
+                f"settings give {boxes.shape[0]}; pass the processor the model was used with"
+            )
+        packed = flat[source.clamp(min=0)]
+        packed[source < 0] = float("nan")
+        return packed
 
     def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
         """Images in sequence order; also sets ``self._layout``: per image (source [L] as in :meth:`packing`,
@@ -166,13 +192,21 @@ class LlavaNextAdapter(LlavaAdapter):
         rows = self._packed_cls_rows(embeds, images) if self._cls_layers else None
         units = []
         for i, image in enumerate(images):
-            source = self._layout[i][0].to(image.positions.device)
             signals = {} if rows is None else {"cls_attention": rows[i][-1], "cls_attention_layers": rows[i]}
-            units += self._image_units(image.sample, image.positions, source, signals)
+            units += self._image_units(image.sample, image.positions, i, signals)
         return units
 
-    def _image_units(self, b: int, positions: torch.Tensor, source: torch.Tensor, signals: dict) -> list[Unit]:
-        crop = torch.where(source >= 0, source // self.patch_tokens, -1)  # -1 = newline
+    def _geometry(self, image: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop [L]: the crop each packed token of the image-th image comes from, 0 = base, -1 = newline; big
+        [H', W']: the crop of every token of its unpadded big grid), from ``self._layout``."""
+        source = self._layout[image][0]
+        crop = torch.where(source >= 0, source // self.patch_tokens, -1)
+        rows = int((crop == -1).sum())  # a newline ends every row of the big grid
+        return crop, crop[crop >= 1].view(rows, -1)
+
+    def _image_units(self, b: int, positions: torch.Tensor, image: int, signals: dict) -> list[Unit]:
+        crop, big = self._geometry(image)
+        crop = crop.to(positions.device)
         content = crop >= 0
         keep = self.budget.cap(int(content.sum()))
         if self.crop_budget == "global":
@@ -181,12 +215,12 @@ class LlavaNextAdapter(LlavaAdapter):
         present = [c for c in range(crops) if bool((crop == c).any())]  # unpadding can remove whole crops
         masks = [crop == c for c in present]
         sizes = [int(m.sum()) for m in masks]
-        grids = [self.grid] + [self._crop_grid(source, m) for m in masks[1:]]
+        grids = [self.grid] + [self._crop_grid(crop, m) for m in masks[1:]]
         if self.crop_budget == "per_crop" or len(present) == 1:
             counts = distribute(keep, sizes, sizes)
         else:
             base_count = distribute(keep, sizes, sizes)[0]
-            mass = self._thumbnail_share(source, crop, signals["cls_attention"])  # [crops - 1], crop c at c - 1
+            mass = self._thumbnail_share(big, signals[self.thumbnail_signal][crop == 0])  # crop c at c - 1
             share = [float(mass[c - 1]) for c in present[1:]]
             weights = [size * (1 + s - 1 / len(share)) for size, s in zip(sizes[1:], share, strict=True)]
             counts = [base_count] + distribute(keep - base_count, weights, sizes[1:])
@@ -201,28 +235,22 @@ class LlavaNextAdapter(LlavaAdapter):
         return Unit(b, positions[mask], keep, grid, picked)
 
     @staticmethod
-    def _crop_grid(source: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
-        """(rows, cols) of a crop's tokens left after unpadding (a rectangle of the big grid)."""
-        row = (source == -1).long().cumsum(0)  # big-grid row of each crop token (newline ends a row)
+    def _crop_grid(crop: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of a crop's packed tokens (a rectangle of the packed grid)."""
+        row = (crop == -1).long().cumsum(0)  # packed-grid row of each crop token (a newline ends a row)
         rows = int(row[mask].unique().numel())
         return rows, int(mask.sum()) // rows
 
-    def _big_grid(self, source: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
-        """[H', W'] crop id of every cell of the unpadded big grid."""
-        is_crop = crop >= 1
-        rows = int((source == -1).sum())
-        return crop[is_crop].view(rows, -1)
-
-    def _thumbnail_share(self, source: torch.Tensor, crop: torch.Tensor, cls_attention: torch.Tensor) -> torch.Tensor:
-        """[crops - 1] share of the base image's [CLS] attention that falls on each crop's area."""
-        big = self._big_grid(source, crop)  # the unpadded grid covers exactly the image, as the base does
+    def _thumbnail_share(self, big: torch.Tensor, thumb: torch.Tensor) -> torch.Tensor:
+        """[max crop id] share of the base image's signal ``thumb`` [T] (crop 0's tokens) that falls on each crop's
+        area of the unpadded big grid ``big`` [H', W'] (crop c at c - 1)."""
         height, width = self.grid
-        thumb = cls_attention[crop == 0].view(height, width)
-        # Crop id under the centre of every thumbnail token.
+        thumb = thumb.view(height, width)
+        # Crop id under the centre of every thumbnail token (the unpadded grid covers exactly the image, as the base).
         ys = ((torch.arange(height) + 0.5) * big.shape[0] / height).long()
         xs = ((torch.arange(width) + 0.5) * big.shape[1] / width).long()
         owner = big[ys.unsqueeze(1), xs.unsqueeze(0)].to(thumb.device) - 1  # [H, W] in 0..crops-2
-        crops = int(crop.max())
+        crops = int(big.max())
         mass = torch.zeros(crops, device=thumb.device).index_add_(0, owner.flatten(), thumb.flatten().float())
         return mass / mass.sum().clamp(min=1e-12)
 
@@ -246,16 +274,16 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _complete_keep(self, keep: torch.Tensor, images: list[Image]) -> torch.Tensor:
         """Keep each newline exactly when its row keeps a token."""
-        for image, (source, _) in zip(images, self._layout, strict=True):
+        for i, image in enumerate(images):
             b, positions = image.sample, image.positions
-            source = source.to(positions.device)
-            newline = source == -1
+            crop = self._geometry(i)[0].to(positions.device)
+            newline = crop == -1
             if not bool(newline.any()):
                 continue
             row = newline.long().cumsum(0) - newline.long()  # row of each token; a newline ends its row
             # Rows are made of crop tokens; only an image without crops has its newline after the base.
-            crops = int(source.max()) >= self.patch_tokens or int(newline.sum()) > 1
-            members = (source >= self.patch_tokens) if crops else (source >= 0)
+            crops = int(crop.max()) >= 1 or int(newline.sum()) > 1
+            members = (crop >= 1) if crops else (crop >= 0)
             kept = keep[b, positions] & members
             row_kept = torch.zeros(int(newline.sum()), dtype=torch.bool, device=keep.device)
             row_kept[row[kept]] = True

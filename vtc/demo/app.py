@@ -211,7 +211,10 @@ def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Bl
                     )
                     layer = gr.Number(2, precision=0, label="drop at layer (fastv, dart_llm)", visible=visible["layer"])
                     next_budget = gr.Dropdown(
-                        list(llava_next.BUDGETS), value="global", label="AnyRes budget (LLaVA-NeXT)", visible=False
+                        list(llava_next.BUDGETS),
+                        value="global",
+                        label="AnyRes budget (LLaVA-NeXT, OneVision)",
+                        visible=False,
                     )
                 with gr.Accordion("Run settings", open=False):
                     max_new_tokens = gr.Slider(1, 256, value=24, step=1, label="max new tokens")

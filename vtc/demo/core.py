@@ -54,7 +54,7 @@ class Bundle:
 
     @property
     def crop_budgets(self) -> bool:
-        """Whether the family shares a budget over an image's crops (LLaVA-NeXT's ``budget=`` option)."""
+        """Whether the family shares a budget over an image's crops (LLaVA-NeXT's, OneVision's ``budget=``)."""
         return "budget" in self.adapter.options
 
     @property

@@ -48,8 +48,8 @@ def build_parser(prog: str = "python -m vtc.eval") -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's")
     parser.add_argument(
         "--budget",
-        help="how keep is shared by an image's parts: LLaVA-NeXT's crops (global, per_crop, thumbnail), InternVL's "
-        "tiles (global, per_crop)",
+        help="how keep is shared by an image's parts: LLaVA-NeXT's and OneVision's crops (global, per_crop, "
+        "thumbnail), InternVL's tiles (global, per_crop)",
     )
     parser.add_argument("--device", help="default: this process's accelerator (cuda:N under accelerate) or cpu")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, ...")
