@@ -4,10 +4,11 @@ Offline by default: the shipped organism ``shapes-llava`` (a small LLaVA trained
 per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six questions of a synthetic test scene,
 uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
 speed-up, and the answers (marked against the truth).
-``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` use
-random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack), whose output is token
-ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor);
-with ``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
+``--model tiny`` / ``tiny-llava-next`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` /
+``tiny-qwen3-5`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes, M-RoPE, DeepStack, a
+hybrid linear-attention language model), whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model
+(from_pretrained + AutoProcessor); with ``--image PATH`` it answers ``--prompt`` about that image, without it the
+scene's questions.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _interleaved_median_ms(fn, attachers: list[Callable[[], Any]], repeats: int)
     return [statistics.median(values) for values in times]
 
 
-TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+TINY_MODELS = ("tiny", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-5")
 
 
 def _tiny(name: str, seed: int):
@@ -67,6 +68,8 @@ def _tiny(name: str, seed: int):
         return model, tiny.tiny_llava_next_inputs(model, image_sizes=(((672, 672),),), seed=seed)
     if name == "tiny-qwen3-vl":  # 16 px patches: a 512 x 768 image, 32 x 48 patches, 384 visual tokens
         model = tiny.tiny_qwen3_vl(vision_hidden_size=shape["hidden_size"], **shape)
+    elif name == "tiny-qwen3-5":  # the same image; text layers 0-2 linear attention, 3 full attention
+        model = tiny.tiny_qwen3_5(vision_hidden_size=shape["hidden_size"], **shape)
     else:  # 14 px patches: a 448 x 672 image
         model = (tiny.tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny.tiny_qwen2_5_vl)(**shape)
     return model, tiny.tiny_qwen_inputs(model, image_grids=(((32, 48),),), seed=seed)
@@ -129,6 +132,13 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error(f"--methods: {error}")
         if name != "none":  # the uncompressed row is always shown
             methods.append((spec, name, options))
+    if args.model == "tiny-qwen3-5":
+        from vtc import tiny
+
+        try:
+            tiny.qwen3_5_classes()
+        except ImportError as error:  # transformers 4.57
+            parser.error(f"--model tiny-qwen3-5: {error}")
     image = None
     if args.image is not None:
         if args.model in TINY_MODELS:
