@@ -28,7 +28,16 @@ def test_registries():
     assert vtc.list_methods("pre") == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
     assert vtc.list_methods("llm") == ["adaptive", "dart_llm", "fastv", "pdrop"]
     assert vtc.list_methods() == sorted(vtc.list_methods("pre") + vtc.list_methods("llm"))
-    assert vtc.list_models() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+    assert vtc.list_models() == [
+        "llava",
+        "llava_next",
+        "qwen2_5_vl",
+        "qwen2_vl",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ]
     for name in vtc.list_methods("pre"):
         method = vtc.get_method(name)
         assert method.name == name
