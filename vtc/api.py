@@ -180,8 +180,8 @@ def compress(
         ratio: fraction of visual tokens kept per image, in (0, 1] (round(ratio * N), at least 1).
         budget: LLaVA-NeXT only: how ``keep`` is shared by an image's base and AnyRes crops, "global"
             (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`).
-        cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL): an auxiliary open_clip CLIP (a model name such as
-            "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
+        cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL / Qwen3.5): an auxiliary open_clip CLIP (a model name
+            such as "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
             resampled onto the visual-token grid, for methods that need ``cls_attention``.
         **method_options: the method's fields, e.g. ``merge=True`` for "dart".
 
