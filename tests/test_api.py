@@ -35,6 +35,8 @@ def test_registries():
         "llava_onevision",
         "qwen2_5_vl",
         "qwen2_vl",
+        "qwen3_5",
+        "qwen3_5_moe",
         "qwen3_vl",
         "qwen3_vl_moe",
     ]

@@ -1,6 +1,6 @@
 """Attention probes against each supported class's eager attention weights, and the refusal of any other class.
 
-The Qwen2-VL / Qwen2.5-VL vision probe is checked against the vision blocks' eager weights in
+The Qwen vision probe (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) is checked against the vision blocks' eager weights in
 tests/adapters/test_qwen2_vl.py::test_attention_received_equals_the_models_attention_weights.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     CLIPVisionConfig,
@@ -251,3 +252,16 @@ def test_a_vision_attention_class_without_a_probe_is_refused_at_attach_time():
     with vtc.compress(model, "dart", keep=4) as handle:  # needs no vision attention
         model(**tiny_llava_inputs(model))
     assert handle.last_kept[0].numel() == 4
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Qwen3_5ForConditionalGeneration"), reason="Qwen3.5 needs transformers 5")
+def test_the_gated_qwen3_5_attention_has_no_decoder_probe():
+    """Qwen3.5's full-attention layers project a query and an output gate together (q_proj is twice as wide): a
+    Llama-style probe would score them wrong, so there is none (its in-LLM methods are refused earlier, at attach)."""
+    from vtc.tiny import tiny_qwen3_5
+
+    model = tiny_qwen3_5()
+    attention = next(layer.self_attn for layer in model.model.language_model.layers if hasattr(layer, "self_attn"))
+    assert attention.q_proj.out_features == 2 * model.config.text_config.num_attention_heads * attention.head_dim
+    with pytest.raises(ValueError, match=r"cannot compute a test on attention class .*Qwen3_5Attention"):
+        probe(DecoderAttention, attention, "a test")

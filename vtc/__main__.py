@@ -5,10 +5,10 @@ per image; ``--model shapes-qwen2vl`` for the Qwen2-VL one) answers the six ques
 uncompressed and with every method; each row shows the visual tokens before -> after, the median prefill time and
 speed-up, and the answers (marked against the truth).
 ``--model tiny`` / ``tiny-llava-next`` / ``tiny-llava-onevision`` / ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl`` /
-``tiny-qwen3-vl`` / ``tiny-internvl`` use random-weight models built from configs (LLaVA-1.5's 576 tokens, AnyRes,
-AnyRes downsampled, M-RoPE, DeepStack, InternVL's tiles), whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a
-real model (from_pretrained + AutoProcessor); with ``--image PATH`` it answers ``--prompt`` about that image, without
-it the scene's questions.
+``tiny-qwen3-vl`` / ``tiny-qwen3-5`` / ``tiny-internvl`` use random-weight models built from configs (LLaVA-1.5's 576
+tokens, AnyRes, AnyRes downsampled, M-RoPE, DeepStack, a hybrid linear-attention language model, InternVL's tiles),
+whose output is token ids. ``--model DIR_OR_HUB_ID`` loads a real model (from_pretrained + AutoProcessor); with
+``--image PATH`` it answers ``--prompt`` about that image, without it the scene's questions.
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error(f"--methods: {error}")
         if name != "none":  # the uncompressed row is always shown
             methods.append((spec, name, options))
+    if args.model == "tiny-qwen3-5":
+        try:
+            tiny.qwen3_5_classes()
+        except ImportError as error:  # transformers 4.57
+            parser.error(f"--model tiny-qwen3-5: {error}")
     image = None
     if args.image is not None:
         if args.model in tiny.TINY_MODELS:

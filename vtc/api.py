@@ -183,8 +183,8 @@ def compress(
             (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`,
             :mod:`vtc.adapters.llava_onevision`); InternVL (tiles and thumbnail): "global" (default) or "per_crop"
             (see :mod:`vtc.adapters.internvl`).
-        cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL): an auxiliary open_clip CLIP (a model name such as
-            "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
+        cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL / Qwen3.5): an auxiliary open_clip CLIP (a model name
+            such as "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
             resampled onto the visual-token grid, for methods that need ``cls_attention``.
         **method_options: the method's fields, e.g. ``merge=True`` for "dart".
 

@@ -124,9 +124,17 @@ class VisionReceived(Probe):
 
 
 class QwenVisionReceived(Probe):
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention (fused qkv, 2-D rotary embedding, chunks by ``cu_seqlens``)."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 vision attention (fused qkv, 2-D rotary embedding, chunks by
+    ``cu_seqlens``)."""
 
-    classes = ("VisionAttention", "Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")
+    classes = (
+        "VisionAttention",
+        "Qwen2_5_VLVisionAttention",
+        "Qwen3VLVisionAttention",
+        "Qwen3VLMoeVisionAttention",
+        "Qwen3_5VisionAttention",
+        "Qwen3_5MoeVisionAttention",
+    )
 
     def received(self, hidden: torch.Tensor, cos_sin: tuple, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """[seq] mean softmax attention each patch receives from the queries of its own chunk (image), mean over

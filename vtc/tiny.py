@@ -1,7 +1,8 @@
 """Tiny random-weight models built from configs: offline, seconds on a CPU, real transformers classes.
 
 LLaVA-1.5, LLaVA-NeXT (AnyRes), LLaVA-OneVision (AnyRes with downsampling, SigLIP, Qwen2), Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL (dense and MoE) and InternVL. Used by the tests, the benchmarks and ``python -m vtc``.
+Qwen3-VL and Qwen3.5 (dense and MoE; Qwen3.5 on transformers 5.x only) and InternVL. Used by the tests, the benchmarks
+and ``python -m vtc``.
 They have the real token geometry (a 336 px CLIP-style tower with 14 px patches gives LLaVA-1.5's 576 visual
 tokens per image) but random weights, so they exercise every code path without downloading anything.
 """
@@ -613,6 +614,93 @@ def tiny_qwen3_vl_config(
     return config
 
 
+def qwen3_5_classes(moe: bool = False) -> tuple[type, type]:
+    """(config class, model class) of Qwen3.5 (``moe=True``: Qwen3.5-MoE), or an ImportError saying that this
+    transformers has none (4.57)."""
+    import transformers
+
+    prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    names = (f"{prefix}Config", f"{prefix}ForConditionalGeneration")
+    if not all(hasattr(transformers, name) for name in names):
+        raise ImportError(f"Qwen3.5 needs transformers 5 ({names[1]}); this is transformers {transformers.__version__}")
+    return getattr(transformers, names[0]), getattr(transformers, names[1])
+
+
+def tiny_qwen3_5_config(
+    *,
+    hidden_size: int = 64,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 3,
+    text_layers: int = 4,
+    heads: int = 4,
+    vocab_size: int = 256,
+    patch_size: int = 16,
+    temporal_patch_size: int = 2,
+    spatial_merge_size: int = 2,
+    full_attention_interval: int = 4,
+    intermediate_size: int | None = None,
+    moe: bool = False,
+    attn_implementation: str = "sdpa",
+):
+    """A Qwen3.5-shaped config: Qwen3-VL's vision tower without DeepStack (16 px patches, 2x2 patch merger, learned
+    position embeddings) and a hybrid text model: every ``full_attention_interval``-th decoder layer full attention
+    (gated output, QK-norm, interleaved M-RoPE on half of the head dim; the real models rotate a quarter of 256), the
+    others Gated DeltaNet linear attention (convolution of width 4, then a gated delta-rule recurrence).
+    ``moe=True``: Qwen3.5-MoE, 4 experts of which 2 per token, plus a shared expert. transformers 5.x only."""
+    config_class, _ = qwen3_5_classes(moe)
+    if text_layers < full_attention_interval:
+        raise ValueError(
+            f"text_layers={text_layers} < full_attention_interval={full_attention_interval}: no full-attention layer"
+        )
+    intermediate = intermediate_size or 2 * hidden_size
+    vision = {
+        "depth": vision_layers,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": 2 * vision_hidden_size,
+        "num_heads": max(1, heads // 2),
+        "patch_size": patch_size,
+        "temporal_patch_size": temporal_patch_size,
+        "spatial_merge_size": spatial_merge_size,
+        "out_hidden_size": hidden_size,
+        "num_position_embeddings": 64,  # an 8 x 8 learned grid, interpolated to each image
+        "initializer_range": 0.2,
+    }
+    head_dim = 2 * hidden_size // heads
+    frequencies = head_dim // 4  # rotary on half of the head dim: head_dim / 4 frequencies, interleaved t h w t h w ...
+    mrope_section = [frequencies - (frequencies + 1) // 3 - frequencies // 3, (frequencies + 1) // 3, frequencies // 3]
+    text = qwen_text_config(hidden_size, text_layers, heads, vocab_size, intermediate, None)
+    text["rope_parameters"] = {  # as the real [11, 11, 10] of 32 frequencies: [3, 3, 2] of 8
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_interleaved": True,
+        "mrope_section": mrope_section,
+    }
+    text.update(
+        head_dim=head_dim,
+        layer_types=[
+            "full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+            for i in range(text_layers)
+        ],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=hidden_size // heads,
+        linear_value_head_dim=hidden_size // heads,
+        linear_num_key_heads=max(1, heads // 2),
+        linear_num_value_heads=heads,
+    )
+    if moe:
+        del text["intermediate_size"]
+        text.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=intermediate // 2,
+            shared_expert_intermediate_size=intermediate // 2,
+        )
+    config = config_class(vision_config=vision, text_config=text, **_qwen_special_tokens())
+    config._attn_implementation = attn_implementation
+    return config
+
+
 def _finish_qwen(model: _QwenModel) -> _QwenModel:
     """Eval mode, special-token logits zeroed so greedy decoding never emits them, pad id for generate()."""
     model.eval()
@@ -654,6 +742,17 @@ def tiny_qwen3_vl(
     config = tiny_qwen3_vl_config(attn_implementation=attn_implementation, **config_options)
     torch.manual_seed(seed)
     model_class = Qwen3VLMoeForConditionalGeneration if config_options.get("moe") else Qwen3VLForConditionalGeneration
+    return _finish_qwen(model_class(config).to(dtype))
+
+
+def tiny_qwen3_5(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_options
+) -> torch.nn.Module:
+    """A random-weight Qwen3_5ForConditionalGeneration (``moe=True``: Qwen3_5Moe...) in eval mode (see
+    ``tiny_qwen2_vl``; inputs from ``tiny_qwen_inputs``). transformers 5.x only (an ImportError on 4.57)."""
+    config = tiny_qwen3_5_config(attn_implementation=attn_implementation, **config_options)
+    _, model_class = qwen3_5_classes(config_options.get("moe", False))
+    torch.manual_seed(seed)
     return _finish_qwen(model_class(config).to(dtype))
 
 
@@ -893,6 +992,7 @@ TINY_MODELS = (
     "tiny-qwen2-vl",
     "tiny-qwen2.5-vl",
     "tiny-qwen3-vl",
+    "tiny-qwen3-5",
     "tiny-internvl",
 )
 
@@ -916,6 +1016,8 @@ def tiny_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, tor
         return model, tiny_internvl_inputs(model, tiles=((5,),), seed=seed)
     if name == "tiny-qwen3-vl":  # 16 px patches: a 512 x 768 image, 32 x 48 patches, 384 visual tokens
         model = tiny_qwen3_vl(vision_hidden_size=shape["hidden_size"], **shape)
+    elif name == "tiny-qwen3-5":  # the same image; text layers 0-2 linear attention, 3 full attention
+        model = tiny_qwen3_5(vision_hidden_size=shape["hidden_size"], **shape)
     elif name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):  # 14 px patches: a 448 x 672 image
         model = (tiny_qwen2_vl if name == "tiny-qwen2-vl" else tiny_qwen2_5_vl)(**shape)
     else:

@@ -1,9 +1,12 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL adapters on tiny random models: images of any size, M-RoPE, attention received.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 adapters on tiny random models: images of any size, M-RoPE, attention
+received.
 
-Every test runs on all three families. The Qwen2.5-VL model has window attention in its vision tower and its last
+Every test runs on all four families. The Qwen2.5-VL model has window attention in its vision tower and its last
 full-attention block is not the last block (blocks 0 and 2 of 4), so the signal block and the window order
 both matter. The Qwen3-VL model adds DeepStack features after its first decoder layer (what is particular to it,
-and its MoE variant, is in test_qwen3_vl.py); merging methods are refused there.
+and its MoE variant, is in test_qwen3_vl.py); merging methods are refused there. The Qwen3.5 model has a hybrid
+language model (linear-attention layers with a recurrent state, one full-attention layer in four; what is
+particular to it is in test_qwen3_5.py); it exists from transformers 5 on and is skipped on 4.57.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from tests import helpers
 from tests.helpers import count_hooks, greedy_generate
 from vtc.methods.uniform import lattice
 from vtc.registry import METHODS
-from vtc.tiny import QWEN_IMAGE_TOKEN_ID, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl, tiny_qwen_inputs
+from vtc.tiny import QWEN_IMAGE_TOKEN_ID, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_qwen_inputs
 
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
+QWEN3_5 = hasattr(transformers, "Qwen3_5ForConditionalGeneration")
 STEPS = 5
 K = 8  # visual tokens kept per image
 # Sample 0: one image of 8x12 patches (24 tokens). Sample 1: 8x8 and 4x6 (16 + 6 tokens, the second below K).
@@ -34,8 +38,13 @@ FAMILIES = {
     "qwen2_vl": lambda **options: tiny_qwen2_vl(**options),
     "qwen2_5_vl": lambda **options: tiny_qwen2_5_vl(vision_layers=4, fullatt_block_indexes=[0, 2], **options),
     "qwen3_vl": lambda **options: tiny_qwen3_vl(**options),
+    "qwen3_5": lambda **options: tiny_qwen3_5(**options),
 }
+SKIPPED = {"qwen3_5": None if QWEN3_5 else f"Qwen3.5 is not in transformers {transformers.__version__}"}
 DEEPSTACK = {"qwen3_vl"}  # merging is refused there (test_qwen3_vl.py)
+# Qwen3-VL's vision tower: learned position embeddings; video prompts with timestamps, which tiny_qwen_inputs does not
+# lay out (test_qwen3_vl.py and test_qwen3_5.py check the video refusal).
+QWEN3_VISION = {"qwen3_vl", "qwen3_5"}
 RECORDING = "vtc_test_recording"
 # Attention tests: two images of one size (one batched method call) between images of other sizes.
 ATTENTION_GRIDS = (((8, 12), (8, 8)), ((8, 8), (4, 6)))
@@ -53,7 +62,13 @@ CASES = [pytest.param(name, {}, id=name) for name in vtc.list_methods("pre") if 
 ]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(f, marks=pytest.mark.skipif(bool(SKIPPED.get(f)), reason=str(SKIPPED.get(f))))
+        for f in sorted(FAMILIES)
+    ],
+)
 def family(request):
     return request.param
 
@@ -395,7 +410,7 @@ def received_reference(model, inputs) -> list[torch.Tensor]:
     patches = inputs["image_grid_thw"].prod(-1).tolist()
     assert [w.shape[-1] for w in weights] == patches  # one full-attention chunk per image
     received = torch.cat([w.mean(dim=(0, 1)) for w in weights])  # [seq] in block order
-    if model.config.model_type in DEEPSTACK:  # learned position embeddings join the patches: no rows to match, and
+    if model.config.model_type in QWEN3_VISION:  # learned position embeddings join the patches: no rows to match, and
         order = torch.arange(len(received))  # no windows either, so block order is patch order
     else:
         same = (seen["block"].unsqueeze(1) == seen["patches"].unsqueeze(0)).all(-1)  # [seq, seq]
@@ -482,8 +497,8 @@ def test_cls_methods_without_a_substitute_are_refused(model, name):
 
 @pytest.mark.parametrize("via", ["forward", "generate"])
 def test_video_is_refused_before_the_language_model_runs(model, batch, via, family):
-    if family in DEEPSTACK:
-        pytest.skip("tiny_qwen_inputs lays out Qwen2-VL's video prompts; test_qwen3_vl.py checks the refusal")
+    if family in QWEN3_VISION:
+        pytest.skip("tiny_qwen_inputs lays out Qwen2-VL's video prompts; test_qwen3_vl.py / test_qwen3_5.py check it")
     video = tiny_qwen_inputs(model, image_grids=(((8, 8),),), video_grids=(((2, 4, 4),),), seed=4)
     assert "pixel_values_videos" in video
     before = logits(model, video)
@@ -513,7 +528,7 @@ def test_labels_are_refused(model, batch):
 def test_cache_continuation_and_short_decode_masks_are_refused(model, batch):
     with vtc.compress(model, "divprune", keep=K), torch.no_grad():
         cache = model(**batch, use_cache=True).past_key_values
-        length = cache.get_seq_length()
+        length = int(cache.get_seq_length())  # Qwen3.5's is a tensor its cache increments in place
         with recording_calls(model.model.language_model.layers[0]) as calls:
             with pytest.raises(ValueError, match="continues an existing KV cache"):
                 model(**batch, past_key_values=cache)

@@ -151,6 +151,10 @@ def total_flops(config: Any, tokens_per_layer: list[float]) -> float:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size
+    mlp = getattr(config, "intermediate_size", None)
+    if mlp is None:  # a MoE config without a dense width (Qwen3.5-MoE): the active experts' and the shared expert's
+        mlp = config.num_experts_per_tok * config.moe_intermediate_size
+        mlp += getattr(config, "shared_expert_intermediate_size", None) or 0
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * mlp
     per_pair = heads * head_dim  # per token: QK^T and AV over ~tokens/2 keys each (causal)
     return math.fsum(2.0 * t * (per_token + per_pair * t) for t in tokens_per_layer)
