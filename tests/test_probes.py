@@ -17,6 +17,7 @@ from transformers import (
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -64,6 +65,9 @@ DECODERS = {
     "mistral": lambda: causal_lm(MistralConfig(**TEXT, **HEADS)),
     "qwen2": lambda: causal_lm(Qwen2Config(**TEXT, **HEADS)),
     "qwen3 (QK-norm)": lambda: causal_lm(Qwen3Config(**TEXT, **HEADS, head_dim=8)),
+    "qwen3_moe (QK-norm; InternVL3.5's MoE LMs)": lambda: causal_lm(
+        Qwen3MoeConfig(**TEXT, **HEADS, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    ),
     "qwen2_vl (M-RoPE)": lambda: tiny_qwen2_vl(attn_implementation="eager"),
     "qwen2_5_vl (M-RoPE)": lambda: tiny_qwen2_5_vl(attn_implementation="eager"),
     "qwen3_vl (QK-norm, interleaved M-RoPE)": lambda: tiny_qwen3_vl(attn_implementation="eager"),

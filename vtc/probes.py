@@ -171,6 +171,7 @@ class DecoderAttention(Probe):
         "Qwen2VLAttention",
         "Qwen2_5_VLAttention",
         "Qwen3Attention",
+        "Qwen3MoeAttention",
         "Qwen3VLTextAttention",
         "Qwen3VLMoeTextAttention",
     )

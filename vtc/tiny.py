@@ -839,10 +839,12 @@ def tiny_internvl_config(
     heads: int = 4,
     use_qk_norm: bool = False,
     vision_feature_layer: int = -1,
+    sliding_window: int | None = None,
     attn_implementation: str = "sdpa",
 ) -> InternVLConfig:
     """An InternVL3-shaped config: an InternViT tower with a [CLS] token on ``image_size`` px tiles, pixel shuffle
-    (2 x 2 patches into one token, ``(image_size / patch_size / 2)^2`` tokens per tile), a Qwen2 language model."""
+    (2 x 2 patches into one token, ``(image_size / patch_size / 2)^2`` tokens per tile), a Qwen2 language model
+    (``sliding_window``: its even layers attend to that many tokens, as InternVL3.5-GPT-OSS's)."""
     vision = InternVLVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=2 * vision_hidden_size,
@@ -868,6 +870,9 @@ def tiny_internvl_config(
         "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID,
     }
+    if sliding_window is not None:
+        text["use_sliding_window"], text["sliding_window"] = True, sliding_window
+        text["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)]
     tokens = (image_size // patch_size // 2) ** 2
     config = InternVLConfig(
         vision_config=vision,

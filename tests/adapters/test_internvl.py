@@ -65,13 +65,14 @@ def per_tile(kept: torch.Tensor, tiles: int) -> list[int]:
 
 
 @torch.no_grad()
-def reference_cls_mass(model, pixel_values) -> torch.Tensor:
-    """[tiles, T] the [CLS] query's attention at the last vision layer, from the eager attention weights (a separate
-    eager copy of the tower), summed over each token's 2 x 2 patches found by their coordinates."""
-    eager = tiny_internvl(attn_implementation="eager")
+def reference_cls_mass(model, pixel_values, layer: int = -1, **options) -> torch.Tensor:
+    """[tiles, T] the [CLS] query's attention at vision layer ``layer``, from the eager attention weights (a separate
+    eager copy of the tower, built with ``options``), summed over each token's 2 x 2 patches found by their
+    coordinates."""
+    eager = tiny_internvl(attn_implementation="eager", **options)
     eager.load_state_dict(model.state_dict())
     weights = []
-    last = eager.model.vision_tower.encoder.layer[-1].attention
+    last = eager.model.vision_tower.encoder.layer[layer].attention
     hook = last.register_forward_hook(lambda module, args, output: weights.append(output[1]))
     try:
         eager.model.vision_tower(pixel_values=pixel_values)
@@ -161,6 +162,84 @@ def test_fastervlm_keeps_the_tokens_holding_the_most_cls_attention(model, batch,
         else:
             expected = torch.cat([t * T + image[t * T : (t + 1) * T].topk(c).indices for t, c in enumerate(counts)])
         assert chosen.tolist() == expected.sort().values.tolist()
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="transformers 4.57 reads only layer -1")
+def test_another_feature_layer_and_qk_norm_choose_by_that_layers_cls_attention():
+    """vision_feature_layer=-2 of a 3-layer tower is the output of layer 1: its [CLS] row (through the QK-norm of an
+    InternViT-6B-style tower) decides."""
+    options = {"vision_feature_layer": -2, "use_qk_norm": True}
+    model = tiny_internvl(**options)
+    inputs = tiny_internvl_inputs(model, tiles=((3,),), seed=4)
+    mass = reference_cls_mass(model, inputs["pixel_values"], layer=1, **options).flatten()
+    with vtc.compress(model, "fastervlm", keep=KEEP) as handle:
+        logits(model, inputs)
+    assert handle.last_kept[0].tolist() == mass.topk(KEEP).indices.sort().values.tolist()
+    assert handle.stats["signal_sources"]["cls_attention"] == "vision layer 1 ([CLS] query row)"
+
+
+def test_uniform_spreads_a_global_budget_over_the_tiles_stacked():
+    """4 tiles of 4 x 4 tokens are a 16 x 4 grid: 16 tokens are an 8 x 2 lattice, rows 1, 3, ..., 15 and columns 1, 3:
+    tokens 5, 7, 13, 15 of every tile (not the square 8 x 8 grid 64 tokens would otherwise be taken for)."""
+    model = tiny_internvl()
+    inputs = tiny_internvl_inputs(model, tiles=((4,),), seed=4)
+    with vtc.compress(model, "uniform", keep=16) as handle:
+        logits(model, inputs)
+    assert handle.last_kept[0].tolist() == [t * T + i for t in range(4) for i in (5, 7, 13, 15)]
+
+
+@pytest.mark.parametrize(("name", "amount"), [("divprune", {"ratio": 0.25}), ("fastv", {"keep": KEEP})])
+def test_a_text_only_row_is_no_image(name, amount):
+    model = tiny_internvl(text_layers=4)
+    tiles = ((3,), ())
+    inputs = tiny_internvl_inputs(model, tiles=tiles, seed=2)
+    options = {"layer": 1} if name == "fastv" else {}
+    with vtc.compress(model, name, **amount, **options) as handle:
+        batched = greedy_generate(model, inputs, STEPS)
+        assert handle.stats["images"] == [1, 0]
+        assert handle.stats["visual_tokens_after"] == [KEEP, 0]
+        for b in range(2):
+            alone = sample(inputs, b, tiles)
+            if b == 1:
+                del alone["pixel_values"]
+            assert torch.equal(greedy_generate(model, alone, STEPS), batched[b : b + 1])
+
+
+def test_a_sliding_window_model_is_compressed_only_within_its_window():
+    """Sliding-window layers attend to the last W slots of the cache; a cache vtc shortened reaches further back once
+    a sequence is longer than W. Within W, removal equals masking; beyond it, the prompt (before the language model
+    runs) or the decode step that gets there is refused."""
+    inputs = sample(tiny_internvl_inputs(tiny_internvl(), tiles=((3,),), seed=1), 0, ((3,),))
+    length = inputs["input_ids"].shape[1]  # 61
+    model = tiny_internvl(text_layers=4, sliding_window=length + 2)
+    with vtc.compress(model, "fastervlm", keep=KEEP) as handle:
+        compressed = logits(model, inputs)[:, -1]
+        kept = handle.last_kept[0]
+        greedy_generate(model, inputs, 3)  # the model runs over 63 tokens at most (the last new one is not fed back)
+        with pytest.raises(ValueError, match=rf"sliding-window attention over {length + 2} tokens and this sequence"):
+            greedy_generate(model, inputs, 4)  # the third new token would be the 64th to run through it
+    visual = (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().squeeze(1)
+    dropped = torch.ones(len(visual), dtype=torch.bool)
+    dropped[kept] = False
+    mask = inputs["attention_mask"].clone()
+    mask[0, visual[dropped]] = 0
+    masked = logits(model, {**inputs, "attention_mask": mask, "position_ids": torch.arange(length)[None]})[:, -1]
+    torch.testing.assert_close(compressed, masked, rtol=1e-5, atol=1e-5)
+    short = tiny_internvl(text_layers=4, sliding_window=length - 1)
+    with vtc.compress(short, "divprune", keep=KEEP) as handle:
+        with pytest.raises(ValueError, match=rf"over {length - 1} tokens and this sequence reaches {length}"):
+            logits(short, inputs)
+        text = {k: v[:, -8:] for k, v in inputs.items() if k != "pixel_values"}
+        logits(short, text)  # a text-only call still runs
+        assert handle.stats["images"] == [0]
+
+
+def test_a_call_with_another_feature_layer_is_refused(model, batch):
+    with vtc.compress(model, "fastervlm", keep=KEEP) as handle:
+        with pytest.raises(ValueError, match=r"this call passes vision_feature_layer=-2, but vtc reads"):
+            logits(model, {**batch, "vision_feature_layer": -2})
+        logits(model, batch)
+        assert handle.stats["visual_tokens_after"] == [KEEP, 2 * KEEP]
 
 
 def test_ratio_counts_each_images_tokens(model, batch):

@@ -160,6 +160,7 @@ class Adapter(ABC):
         self.image_token_id = token if token is not None else config.image_token_index
         self._signature = inspect.signature(base.forward)
         self._language_arguments = declared_arguments(base.language_model)  # what dropping must not leave long
+        self.sliding_window = sliding_window(base.language_model.config)
         self.method = method
         self.budget = budget
         self.layerwise = layerwise
@@ -341,6 +342,8 @@ class Adapter(ABC):
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._refuse_fixed_cache(cache)
+            if self._visual is not None and bool(self._visual.any()):
+                self._refuse_beyond_window(embeds.shape[1])
             self._dropped = None
             self._prefill = _Prefill(self._token_counts(kwargs, embeds).tolist())
             try:
@@ -367,9 +370,13 @@ class Adapter(ABC):
                 "keeps the state of one generation per attached model. Run generations one after another, or give "
                 "each thread its own model copy with its own vtc.compress"
             )
+        dropped = self._dropped
+        if dropped is not None and dropped.cache is not None and dropped.cache() is cache:
+            self._refuse_beyond_window(dropped.original_length + past - dropped.source.shape[1] + embeds.shape[1])
+        elif self.dropper is not None and self.dropper.holds_state_of(cache):
+            self._refuse_beyond_window(past + embeds.shape[1])  # in-LLM: layer 0 holds every token
         if self.dropper is not None:
             self.dropper.decoding(cache)
-        dropped = self._dropped
         if dropped is None or dropped.cache is None or dropped.cache() is not cache:
             return None
         return args, remap_decode(kwargs, dropped, past, embeds.shape[1])
@@ -408,6 +415,21 @@ class Adapter(ABC):
         if dropped is not None and dropped.cache is not None and dropped.cache() is cache:
             return True
         return self.dropper is not None and self.dropper.holds_state_of(cache)
+
+    def _refuse_beyond_window(self, length: int) -> None:
+        """A sliding-window layer attends to the last ``window`` slots of its cache. Once a sequence is longer than
+        that, the slots of a cache vtc shortened reach further back than the uncompressed model's do, so the result
+        would not equal masking the dropped tokens: refused (a prompt before any work; a decode step when it gets
+        there)."""
+        if self.sliding_window is None or length <= self.sliding_window:
+            return
+        self._visual, self.captured = None, {}  # this call's state: nothing of it may reach the next one
+        raise ValueError(
+            f"{type(self.model).__name__}'s language model uses sliding-window attention over {self.sliding_window} "
+            f"tokens and this sequence reaches {length}: vtc shortens the KV cache, so its sliding layers would see "
+            f"further back than the uncompressed model. vtc supports sequences (prompt + generated tokens) of at most "
+            f"{self.sliding_window} tokens on this model; shorten the prompt or max_new_tokens, or run it uncompressed"
+        )
 
     def _refuse_fixed_cache(self, cache: Any) -> None:
         """A prefill with images cannot shorten a cache of fixed shapes: refused before any planning."""
@@ -584,6 +606,16 @@ class Adapter(ABC):
     def _continues_prefill(self, embeds: torch.Tensor) -> bool:
         """True when a forward over a non-empty cache carries visual tokens."""
         return self._take_placeholders(embeds) is not None
+
+
+def sliding_window(config: Any) -> int | None:
+    """The window of a language model's sliding-window layers (Mistral: every layer; Qwen2 / Qwen3 / GPT-OSS: the
+    ``layer_types`` marked "sliding_attention"), or None when every layer attends to the whole sequence."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
 
 def match_images(first: torch.Tensor, seen: torch.Tensor, fits: Callable[[int, int], bool] | None = None) -> list[int]:

@@ -26,9 +26,19 @@ than ``keep`` is kept whole, as images differ in tile count):
 * ``budget="per_crop"``: each tile, the thumbnail included, is planned separately on its token grid; ``keep`` is
   split evenly over the tiles (largest remainder, first tiles first, summing to ``keep`` exactly).
 
+The budget splits a pre-LLM method's budget; an in-LLM method chooses over each image's tokens at once. Methods that
+read a token grid (``uniform``) see a global unit's tiles stacked top to bottom (the thumbnail last), which is the
+row-major order of its tokens.
+
 GlobalCom2's thumbnail-guided split (LLaVA-NeXT's ``budget="thumbnail"``) is not offered: it needs to know which part
-of the thumbnail each tile covers, and the model's inputs do not say how the tiles were arranged (a 6-tile image is
-2 x 3, 3 x 2, 1 x 6 or 6 x 1 depending on its size, which the model never sees).
+of the thumbnail each tile covers, and the model's inputs do not say how the tiles were arranged (6 high-resolution
+tiles are 2 x 3, 3 x 2, 1 x 6 or 6 x 1 depending on the image's size, which the model never sees).
+
+Video: InternVLProcessor puts each frame in its own ``<img> ... </img>`` run of one tile, with the image placeholder,
+so the model (and vtc) cannot tell frames from images: each frame is compressed as a 1-tile image with its own budget.
+
+transformers 4.57 reads only ``vision_feature_layer=-1`` (other layers fail inside its ``get_image_features``); 5.x
+any layer.
 """
 
 from __future__ import annotations
@@ -92,6 +102,8 @@ class InternVLAdapter(LlavaAdapter):
         images = []
         for b in range(visual.shape[0]):
             cols = visual[b].nonzero().squeeze(1)
+            if cols.numel() == 0:  # a text-only row
+                continue
             breaks = (cols.diff() != 1).nonzero().squeeze(1) + 1
             for run in torch.tensor_split(cols, breaks.tolist()):
                 if run.numel() % self.tile_tokens:
@@ -111,7 +123,8 @@ class InternVLAdapter(LlavaAdapter):
             tiles = image.vision["tiles"]
             keep = self.budget.cap(image.positions.numel())
             if self.tile_budget == "global" or tiles == 1:
-                grid = self.grid if tiles == 1 else None
+                # The tiles' grids stacked top to bottom: token t * T + i * w + j is row t * h + i, column j.
+                grid = (tiles * self.grid[0], self.grid[1])
                 units.append(Unit(image.sample, image.positions, keep, grid, signals))
                 continue
             counts = distribute(keep, [1.0] * tiles, [self.tile_tokens] * tiles)

@@ -87,6 +87,21 @@ class LlavaAdapter(Adapter):
             return [self.feature_layer]
         return []
 
+    def _read_inputs(self, bound: dict) -> None:
+        """A call that picks another vision feature layer or strategy than the config (what vtc planned its signals
+        and token counts with) is refused before anything runs."""
+        config = self.model.config
+        for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+            value = bound.get(name)
+            if value is None and name in bound.get("kwargs", {}):
+                value = bound["kwargs"][name]
+            if value is not None and value != getattr(config, name):
+                raise ValueError(
+                    f"this call passes {name}={value!r}, but vtc reads its signals and token layout at the model's "
+                    f"configured {name}={getattr(config, name)!r}; set it in model.config before vtc.compress (vtc "
+                    "then plans with it), or leave it out of the call"
+                )
+
     # -- hooks ------------------------------------------------------------------------------------
 
     def _vision_hooks(self) -> None:

@@ -94,6 +94,7 @@ class LlavaNextAdapter(LlavaAdapter):
     # -- geometry ---------------------------------------------------------------------------------
 
     def _read_inputs(self, bound: dict) -> None:
+        super()._read_inputs(bound)
         sizes = bound.get("image_sizes")
         self._image_sizes = [] if sizes is None else [tuple(int(v) for v in size) for size in sizes.tolist()]
         # transformers 5.x generate() encodes images before the prefill and drops image_sizes; the packed
