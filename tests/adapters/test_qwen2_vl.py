@@ -533,9 +533,42 @@ def test_cache_continuation_and_short_decode_masks_are_refused(model, batch):
             with pytest.raises(ValueError, match="continues an existing KV cache"):
                 model(**batch, past_key_values=cache)
             with pytest.raises(ValueError, match="full 2-D attention_mask of length"):
-                model(input_ids=batch["input_ids"][:, -1:], attention_mask=torch.ones(2, 20), past_key_values=cache)
+                last = {"input_ids": batch["input_ids"][:, -1:], "position_ids": torch.full((3, 2, 1), length)}
+                model(**last, attention_mask=torch.ones(2, 20), past_key_values=cache)
         assert not calls
         assert cache.get_seq_length() == length
+
+
+def test_a_hand_decode_loop_without_positions_over_a_shortened_cache_is_refused(model, batch):
+    """Without position_ids the model numbers new tokens from the cache's length (M-RoPE from the shortened one):
+    refused before anything runs (generate() passes them: position_ids, or cache_position on transformers 4.x)."""
+    with vtc.compress(model, "divprune", keep=K), torch.no_grad():
+        out = model(**batch, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        with (
+            recording_calls(model.model.language_model.layers[0]) as calls,
+            pytest.raises(ValueError, match="continues a KV cache that vtc shortened, without position_ids"),
+        ):
+            model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        assert not calls
+
+
+def test_a_new_turn_over_a_cache_shortened_by_a_plain_forward_is_refused(model):
+    """Turn 1 by model(...), turn 2 by generate() on the whole conversation with that cache (one unpadded sample: no
+    mask to check): generate() would re-feed history the cache holds in compressed form (it slices at the shortened
+    length). Refused."""
+    batch = tiny_qwen_inputs(model, image_grids=(((8, 12),),), seed=1)
+    with vtc.compress(model, "divprune", keep=K), torch.no_grad():
+        out = model(**batch, use_cache=True)
+        ids = torch.cat([batch["input_ids"], out.logits[:, -1:].argmax(-1), torch.full((1, 3), 20)], 1)
+        turn = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": batch["image_grid_thw"]}
+        if "mm_token_type_ids" in batch:
+            types = torch.zeros_like(ids)
+            types[:, : batch["mm_token_type_ids"].shape[1]] = batch["mm_token_type_ids"]
+            turn["mm_token_type_ids"] = types
+        # (transformers 4.57's Qwen3-VL passes no position_ids for it: refused as a hand loop would be)
+        with pytest.raises(ValueError, match="a new turn cannot reuse a compressed cache|without position_ids"):
+            model.generate(**turn, past_key_values=out.past_key_values, max_new_tokens=2, do_sample=False)
 
 
 def test_budget_option_is_refused(model):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import Adapter, Image, Unit, match_images
+from vtc.llm.prefill import kv_cache
 from vtc.methods.base import Budget, Method
 from vtc.probes import QwenVisionReceived, probe
 from vtc.registry import register_family
@@ -107,6 +108,18 @@ class Qwen2VLAdapter(Adapter):
             raise ValueError(
                 "vtc does not compress video inputs yet (pixel_values_videos / <|video_pad|> tokens); "
                 "call handle.remove() to run video prompts uncompressed"
+            )
+        cache = kv_cache(bound)
+        if cache is None:  # passed under the name the signature no longer declares (past_key_values on 5.24+)
+            cache = kv_cache(bound.get("kwargs") or {})
+        positioned = bound.get("position_ids") is not None or bound.get("cache_position") is not None  # (4.x)
+        images = bound.get("pixel_values") is not None or encoded.get("image") is not None  # refused as such, later
+        if cache is not None and cache in self._shortened and not positioned and not images:
+            name = type(self.model).__name__
+            raise ValueError(
+                f"this forward continues a KV cache that vtc shortened, without position_ids: {name} would number the "
+                "new tokens from the shortened cache's length, not from the original prompt's (M-RoPE). Decode with "
+                "generate(), or pass the position_ids (transformers 4.x: cache_position) generate() computes"
             )
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -117,8 +117,12 @@ def remap_decode(kwargs: dict, dropped: Dropped, past: int, q_len: int) -> dict:
         "whole conversation without past_key_values"
     )
     if positions is not None and q_len > 1:  # a new turn re-feeds more than one token (a decode step: one)
-        first = positions.reshape(-1, *positions.shape[-2:])[..., 0].amax(dim=0)  # [B]
-        if bool((first <= dropped.last_position).any()):
+        first = positions.reshape(-1, *positions.shape[-2:])[..., 0]  # [rows, B] the first new token's positions
+        if first.shape[0] == 4:  # transformers 5's Qwen rows: row 0 is the token's index in the whole sequence
+            restarts = first[0] < dropped.original_length
+        else:
+            restarts = first.amax(dim=0) <= dropped.last_position
+        if bool(restarts.any()):
             raise ValueError(
                 f"this forward continues a KV cache that vtc shortened from {dropped.original_length} to "
                 f"{short} prompt tokens, but its positions restart inside that prompt: {new_turn}"
