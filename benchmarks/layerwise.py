@@ -56,10 +56,17 @@ CONFIGS: dict[str, tuple[Any, Any]] = {
 
 
 def kv_bytes(cache: Any) -> int:
-    """Bytes of all keys and values held by a DynamicCache (transformers 5.x layers or 4.x lists)."""
+    """Bytes of all keys and values held by a DynamicCache (transformers 5.x layers or 4.x lists); a linear-attention
+    layer's (Qwen3.5) convolution and recurrent states count too, as what the cache holds."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        tensors = [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
+        tensors = []
+        for layer in layers:
+            tensors += [getattr(layer, name, None) for name in ("keys", "values")]
+            for name in ("conv_states", "recurrent_states"):
+                states = getattr(layer, name, None)
+                tensors += list(states.values() if isinstance(states, dict) else states or [])
+        tensors = [t for t in tensors if torch.is_tensor(t)]
     else:
         tensors = list(cache.key_cache) + list(cache.value_cache)
     return sum(t.numel() * t.element_size() for t in tensors)
