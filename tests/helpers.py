@@ -7,6 +7,12 @@ from collections.abc import Callable
 import torch
 
 
+def case_id(case: tuple[str, dict]) -> str:
+    """A test id for a (method name, options) case, e.g. 'dart-merge'."""
+    name, options = case
+    return name + "".join(f"-{k}" for k in options)
+
+
 def count_hooks(model: torch.nn.Module) -> int:
     """Forward (pre-)hooks registered anywhere in the model."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())

@@ -57,6 +57,22 @@ _QwenModel = (
 )
 
 
+def _text_options(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, positions: int) -> dict:
+    """The keyword arguments every tiny model's Llama-style text config shares (GQA with half the heads)."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "vocab_size": vocab,
+        "max_position_embeddings": positions,
+        "pad_token_id": PAD_TOKEN_ID,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+    }
+
+
 def tiny_llava_config(
     *,
     hidden_size: int = 64,
@@ -81,18 +97,7 @@ def tiny_llava_config(
         patch_size=patch_size,
         projection_dim=hidden_size,
     )
-    text = LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        vocab_size=vocab_size,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-    )
+    text = LlamaConfig(**_text_options(hidden_size, intermediate, text_layers, heads, vocab_size, 4096))
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -333,18 +338,7 @@ def tiny_llava_onevision_config(
         patch_size=patch_size,
         vision_use_head=False,
     )
-    text = Qwen2Config(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        vocab_size=vocab_size,
-        max_position_embeddings=16384,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-    )
+    text = Qwen2Config(**_text_options(hidden_size, intermediate, text_layers, heads, vocab_size, 16384))
     if image_grid_pinpoints is None:
         crops = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (3, 3)]
         image_grid_pinpoints = [[rows * image_size, cols * image_size] for rows, cols in crops]
@@ -856,20 +850,8 @@ def tiny_internvl_config(
         norm_type="rms_norm" if use_qk_norm else "layer_norm",
         initializer_range=0.2,
     )
-    text = {
-        "model_type": "qwen2",
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 4096,
-        "initializer_range": 0.2,
-        "pad_token_id": PAD_TOKEN_ID,
-        "bos_token_id": BOS_TOKEN_ID,
-        "eos_token_id": EOS_TOKEN_ID,
-    }
+    text = {"model_type": "qwen2", "initializer_range": 0.2}
+    text.update(_text_options(hidden_size, 2 * hidden_size, text_layers, heads, vocab_size, 4096))
     if sliding_window is not None:
         text["use_sliding_window"], text["sliding_window"] = True, sliding_window
         text["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)]

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vtc
-from tests.helpers import count_hooks, greedy_generate, greedy_no_cache
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.adapters.llava_next import distribute
 from vtc.tiny import IMAGE_TOKEN_ID, INTERNVL_END_TOKEN_ID, tiny_internvl, tiny_internvl_inputs
 
@@ -21,11 +21,6 @@ BUDGETS = ("global", "per_crop")
 
 def method_cases():
     return [(name, {}) for name in vtc.list_methods("pre")] + [("dart", {"merge": True})]
-
-
-def case_id(case):
-    name, options = case
-    return name + "".join(f"-{k}" for k in options)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import vtc
-from tests.helpers import count_hooks, greedy_generate, greedy_no_cache
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.probes import ClsRow
 from vtc.tiny import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 
@@ -20,11 +20,6 @@ OPTIONS = {"dart": {}, "dart+merge": {"merge": True}}
 
 def method_cases():
     return [(name, {}) for name in METHODS] + [("dart", {"merge": True})]
-
-
-def case_id(case):
-    name, options = case
-    return name + "".join(f"-{k}" for k in options)
 
 
 @pytest.fixture(scope="module")

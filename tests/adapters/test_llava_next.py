@@ -16,7 +16,7 @@ import transformers
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 import vtc
-from tests.helpers import count_hooks, greedy_generate, greedy_no_cache
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.adapters.llava_next import distribute
 from vtc.tiny import IMAGE_TOKEN_ID, llava_next_image_tokens, tiny_llava, tiny_llava_next, tiny_llava_next_inputs
 
@@ -50,11 +50,6 @@ GEOMETRY = {
 
 def method_cases():
     return [(name, {}) for name in vtc.list_methods("pre")] + [("dart", {"merge": True})]
-
-
-def case_id(case):
-    name, options = case
-    return name + "".join(f"-{k}" for k in options)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 import vtc
-from tests.helpers import count_hooks, greedy_generate, greedy_no_cache
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.tiny import (
     IMAGE_TOKEN_ID,
     ONEVISION_VIDEO_TOKEN_ID,
@@ -70,11 +70,6 @@ RECEIVED = {"signal": "attention_received"}
 def method_cases():
     pre = [(name, {}) for name in vtc.list_methods("pre") if name not in ("fastervlm", "vtc_cls")]
     return pre + [("fastervlm", RECEIVED), ("dart", {"merge": True})]
-
-
-def case_id(case):
-    name, options = case
-    return name + "".join(f"-{k}" for k in options)
 
 
 @pytest.fixture(scope="module")
