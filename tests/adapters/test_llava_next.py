@@ -681,8 +681,8 @@ def test_distribute_refuses_a_total_above_the_caps():
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize(
     "pinpoints,size",
-    [([[56, 168]], (100, 60)), ([[56, 168]], (300, 60)), (None, (400, 20))],
-    ids=["middle-crop-only", "no-crop-tokens", "empty-rows"],
+    [([[56, 168]], (100, 60)), ([[56, 168]], (300, 60)), (None, (400, 20)), (None, (4, 200))],
+    ids=["middle-crop-only", "no-crop-tokens", "empty-rows", "no-rows"],
 )
 def test_unpadding_that_removes_whole_crops_or_rows(pinpoints, size, budget):
     """Unpadding can remove whole crops (a narrow image on a 1 x 3 canvas keeps only the middle one) or leave

@@ -742,3 +742,22 @@ def test_image_tokens_that_do_not_split_into_whole_images_are_refused(model, bat
     finally:
         spy.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_an_image_so_thin_that_unpadding_keeps_no_row(budget):
+    """An 8 x 200 image keeps only its base crop's tokens after unpadding (no row, no newline): budgets, generate()
+    (on transformers 5 the packing is recovered from the projector's output) and the boxes all handle it."""
+    from vtc.geometry import image_token_boxes
+
+    model = tiny_llava_onevision()
+    inputs = tiny_llava_onevision_inputs(model, image_sizes=(((8, 200),),), seed=0)
+    t = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    with vtc.compress(model, "uniform", keep=4, budget=budget) as handle:
+        logits(model, inputs)
+        kept = handle.last_kept[0].tolist()
+        greedy_generate(model, inputs, 1)
+        assert handle.last_kept[0].tolist() == kept
+    assert len(kept) == 4
+    boxes = image_token_boxes(model, (8, 200))
+    assert boxes.shape == (t, 4) and not bool(boxes.isnan().any())

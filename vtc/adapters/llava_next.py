@@ -203,7 +203,7 @@ class LlavaNextAdapter(LlavaAdapter):
         source = self._layout[image][0]
         crop = torch.where(source >= 0, source // self.patch_tokens, -1)
         rows = int((crop == -1).sum())  # a newline ends every row of the big grid
-        return crop, crop[crop >= 1].view(rows, -1)
+        return crop, _grid(crop[crop >= 1], rows)
 
     def _image_units(self, b: int, positions: torch.Tensor, image: int, signals: dict) -> list[Unit]:
         crop, big = self._geometry(image)
@@ -290,6 +290,11 @@ class LlavaNextAdapter(LlavaAdapter):
             row_kept[row[kept]] = True
             keep[b, positions[newline]] = row_kept[row[newline]]
         return keep
+
+
+def _grid(cells: torch.Tensor, rows: int) -> torch.Tensor:
+    """The big grid's cells [H' * W'] as [H', W']; [0, 0] for an image so thin that unpadding keeps no row."""
+    return cells.view(rows, -1) if rows else cells.new_zeros(0, 0)
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:

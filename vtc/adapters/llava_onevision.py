@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import Image, Unit
-from vtc.adapters.llava_next import LlavaNextAdapter, _bits
+from vtc.adapters.llava_next import LlavaNextAdapter, _bits, _grid
 from vtc.methods.base import Budget, Method
 from vtc.probes import VisionReceived, probe
 from vtc.registry import register_family
@@ -196,7 +196,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             crop = torch.where(weights.sum(-1) > 0.5, weights.argmax(-1), -1)
             cells = self.pack(onehot, size, aspect_ratio=_UNCAPPED)  # one-hot rows: the unpadded grid, not resampled
             rows = int((cells.sum(-1) < 0.5).sum())  # a newline ends every row
-            big = cells.argmax(-1)[t:][cells[t:].sum(-1) > 0.5].view(rows, -1)
+            big = _grid(cells.argmax(-1)[t:][cells[t:].sum(-1) > 0.5], rows)
             self._packings[(size, crops)] = Packing(size, crops, crop, big)
         return self._packings[(size, crops)]
 
@@ -220,8 +220,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         newline = packing.crop < 0
         t = self.patch_tokens
         rows = int(newline.sum())
-        cols = (len(packed) - t) // rows - 1
-        if crops > 1 and packing.big.shape != (rows, cols):  # downsampled
+        cols = (len(packed) - t) // rows - 1 if rows else 0  # an image so thin that unpadding keeps no row: base only
+        if crops > 1 and rows and packing.big.shape != (rows, cols):  # downsampled
             steps = packed.new_tensor([packing.big.shape[1] / cols, packing.big.shape[0] / rows]).repeat(2)
             grid = packed[t:]
             centre, half = (grid[:, :2] + grid[:, 2:]) / 2, (grid[:, 2:] - grid[:, :2]) / 2
@@ -273,7 +273,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         expected, few = _bits(tokens), tokens[:, :_CHECK_CHANNELS].float()
         first = (_bits(table[:, 0].to(tokens.dtype)) == expected[0]).all(-1).nonzero().flatten().tolist()
         for row in first:
-            if length <= t or not torch.equal(_bits(table[row].to(tokens.dtype)), expected[:t]):
+            if length < t or not torch.equal(_bits(table[row].to(tokens.dtype)), expected[:t]):
                 continue
             for crops, size in self._candidate_sizes():
                 if row + crops > len(table) or self._length(size, crops) != length:
