@@ -157,6 +157,9 @@ def _refuse_overlap(model: nn.Module) -> None:
         )
 
 
+POSITIONS = ("original", "compact")  # vtc.compress(positions=...)
+
+
 def compress(
     model: nn.Module,
     method: str | Method | LayerwiseMethod | list,
@@ -165,6 +168,7 @@ def compress(
     ratio: float | list[float] | None = None,
     budget: str | None = None,
     cls_model: Any = None,
+    positions: str = "original",
     **method_options: Any,
 ) -> CompressionHandle:
     """Attach a visual-token compression method to a Hugging Face VLM.
@@ -186,6 +190,13 @@ def compress(
         cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL / Qwen3.5): an auxiliary open_clip CLIP (a model name
             such as "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
             resampled onto the visual-token grid, for methods that need ``cls_attention``.
+        positions: the position ids of the tokens the language model receives after a pre-LLM method.
+            "original" (default): the kept tokens keep their positions, so dropping a token equals masking it out (the
+            language model sees exactly the uncompressed prompt's positions). "compact": each token's position less
+            the tokens removed before it, as if they had never been in the prompt, which is what the reference code of
+            FasterVLM, DivPrune and VisionZip does (their published accuracies were measured that way), and what vLLM
+            does (vtc's vLLM plugin supports only "compact" on LLaVA). 1-D RoPE families only (LLaVA, LLaVA-NeXT,
+            LLaVA-OneVision, InternVL); refused with in-LLM methods. The M-RoPE families (Qwen) have no gap to close.
         **method_options: the method's fields, e.g. ``merge=True`` for "dart".
 
     Returns:
@@ -193,10 +204,13 @@ def compress(
 
     Every check runs before any hook is attached: on error the model is untouched.
     """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
     pre, pre_budget, llm, llm_budget = _stages(method, keep, ratio, method_options)
     adapter_class = get_adapter_class(model)
     _refuse_overlap(model)
     options = {name: value for name, value in (("budget", budget), ("cls_model", cls_model)) if value is not None}
+    options["positions"] = positions
     adapter = adapter_class(model, pre, pre_budget, options, layerwise=llm, layer_budget=llm_budget)
     adapter.check()
     adapter.attach()

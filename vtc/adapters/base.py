@@ -129,6 +129,8 @@ class Adapter(ABC):
     # Keyword arguments of the language model whose rows are the prompt's visual tokens in sequence order (batch
     # first), each a tensor or a list of tensors (Qwen3-VL's DeepStack features): dropping keeps the survivors' rows.
     visual_aligned: ClassVar[tuple[str, ...]] = ()
+    # Why the family cannot renumber the kept tokens' positions (vtc.compress(positions="compact")); None: it can.
+    compact_refused: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -139,7 +141,9 @@ class Adapter(ABC):
         layerwise: LayerwiseMethod | None = None,
         layer_budget: Budget | None = None,
     ):
-        unknown = sorted(set(options or {}) - set(self.options))
+        options = dict(options or {})
+        self.positions = options.pop("positions", "original")
+        unknown = sorted(set(options) - set(self.options))
         if unknown:
             raise ValueError(
                 f"option(s) {unknown} do not apply to {type(model).__name__}; "
@@ -188,6 +192,18 @@ class Adapter(ABC):
 
     def check(self) -> None:
         """Raise if the method cannot run on this model; called before any hook is attached."""
+        if self.positions == "compact":
+            if self.compact_refused is not None:
+                raise ValueError(
+                    f"positions='compact' is not supported on {type(self.model).__name__}: "
+                    f"{self.compact_refused}; use positions='original' (the default)"
+                )
+            if self.layerwise is not None:
+                raise ValueError(
+                    f"positions='compact' renumbers the tokens the language model receives; {self.layerwise.name!r} "
+                    "drops tokens inside it, after layers that saw their original positions. Use positions='original' "
+                    "(the default) with in-LLM methods"
+                )
         missing = [s for s in self.requires if s not in self.provides]
         if missing:
             usable = sorted(name for name, cls in METHODS.items() if set(cls.requires) <= set(self.provides))
@@ -352,7 +368,9 @@ class Adapter(ABC):
                 self.captured = {}
             if planned is not None:
                 keep, embeds = planned
-                kwargs, self._dropped = drop(kwargs, embeds, keep, self.token_aligned, self._language_arguments)
+                kwargs, self._dropped = drop(
+                    kwargs, embeds, keep, self.token_aligned, self._language_arguments, self.positions == "compact"
+                )
                 kwargs = self._keep_visual_rows(kwargs, keep)
             self._prefill.tokens_at_input = self._token_counts(kwargs, embeds)
             self._begin_layerwise(kwargs, cache)

@@ -45,6 +45,11 @@ class Qwen2VLAdapter(Adapter):
     options = ("cls_model",)
     modules = ("visual", "language_model")
     pil_processor: ClassVar[bool] = True  # vtc.loading may rebuild its processor without torchvision (QwenProcessor)
+    compact_refused = (
+        "its M-RoPE gives an image's tokens (t, h, w) grid positions and starts the text after the image at the grid's "
+        "extent, whatever the image's token count, so dropping tokens leaves no gap to close; renumbering the kept "
+        "tokens would move them off their grid positions"
+    )
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
         super().__init__(model, method, budget, options, **layerwise)

@@ -24,6 +24,7 @@ import torch
 
 from vtc import extras, loading
 from vtc.adapters.llava_next import BUDGETS
+from vtc.api import POSITIONS
 from vtc.method_spec import split_specs
 
 
@@ -51,6 +52,12 @@ def build_parser(prog: str = "python -m vtc.eval") -> argparse.ArgumentParser:
         help="how keep is shared by an image's parts: LLaVA-NeXT's and OneVision's crops (global, per_crop, "
         "thumbnail), InternVL's tiles (global, per_crop)",
     )
+    parser.add_argument(
+        "--positions",
+        default="original",
+        help="position ids of the kept tokens: original (default: dropping equals masking) or compact (numbered as "
+        "if the dropped tokens had never been there, as the reference repositories and vLLM do; LLaVA families)",
+    )
     parser.add_argument("--device", help="default: this process's accelerator (cuda:N under accelerate) or cpu")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, ...")
     return parser
@@ -73,6 +80,8 @@ def parse_args(argv: list[str] | None, prog: str = "python -m vtc.eval") -> argp
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.budget is not None and args.budget not in BUDGETS:
         parser.error(f"--budget must be one of {', '.join(BUDGETS)}, got {args.budget!r}")
+    if args.positions not in POSITIONS:
+        parser.error(f"--positions must be one of {', '.join(POSITIONS)}, got {args.positions!r}")
     if args.dtype != "auto":
         dtype = getattr(torch, args.dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
@@ -191,6 +200,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc.eval") -> int
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,
                 budget=args.budget,
+                positions=args.positions,
                 progress=bar,
                 worker=processes.rank,
             )
@@ -227,6 +237,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc.eval") -> int
             "questions": len(samples),
             "processes": processes.world,
             "batch_size": args.batch_size,
+            "budget": args.budget,
+            "positions": args.positions,
             "device": str(device),
             "dtype": str(next(model.parameters()).dtype),
             "environment": _environment(device),

@@ -95,6 +95,7 @@ def run_setting(
     batch_size: int,
     max_new_tokens: int | None = None,
     budget: str | None = None,
+    positions: str = "original",
     progress=None,
     worker: int = 0,
 ) -> list[dict]:
@@ -103,7 +104,7 @@ def run_setting(
     handle = None
     if setting.method != "none":
         extra = {"budget": budget} if budget else {}
-        handle = vtc.compress(model, setting.method, keep=setting.keep, **extra, **setting.options)
+        handle = vtc.compress(model, setting.method, keep=setting.keep, positions=positions, **extra, **setting.options)
     timer = FirstForwardTimer(model)
     records = []
     try:

@@ -25,8 +25,10 @@ class Dropped:
     source: torch.Tensor  # [B, L'] index of each new position in the original sequence, -1 = padding
     prefill_mask: torch.Tensor  # [B, L'] attention mask of the shortened prefill
     original_length: int  # L0
-    last_position: torch.Tensor  # [B] the largest position id of each row's prompt
+    last_position: torch.Tensor  # [B] the largest ORIGINAL position id of each row's prompt
     cache: weakref.ref | None = None
+    # positions="compact": [B] tokens removed from each row, subtracted from later positions; None: original positions
+    removed: torch.Tensor | None = None
 
 
 def declared_arguments(module: nn.Module) -> frozenset[str]:
@@ -56,9 +58,12 @@ def drop(
     keep: torch.Tensor,
     token_aligned: tuple[str, ...] = (),
     declared: frozenset[str] | None = None,
+    compact: bool = False,
 ) -> tuple[dict, Dropped]:
     """The language model's keyword arguments with the tokens where ``keep`` [B, L] is False removed, re-padded on
-    the left when rows keep different counts, the survivors at their ORIGINAL positions; and how, for decoding.
+    the left when rows keep different counts, the survivors at their ORIGINAL positions (``compact``: each position
+    less the tokens removed before it, as if they had never been in the prompt; 1-D positions only); and how, for
+    decoding.
 
     ``embeds`` replaces ``kwargs["inputs_embeds"]`` (merging methods write into it). ``token_aligned`` names further
     arguments with a [B, L, ...] token axis to shorten alike; any other argument the language model declares
@@ -85,6 +90,14 @@ def drop(
     lead = positions.shape[:-2]  # () for [B, L], (3,) for M-RoPE [3, B, L]
     positions = positions.expand(*lead, b, length)
     new_positions = positions.gather(-1, safe.expand(*lead, -1, -1)) * valid.to(positions.dtype)
+    last_position = new_positions.reshape(-1, b, new_positions.shape[-1]).amax(dim=(0, 2))
+    removed = None
+    if compact:
+        if lead:
+            raise ValueError("positions='compact' renumbers 1-D position ids; these are multi-dimensional (M-RoPE)")
+        removed_before = (~keep).long().cumsum(1)  # at a kept token: the tokens removed before it
+        new_positions = new_positions - take(removed_before, source)
+        removed = removed_before[:, -1]
 
     out = dict(kwargs)
     out["inputs_embeds"] = new_embeds
@@ -100,9 +113,8 @@ def drop(
     if kwargs.get("cache_position") is not None:  # transformers 4.x indexes the cache with it
         out["cache_position"] = torch.arange(source.shape[1], device=embeds.device)
     cache = kv_cache(kwargs)
-    last_position = new_positions.reshape(-1, b, new_positions.shape[-1]).amax(dim=(0, 2))
     reference = weakref.ref(cache) if cache is not None else None
-    return out, Dropped(source, new_mask, length, last_position, reference)
+    return out, Dropped(source, new_mask, length, last_position, reference, removed)
 
 
 def remap_decode(kwargs: dict, dropped: Dropped, past: int, q_len: int) -> dict:
@@ -148,7 +160,10 @@ def remap_decode(kwargs: dict, dropped: Dropped, past: int, q_len: int) -> dict:
     if positions is None:
         # What the uncompressed model would use: continue after the ORIGINAL prompt length.
         start = dropped.original_length + past - short
-        out["position_ids"] = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
+        positions = torch.arange(start, start + q_len, device=dropped.source.device).unsqueeze(0)
+        out["position_ids"] = positions
+    if dropped.removed is not None:  # compact: the prompt is shorter by the removed tokens, row by row
+        out["position_ids"] = positions - dropped.removed.to(positions.device).unsqueeze(1)
     return out
 
 
