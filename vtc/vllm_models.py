@@ -42,7 +42,7 @@ from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 from vtc.methods.base import check_signals
 from vtc.vllm_plugin import POSITIONS_FROM_EMBEDDINGS, Settings, settings
 
-logger = logging.getLogger("vtc.vllm")
+logger = logging.getLogger("vllm.vtc")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 
 POSITION_CHANNELS = 4  # (t, h, w) of each kept token from its image's first position, and the text's offset after it
 
@@ -113,6 +113,8 @@ def select(setting: Settings, features: torch.Tensor, **signals: torch.Tensor | 
 
 
 def _log(setting: Settings, before: list[int], after: list[int]) -> None:
+    """One line per encoder batch, e.g. "vtc divprune: visual tokens per image [256, 256] -> [64, 64]"; each model
+    also keeps ``last_kept``, the kept indices of the last batch's images (``LLM.apply_model`` reads them)."""
     logger.info("vtc %s: visual tokens per image %s -> %s", setting.method.name, before, after)
 
 
@@ -191,11 +193,13 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         features = self.multi_modal_projector(self._process_image_pixels(image_input))  # [B, N, D]
         signals = {"grid": self.grid}
         rows = self.cls_rows.take()[..., 1:] if self.cls_rows is not None else None  # the [CLS] column dropped
-        kept = []
+        kept, self.last_kept = [], []
         for i in range(features.shape[0]):
             if rows is not None:
                 signals.update(cls_attention=rows[i, -1], cls_attention_layers=rows[i])
-            kept.append(select(self.vtc, features[i], **signals)[0])
+            tokens, plan = select(self.vtc, features[i], **signals)
+            kept.append(tokens)
+            self.last_kept.append(plan.kept[0].cpu())
         _log(self.vtc, [features.shape[1]] * len(kept), [len(k) for k in kept])
         return torch.stack(kept)
 
@@ -231,11 +235,12 @@ class _VtcQwen:
         image_input = modalities.get("images", modalities.get("image"))
         merge = self.config.vision_config.spatial_merge_size
         grids = image_input["image_grid_thw"].tolist()
-        out, before = [], []
+        out, before, self.last_kept = [], [], []
         for features, (t, h, w) in zip(self._process_image_input(image_input), grids, strict=True):
             rows, cols = h // merge, w // merge
             kept, plan = select(self.vtc, features, grid=(rows, cols))
             index = plan.kept[0].to(features.device)
+            self.last_kept.append(index.cpu())
             positions = torch.stack(
                 [
                     index // (rows * cols),

