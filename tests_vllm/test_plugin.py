@@ -21,7 +21,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
 from vllm import LLM, SamplingParams
 
 import vtc
@@ -34,22 +35,27 @@ TOKENS = 4
 ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28, "seed": 0}
 
 
-def questions() -> list[tuple[scenes.Scene, str]]:
-    return [(scene, q.question) for scene in map(lambda i: scenes.scene("test", i), SCENES) for q in scene.questions]
+def questions(sizes: tuple[tuple[int, int], ...] | None = None) -> list[tuple[Image.Image, str]]:
+    """The test scenes' questions with their images (``sizes``: resized, scene by scene in turn)."""
+    pairs = []
+    for i in SCENES:
+        scene = scenes.scene("test", i)
+        image = scene.image.resize(sizes[i % len(sizes)]) if sizes else scene.image
+        pairs += [(image, q.question) for q in scene.questions]
+    return pairs
 
 
-def hf_run(name: str, setting: dict | None) -> tuple[list[str], list[float], list[list[int]]]:
+def hf_run(path: Path, setting: dict | None, sizes=None) -> tuple[list[str], list[float], list[list[int]]]:
     """vtc's Hugging Face path, one question at a time: answers, the first answer token's log-probability, and the
     kept indices of each question's image."""
-    path = organisms.path(name)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = loading.load_processor(path)
     options = dict(setting or {})
     handle = vtc.compress(model, options.pop("method"), **options) if setting else None
     answers, logprobs, kept = [], [], []
     try:
-        for scene, question in questions():
-            inputs = processor(images=[scene.image], text=[prompt(processor, question)], return_tensors="pt")
+        for image, question in questions(sizes):
+            inputs = processor(images=[image], text=[prompt(processor, question)], return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(
                     **inputs, max_new_tokens=TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
@@ -64,15 +70,15 @@ def hf_run(name: str, setting: dict | None) -> tuple[list[str], list[float], lis
     return answers, logprobs, kept
 
 
-def vllm_engine(name: str, setting: dict | None) -> LLM:
-    return LLM(model=str(organisms.path(name)), hf_overrides={"vtc": setting} if setting else None, **ENGINE)
+def vllm_engine(path: Path, setting: dict | None) -> LLM:
+    return LLM(model=str(path), hf_overrides={"vtc": setting} if setting else None, **ENGINE)
 
 
-def vllm_run(llm: LLM, name: str) -> tuple[list[str], list[float]]:
-    processor = loading.load_processor(organisms.path(name))
+def vllm_run(llm: LLM, path: Path, sizes=None) -> tuple[list[str], list[float]]:
+    processor = loading.load_processor(path)
     requests = [
-        {"prompt": prompt(processor, question), "multi_modal_data": {"image": scene.image}}
-        for scene, question in questions()
+        {"prompt": prompt(processor, question), "multi_modal_data": {"image": image}}
+        for image, question in questions(sizes)
     ]
     outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=TOKENS, logprobs=1))
     answers = [o.outputs[0].text.strip() for o in outputs]
@@ -85,15 +91,60 @@ def close(llm: LLM) -> None:
     del llm
 
 
-@pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen2vl"])
-def test_plugin_off_answers_as_hugging_face_does(name):
-    llm = vllm_engine(name, None)
+@pytest.fixture(scope="module")
+def qwen2_5_vl(tmp_path_factory) -> Path:
+    """A Qwen2.5-VL checkpoint of random weights on the shapes-qwen2vl organism's tokenizer and processor (vtc ships
+    no Qwen2.5-VL organism): window attention in its tower, 2 x 2 merged-token windows."""
+    from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    source = organisms.path("shapes-qwen2vl")
+    shipped = AutoConfig.from_pretrained(source)
+    vision = {
+        "depth": 3,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "out_hidden_size": shipped.text_config.hidden_size,
+        "num_heads": 4,
+        "patch_size": 4,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "window_size": 16,
+        "fullatt_block_indexes": [2],
+    }
+    tokens = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    config = Qwen2_5_VLConfig(
+        vision_config=vision, text_config=shipped.text_config.to_dict(), **{k: getattr(shipped, k) for k in tokens}
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen2_5_vl")
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        (path / name).write_bytes((source / name).read_bytes())
+    processor = json.loads((source / "processor_config.json").read_text())
+    (path / "processor_config.json").write_text(json.dumps({**processor, "processor_class": "Qwen2_5_VLProcessor"}))
+    return path
+
+
+def model_path(name: str, request) -> Path:
+    return request.getfixturevalue("qwen2_5_vl") if name == "qwen2.5-vl" else organisms.path(name)
+
+
+# Images of several sizes for the random Qwen2.5-VL (non-square grids, the processor's resizing), the scenes' for the
+# organisms.
+SIZES = {"qwen2.5-vl": ((128, 128), (160, 96), (96, 192))}
+
+
+@pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen2vl", "qwen2.5-vl"])
+def test_plugin_off_answers_as_hugging_face_does(name, request):
+    path, sizes = model_path(name, request), SIZES.get(name)
+    llm = vllm_engine(path, None)
     try:
-        answers, logprobs = vllm_run(llm, name)
+        answers, logprobs = vllm_run(llm, path, sizes)
         assert llm.apply_model(lambda model: getattr(model, "vtc", "missing")) == [None]  # vtc's class, switched off
     finally:
         close(llm)
-    expected, expected_logprobs, _ = hf_run(name, None)
+    expected, expected_logprobs, _ = hf_run(path, None, sizes)
     assert answers == expected
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=2e-3)
 
@@ -104,38 +155,46 @@ CASES = [
     ("shapes-llava", {"method": "dart", "ratio": 0.25, "merge": True}),
     ("shapes-qwen2vl", {"method": "divprune", "keep": 64}),
     ("shapes-qwen2vl", {"method": "dart", "keep": 32, "merge": True}),
+    ("qwen2.5-vl", {"method": "divprune", "ratio": 0.25}),
 ]
 
 
 @pytest.mark.parametrize(("name", "setting"), CASES, ids=lambda c: c if isinstance(c, str) else c["method"])
-def test_plugin_on_keeps_and_answers_as_vtcs_hugging_face_path(name, setting):
+def test_plugin_on_keeps_and_answers_as_vtcs_hugging_face_path(name, setting, request):
+    path, sizes = model_path(name, request), SIZES.get(name)
     positions = "compact" if name == "shapes-llava" else "original"  # the only numbering vLLM allows per family
-    expected, expected_logprobs, expected_kept = hf_run(name, {**setting, "positions": positions})
-    llm = vllm_engine(name, setting)
+    expected, expected_logprobs, expected_kept = hf_run(path, {**setting, "positions": positions}, sizes)
+    llm = vllm_engine(path, setting)
     try:
-        scene, question = questions()[0]
-        processor = loading.load_processor(organisms.path(name))
+        image, question = questions(sizes)[0]
         first = llm.generate(
-            [{"prompt": prompt(processor, question), "multi_modal_data": {"image": scene.image}}],
+            [{"prompt": prompt(loading.load_processor(path), question), "multi_modal_data": {"image": image}}],
             SamplingParams(temperature=0, max_tokens=1),
         )
         kept = llm.apply_model(lambda model: [k.tolist() for k in model.last_kept])
-        answers, logprobs = vllm_run(llm, name)
+        answers, logprobs = vllm_run(llm, path, sizes)
         video_limit = llm.llm_engine.model_config.multimodal_config.get_limit_per_prompt("video")
     finally:
         close(llm)
     assert kept == [[expected_kept[0]]]
-    assert len(first[0].prompt_token_ids) == len(prompt_ids(name, question, scene)) - 256 + len(expected_kept[0])
+    full = prompt_ids(path, question, image)
+    assert len(first[0].prompt_token_ids) == len(full) - visual_tokens(path, full) + len(expected_kept[0])
     assert answers == expected
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=2e-3)
-    if name == "shapes-qwen2vl":
+    if name != "shapes-llava":
         assert video_limit == 0  # vtc compresses images only: video inputs are refused while it is on
 
 
-def prompt_ids(name: str, question: str, scene: scenes.Scene) -> list[int]:
-    """The uncompressed prompt's token ids, as the Hugging Face processor makes them (256 visual tokens)."""
-    processor = loading.load_processor(organisms.path(name))
-    return processor(images=[scene.image], text=[prompt(processor, question)])["input_ids"][0]
+def prompt_ids(path: Path, question: str, image: Image.Image) -> list[int]:
+    """The uncompressed prompt's token ids, as the Hugging Face processor makes them."""
+    processor = loading.load_processor(path)
+    return list(processor(images=[image], text=[prompt(processor, question)])["input_ids"][0])
+
+
+def visual_tokens(path: Path, ids: list[int]) -> int:
+    config = AutoConfig.from_pretrained(path)
+    token = getattr(config, "image_token_id", None) or config.image_token_index
+    return ids.count(token)
 
 
 def test_bad_settings_stop_the_engine_at_startup(tmp_path):
@@ -147,7 +206,7 @@ def test_bad_settings_stop_the_engine_at_startup(tmp_path):
     ]:
         name = "shapes-qwen2vl" if setting["method"] == "fastervlm" else "shapes-llava"
         with pytest.raises(Exception, match=message):
-            vllm_engine(name, setting)
+            vllm_engine(organisms.path(name), setting)
     text_only = tmp_path / "llama"
     LlamaForCausalLM(
         LlamaConfig(
@@ -206,6 +265,7 @@ def test_vllm_serve_answers_an_openai_chat_request_compressed(tmp_path):
     try:
         wait_until_healthy(port, server, log)
         scene = scenes.scene("test", 0)
+        question = scene.questions[0].question
         png = io.BytesIO()
         scene.image.save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
@@ -216,7 +276,7 @@ def test_vllm_serve_answers_an_openai_chat_request_compressed(tmp_path):
                     "role": "user",
                     "content": [
                         {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": scene.questions[0].question},
+                        {"type": "text", "text": question},
                     ],
                 }
             ],
@@ -232,9 +292,9 @@ def test_vllm_serve_answers_an_openai_chat_request_compressed(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
-    expected, _, _ = hf_run(name, {**setting, "positions": "compact"})
+    expected, _, _ = hf_run(organisms.path(name), {**setting, "positions": "compact"})
     assert reply["choices"][0]["message"]["content"].strip() == expected[0]
-    assert reply["usage"]["prompt_tokens"] == len(prompt_ids(name, scene.questions[0].question, scene)) - 256 + 64
+    assert reply["usage"]["prompt_tokens"] == len(prompt_ids(organisms.path(name), question, scene.image)) - 256 + 64
     assert re.search(r"vtc divprune: visual tokens per image \[256\] -> \[64\]", log.read_text())
 
 
