@@ -3,6 +3,8 @@ message that names the alternative. The plugin inside vLLM is tested by tests_vl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoConfig
 
@@ -12,6 +14,8 @@ from vtc.vllm_plugin import settings
 
 def config(name: str, setting=None):
     loaded = AutoConfig.from_pretrained(organisms.path(name))
+    # transformers 4.57's Qwen2VLConfig drops the file's architectures; vLLM (transformers 5.16-5.19) keeps them.
+    loaded.architectures = json.loads((organisms.path(name) / "config.json").read_text())["architectures"]
     if setting is not None:
         loaded.vtc = setting
     return loaded
