@@ -197,6 +197,125 @@ def visual_tokens(path: Path, ids: list[int]) -> int:
     return ids.count(token)
 
 
+def chat(path: Path, parts: list | str) -> str:
+    """A user turn of text and images (None: an image) in the model's chat template, ready for generation (a str:
+    the prompt as it is)."""
+    if isinstance(parts, str):
+        return parts
+    content = [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]
+    processor = loading.load_processor(path)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def hf_tokens(path: Path, setting: dict, requests: list[tuple[list, list]]) -> list[tuple[list[int], list[float]]]:
+    """vtc's Hugging Face path on (parts, images) requests: TOKENS greedy tokens (end of sequence not stopping them)
+    and each one's log-probability."""
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None
+    processor = loading.load_processor(path)
+    options = dict(setting)
+    out = []
+    with vtc.compress(model, options.pop("method"), **options):
+        for parts, images in requests:
+            inputs = processor(images=images, text=[chat(path, parts)], return_tensors="pt")
+            with torch.no_grad():
+                generated = model.generate(
+                    **inputs, max_new_tokens=TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
+                )
+            new = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+            out.append((new, [float(generated.scores[i][0].log_softmax(-1)[t]) for i, t in enumerate(new)]))
+    return out
+
+
+def vllm_tokens(llm: LLM, path: Path, requests: list[tuple[list, list]]) -> list[tuple[list[int], list[float]]]:
+    out = []
+    for parts, images in requests:  # one at a time: each may hit the prefix cache of the ones before
+        request = {"prompt": chat(path, parts), "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
+        sampling = SamplingParams(temperature=0, max_tokens=TOKENS, logprobs=1, ignore_eos=True)
+        completion = llm.generate([request], sampling, use_tqdm=False)[0].outputs[0]
+        out.append(
+            (
+                list(completion.token_ids),
+                [completion.logprobs[i][t].logprob for i, t in enumerate(completion.token_ids)],
+            )
+        )
+    return out
+
+
+def scene_image(index: int, size: tuple[int, int] | None = None) -> Image.Image:
+    image = scenes.scene("test", index).image
+    return image.resize(size) if size else image
+
+
+# A text prefix long enough that <|vision_start|> ends a 32-token prefill chunk / prefix-cache block on the organisms.
+PREFIX = " ".join(["is there a red circle ?"] * 5)[:-2]
+
+
+@pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen2vl", "qwen2.5-vl"])
+def test_several_images_chunked_prefill_and_prefix_cache_hits_answer_as_hugging_face(name, request):
+    """Prompts with two images of different sizes, an image right after a 32-token chunk boundary, the same image and
+    prefix again (a prefix-cache hit over the whole image) and with another question (a hit that ends after it):
+    every generated token and its log-probability as vtc's Hugging Face path gives them."""
+    path = model_path(name, request)
+    setting = {"method": "divprune", "keep": 48} if name == "shapes-llava" else {"method": "dart", "ratio": 0.25}
+    positions = "compact" if name == "shapes-llava" else "original"
+    small = (128, 128) if name == "shapes-llava" else (96, 160)  # LLaVA's processor makes every image 128 x 128
+    requests = [
+        ([None, None, "is there a red circle ?"], [scene_image(2), scene_image(3, small)]),
+        ([PREFIX, None, "what is written on the sign ?"], [scene_image(1)]),
+        ([PREFIX, None, "what is written on the sign ?"], [scene_image(1)]),
+        ([PREFIX, None, "how many shapes are there ?"], [scene_image(1)]),
+        ([None, "how many shapes are there ?", None, "which is larger ?"], [scene_image(4), scene_image(0, small)]),
+    ]
+    expected = hf_tokens(path, {**setting, "positions": positions}, requests)
+    llm = LLM(
+        model=str(path),
+        hf_overrides={"vtc": setting},
+        **{**ENGINE, "enable_chunked_prefill": True, "max_num_batched_tokens": 32, "block_size": 32},
+    )
+    try:
+        got = vllm_tokens(llm, path, requests)
+    finally:
+        close(llm)
+    for (tokens, logprobs), (expected_tokens, expected_logprobs) in zip(got, expected, strict=True):
+        assert tokens == expected_tokens
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=2e-3)
+
+
+def test_position_channels_are_exact_in_low_precision():
+    from vtc.vllm_models import decode_positions, encode_positions
+
+    values = torch.tensor([[0, 0, 0, 0], [0, 255, 256, 257], [1, 301, 4095, 65535]])
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(decode_positions(encode_positions(values, dtype)), values)
+    with pytest.raises(ValueError, match="below 65536"):
+        encode_positions(torch.tensor([[0, 0, 0, 65536]]), torch.float32)
+
+
+def test_requests_vtc_cannot_compress_are_refused_for_that_request_only():
+    """A Qwen prompt ending with an image, and image embeddings: an error for that request, and the next request with
+    the same image answers as vtc's Hugging Face path does."""
+    path = organisms.path("shapes-qwen2vl")
+    setting = {"method": "divprune", "keep": 32}
+    requests = [([None, "is there a red circle ?"], [scene_image(2)])]
+    expected = hf_tokens(path, setting, requests)
+    llm = LLM(model=str(path), hf_overrides={"vtc": setting}, enable_mm_embeds=True, **ENGINE)
+    try:
+        ending = "USER: is there a red circle ? <|vision_start|> <|image_pad|>"
+        with pytest.raises(ValueError, match="this prompt ends with the image placeholder"):
+            llm.generate([{"prompt": ending, "multi_modal_data": {"image": scene_image(2)}}])
+        embeds = {"image_embeds": torch.randn(256, 128), "image_grid_thw": torch.tensor([[1, 32, 32]])}
+        with pytest.raises(ValueError, match="image embeddings cannot be compressed"):
+            llm.generate([{"prompt": chat(path, requests[0][0]), "multi_modal_data": {"image": embeds}}])
+        got = vllm_tokens(llm, path, requests)  # the refused request's image again: nothing of it was cached
+    finally:
+        close(llm)
+    assert got[0][0] == expected[0][0]
+    torch.testing.assert_close(torch.tensor(got[0][1]), torch.tensor(expected[0][1]), rtol=0, atol=2e-3)
+
+
 def test_bad_settings_stop_the_engine_at_startup(tmp_path):
     for setting, message in [
         ({"method": "fastv", "keep": 8}, "'fastv' drops tokens inside the language model"),
@@ -309,3 +428,11 @@ def wait_until_healthy(port: int, server: subprocess.Popen, log: Path, timeout: 
         except OSError:
             time.sleep(2)
     raise AssertionError(f"vllm serve did not become healthy in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_the_tower_runs_on_at_most_the_encoders_budget_of_full_images():
+    from vtc.vllm_models import batches
+
+    assert batches([256] * 5, 600) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert batches([700, 100, 100], 600) == [slice(0, 1), slice(1, 3)]  # an image above the budget runs alone
+    assert batches([], 600) == []

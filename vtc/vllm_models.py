@@ -35,33 +35,31 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageEmbeddingItems
+from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
-from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from vtc.methods.base import check_signals
 from vtc.vllm_plugin import POSITIONS_FROM_EMBEDDINGS, Settings, settings
 
 logger = logging.getLogger("vllm.vtc")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 
-POSITION_CHANNELS = 4  # (t, h, w) of each kept token from its image's first position, and the text's offset after it
+# Each kept Qwen token's (t, h, w) position from its image's first position and its index k among the image's kept
+# tokens, each as two base-256 digits: integers below 256 are exact in bfloat16 and float16 too.
+POSITION_VALUES = 4
+POSITION_CHANNELS = 2 * POSITION_VALUES
+DIGIT = 256
 
 
 # -- processors: fewer placeholders ------------------------------------------------------------------------------
 
 
-def fewer_placeholders(updates: Sequence[Any], mm_items: Any, setting: Settings) -> list[Any]:
+def fewer_placeholders(updates: Sequence[Any], setting: Settings) -> list[Any]:
     """The processor's prompt updates with each image's placeholder run cut to the kept count."""
     out = []
     for update in updates:
         if update.modality != "image":
             out.append(update)
             continue
-        if isinstance(mm_items.get("image"), ImageEmbeddingItems):
-            raise ValueError(
-                "vtc compresses images from their pixels (it needs the vision tower's signals); image embeddings "
-                "cannot be compressed: send the image, or serve without vtc"
-            )
 
         def replacement(item_idx: int, full: Any = update.replacement) -> list[int]:
             tokens = full(item_idx) if callable(full) else full
@@ -72,12 +70,33 @@ def fewer_placeholders(updates: Sequence[Any], mm_items: Any, setting: Settings)
 
 
 class _FewerPlaceholders:
-    """Processor mixin: with a vtc setting, each image gets the kept count of placeholders."""
+    """Processor mixin: with a vtc setting, each image gets the kept count of placeholders. Requests vtc cannot
+    compress are refused in ``apply``, before anything of them is processed or cached (an error raised later would
+    leave vLLM's processor cache believing the receiving side holds the item)."""
+
+    text_after_images = False  # Qwen: a prompt must not end with an image placeholder (see _VtcQwen)
+
+    def apply(self, inputs: Any, *args: Any, **kwargs: Any):
+        config = self.info.get_hf_config()
+        if settings(config) is not None:
+            images = inputs.mm_data_items.get("image")
+            if images is not None and not isinstance(images, ImageProcessorItems):  # embeddings, in any format
+                raise ValueError(
+                    "vtc compresses images from their pixels (it needs the vision tower's signals); image embeddings "
+                    "cannot be compressed: send the image, or serve without vtc"
+                )
+            prompt = inputs.prompt
+            if self.text_after_images and isinstance(prompt, list) and prompt and prompt[-1] == config.image_token_id:
+                raise ValueError(
+                    "vtc needs text after the last image of a Qwen prompt (the chat template's <|vision_end|>); this "
+                    "prompt ends with the image placeholder"
+                )
+        return super().apply(inputs, *args, **kwargs)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         setting = settings(self.info.get_hf_config())
-        return updates if setting is None else fewer_placeholders(updates, mm_items, setting)
+        return updates if setting is None else fewer_placeholders(updates, setting)
 
 
 class VtcLlavaMultiModalProcessor(_FewerPlaceholders, LlavaMultiModalProcessor):
@@ -85,11 +104,11 @@ class VtcLlavaMultiModalProcessor(_FewerPlaceholders, LlavaMultiModalProcessor):
 
 
 class VtcQwen2VLMultiModalProcessor(_FewerPlaceholders, Qwen2VLMultiModalProcessor):
-    pass
+    text_after_images = True
 
 
 class VtcQwen2_5_VLMultiModalProcessor(_FewerPlaceholders, Qwen2_5_VLMultiModalProcessor):
-    pass
+    text_after_images = True
 
 
 def _llava_processor(info, dummy_inputs):
@@ -110,6 +129,21 @@ def select(setting: Settings, features: torch.Tensor, **signals: torch.Tensor | 
     count = setting.count(features.shape[0])
     plan = setting.method.plan(check_signals(setting.method, batched), count)
     return plan.apply(batched["features"])[0], plan
+
+
+def batches(sizes: Sequence[int], budget: int) -> list[slice]:
+    """Consecutive groups of items whose sizes add up to at most ``budget`` (an item larger than it alone). vLLM's
+    scheduler charges an image only its kept tokens, so it may hand the encoder N / K times more images than its
+    budget of vision tokens: the tower runs on at most a budget's worth of the images' full tokens at a time."""
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        groups.append(slice(start, len(sizes)))
+    return groups
 
 
 def _log(setting: Settings, before: list[int], after: list[int]) -> None:
@@ -178,6 +212,7 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"{vision.model_type!r} tower with vision_feature_layer={self.config.vision_feature_layer!r}"
             )
         self.grid = (vision.image_size // vision.patch_size,) * 2
+        self.encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
         if {"cls_attention", "cls_attention_layers"} & set(self.vtc.method.requires):
             if self.config.vision_feature_select_strategy != "default":
                 raise ValueError("vtc's [CLS] methods need the [CLS] token dropped (vision_feature_select_strategy)")
@@ -190,25 +225,60 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        features = self.multi_modal_projector(self._process_image_pixels(image_input))  # [B, N, D]
-        signals = {"grid": self.grid}
-        rows = self.cls_rows.take()[..., 1:] if self.cls_rows is not None else None  # the [CLS] column dropped
+        pixels = image_input["pixel_values"]
+        tokens = self.grid[0] * self.grid[1]
         kept, self.last_kept = [], []
-        for i in range(features.shape[0]):
-            if rows is not None:
-                signals.update(cls_attention=rows[i, -1], cls_attention_layers=rows[i])
-            tokens, plan = select(self.vtc, features[i], **signals)
-            kept.append(tokens)
-            self.last_kept.append(plan.kept[0].cpu())
-        _log(self.vtc, [features.shape[1]] * len(kept), [len(k) for k in kept])
+        for group in batches([tokens] * len(pixels), self.encoder_budget):
+            features = self.multi_modal_projector(self._image_pixels_to_features(self.vision_tower, pixels[group]))
+            rows = self.cls_rows.take()[..., 1:] if self.cls_rows is not None else None  # the [CLS] column dropped
+            for i in range(features.shape[0]):
+                signals = {"grid": self.grid}
+                if rows is not None:
+                    signals.update(cls_attention=rows[i, -1], cls_attention_layers=rows[i])
+                chosen, plan = select(self.vtc, features[i], **signals)
+                kept.append(chosen)
+                self.last_kept.append(plan.kept[0].cpu())
+        _log(self.vtc, [tokens] * len(kept), [len(k) for k in kept])
         return torch.stack(kept)
 
 
 # -- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
 
 
+def encode_positions(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[K, POSITION_VALUES] integers in [0, 65536) -> [K, POSITION_CHANNELS] base-256 digits, exact in ``dtype``."""
+    if int(values.max()) >= DIGIT * DIGIT:
+        raise ValueError(f"vtc carries kept-token positions below {DIGIT * DIGIT}, got {int(values.max())}")
+    return torch.cat([values // DIGIT, values % DIGIT], dim=1).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`encode_positions`: [K, POSITION_CHANNELS] -> [K, POSITION_VALUES] long."""
+    digits = channels.float().round().long()
+    return digits[:, :POSITION_VALUES] * DIGIT + digits[:, POSITION_VALUES:]
+
+
+def image_runs(is_image: torch.Tensor, first_positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each image's placeholders in a prompt, from its [L] image-placeholder mask and the [L] temporal
+    M-RoPE row: every token of an image has the image's first position there (an image's t is 0, provisional or
+    written), and the next image starts further on, so images apart or back to back split alike."""
+    previous = torch.nn.functional.pad(first_positions[:-1], (1, 0), value=-1)
+    previous_image = torch.nn.functional.pad(is_image[:-1], (1, 0), value=False)
+    starts = (is_image & (~previous_image | (first_positions != previous))).nonzero().flatten().tolist()
+    ends = [*starts[1:], len(is_image)]
+    return [
+        (start, start + int(is_image[start:end].long().cumprod(0).sum()))
+        for start, end in zip(starts, ends, strict=True)
+    ]
+
+
 class _VtcQwen:
-    """Qwen mixin: kept tokens carry their M-RoPE positions, which the pruning hook writes into the prompt's."""
+    """Qwen mixin. The prompt's M-RoPE positions are laid out when a request arrives, before the vision tower runs:
+    the text at its final positions (the text after an image starts max(t, h, w) after the image's first position,
+    whatever its kept count) and the kept tokens provisionally at the image's first position. Each kept token's
+    embedding carries its own position (:func:`encode_positions`), which ``recompute_mrope_positions`` (vLLM's
+    multimodal-pruning hook, called with the embeddings of each prefill chunk) writes in. A prefix-cache hit over an
+    image needs nothing: its tokens' keys were cached with their positions, and the text after it is already right."""
 
     def _start_vtc(self, vllm_config: Any) -> None:
         self.vtc = settings(self.config)
@@ -219,10 +289,29 @@ class _VtcQwen:
                 "vtc selects tokens in embed_multimodal, which the vision encoder's CUDA graph bypasses: serve without "
                 "cudagraph_mm_encoder"
             )
-        # vLLM calls recompute_mrope_positions only when multimodal pruning is on (vtc.vllm_plugin).
+        self.encoder_budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
+        # vLLM calls recompute_mrope_positions only for a model that supports pruning and while its multimodal config
+        # has pruning on, which vLLM ties to video pruning: vtc.vllm_plugin extends it to this flag.
+        self.supports_multimodal_pruning = True
         setattr(self.multimodal_config, POSITIONS_FROM_EMBEDDINGS, True)
         self.is_multimodal_pruning_enabled = True  # vLLM's Qwen2.5-VL then keeps the encoder's CUDA graph off
         logger.info("vtc: %s on %s", self.vtc, type(self).__name__)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        if self.vtc is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        merge = self.config.vision_config.spatial_merge_size
+        pieces, start, position = [], 0, 0  # start: sequence index, position: the next position id
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            t, h, w = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            text = offset - start
+            pieces += [torch.arange(position, position + text).expand(3, -1), torch.full((3, length), position + text)]
+            position += text + max(t, h // merge, w // merge)
+            start = offset + length
+        text = len(input_tokens) - start
+        pieces.append(torch.arange(position, position + text).expand(3, -1))
+        return torch.cat(pieces, dim=1), position + text - len(input_tokens)
 
     def embed_multimodal(self, **kwargs: object):
         if self.vtc is None:
@@ -234,24 +323,25 @@ class _VtcQwen:
             raise ValueError("vtc compresses images only; video inputs are disabled while vtc is on")
         image_input = modalities.get("images", modalities.get("image"))
         merge = self.config.vision_config.spatial_merge_size
-        grids = image_input["image_grid_thw"].tolist()
+        grids = image_input["image_grid_thw"]
+        patches = grids.prod(-1).tolist()
+        bounds = [0, *torch.tensor(patches).cumsum(0).tolist()]
         out, before, self.last_kept = [], [], []
-        for features, (t, h, w) in zip(self._process_image_input(image_input), grids, strict=True):
-            rows, cols = h // merge, w // merge
-            kept, plan = select(self.vtc, features, grid=(rows, cols))
-            index = plan.kept[0].to(features.device)
-            self.last_kept.append(index.cpu())
-            positions = torch.stack(
-                [
-                    index // (rows * cols),
-                    (index // cols) % rows,
-                    index % cols,
-                    torch.full_like(index, max(t, rows, cols)),
-                ],
-                dim=1,
-            )  # (t, h, w) from the image's first position; the text after it starts max(t, h, w) further
-            out.append(torch.cat([kept, positions.to(kept.dtype)], dim=1))
-            before.append(features.shape[0])
+        for group in batches([p // merge**2 for p in patches], self.encoder_budget):
+            part = type(image_input)(
+                type="pixel_values",
+                pixel_values=image_input["pixel_values"][bounds[group.start] : bounds[group.stop]],
+                image_grid_thw=grids[group],
+            )
+            for features, (_, h, w) in zip(self._process_image_input(part), grids[group].tolist(), strict=True):
+                rows, cols = h // merge, w // merge
+                kept, plan = select(self.vtc, features, grid=(rows, cols))
+                index = plan.kept[0].to(features.device)
+                values = torch.stack([index // (rows * cols), (index // cols) % rows, index % cols], dim=1)
+                values = torch.cat([values, torch.arange(len(index), device=index.device)[:, None]], dim=1)
+                out.append(torch.cat([kept, encode_positions(values, kept.dtype)], dim=1))
+                before.append(features.shape[0])
+                self.last_kept.append(index.cpu())
         _log(self.vtc, before, [len(k) for k in out])
         return tuple(out)
 
@@ -266,21 +356,20 @@ class _VtcQwen:
             return super().recompute_mrope_positions(
                 input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
             )
-        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-        embeddings = [e[:, :-POSITION_CHANNELS] for e in multimodal_embeddings]
-        positions = [e[:, -POSITION_CHANNELS:].round().long().T for e in multimodal_embeddings]  # [4, K] each
-        config = self.config
-        new, delta = recompute_mrope_positions(
-            ids,
-            positions,
-            mrope_positions,
-            num_computed_tokens,
-            config.vision_start_token_id,
-            config.image_token_id,
-            config.video_token_id,
-        )
-        return embeddings, new, delta
+        positions = mrope_positions.clone()
+        ids = torch.as_tensor(input_ids, device=positions.device)
+        # The embeddings given are those of the images this chunk reaches, in prompt order, the first possibly a part
+        # of its image (the rest before num_computed_tokens); images entirely before it are computed already.
+        runs = image_runs(ids == self.config.image_token_id, positions[0])
+        pending = [run for run in runs if run[1] > num_computed_tokens]
+        out = []
+        for embedding, (start, _) in zip(multimodal_embeddings, pending, strict=False):
+            values = decode_positions(embedding[:, -POSITION_CHANNELS:]).to(positions.device)
+            first = positions[0, start]  # the image's first position (an image's t is 0, provisional or written)
+            positions[:, start + values[:, 3]] = values[:, :3].T + first
+            out.append(embedding[:, :-POSITION_CHANNELS])
+        # The prompt ends with text (vtc's processor refuses others), so decoding goes on after its last token.
+        return out, positions, int(positions[:, -1].max()) + 1 - len(ids)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -289,17 +378,9 @@ class _VtcQwen:
 class VtcQwen2VLForConditionalGeneration(_VtcQwen, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL; with a vtc setting, images reach the language model compressed at their grid positions."""
 
-    supports_multimodal_pruning = True  # only acted on while vtc is on (see _VtcQwen._start_vtc)
-
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._start_vtc(vllm_config)
-
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        if self.vtc is None:  # vLLM's Qwen2-VL does not prune: positions stay as computed
-            length = len(input_ids)
-            return multimodal_embeddings, mrope_positions, int(mrope_positions.max()) + 1 - length
-        return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

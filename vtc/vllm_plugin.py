@@ -14,21 +14,25 @@ How the plugin works:
   kept count is a pure function of the image's token count and the budget. Each image's placeholders are cut to it.
 - *Selection:* the subclass's ``embed_multimodal`` runs the vision encoder and the projector, takes the method's
   signals (``features``; LLaVA's [CLS] attention off its CLIP tower) and applies the method's plan, through the same
-  ``Method.select`` / ``Plan.apply`` as :func:`vtc.compress`.
+  ``Method.plan`` / ``Plan.apply`` as :func:`vtc.compress`.
 - *Positions:* vLLM numbers a 1-D RoPE prompt by sequence index, so on LLaVA the kept tokens are numbered as if the
   dropped ones had never been there (``positions="compact"``, the only choice). On Qwen2-VL / Qwen2.5-VL (M-RoPE) the
-  kept tokens keep their (t, h, w) grid positions (``positions="original"``, the only choice): the embeddings carry
-  them and vLLM's multimodal-pruning hook (``recompute_mrope_positions``, as for its video pruning EVS) rewrites the
-  prompt's M-RoPE positions.
+  kept tokens keep their (t, h, w) grid positions (``positions="original"``, the only choice): the text's positions
+  do not depend on which tokens are kept and are laid out when the request arrives; each kept token's own position
+  rides on its embedding and vLLM's multimodal-pruning hook (``recompute_mrope_positions``, the hook of its video
+  pruning EVS) writes it in, chunk by chunk.
 
-Everything that cannot work is refused when the engine starts: a family the plugin does not cover, an unknown or
-in-LLM method, a method whose signals the family cannot give, keep above an image's tokens (LLaVA's fixed count), a
-``positions`` the family cannot honour. Video inputs of the Qwen families are disabled (a limit of 0) while vtc is on.
+Everything that cannot work is refused when the engine starts: a family the plugin does not cover, a vLLM other than
+0.32, an unknown or in-LLM method, a method whose signals the family cannot give, keep above an image's tokens
+(LLaVA's fixed count), a ``positions`` the family cannot honour. Per request (an error for that request, before
+anything of it is processed): precomputed image embeddings, and a Qwen prompt that ends with an image placeholder.
+Video inputs of the Qwen families are disabled (a limit of 0) while vtc is on.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,33 +146,50 @@ def fixed_image_tokens(hf_config: Any) -> int | None:
     return patches if hf_config.vision_feature_select_strategy == "default" else patches + 1
 
 
+# The vLLM versions vtc's classes are written against: they subclass vLLM's model classes and use its multimodal
+# pruning hook, whose names and signatures vLLM does not keep stable.
+SUPPORTED_VLLM = "0.32."
+
 _registered = False
+_lock = threading.Lock()
 
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: vtc's model classes replace vLLM's for the covered families (they
-    act as vLLM's own until a config has a ``vtc`` entry), and engine configs are checked as they are built."""
+    act as vLLM's own until a config has a ``vtc`` entry), and engine configs are checked as they are built. On a
+    vLLM other than 0.32 it replaces nothing, and a config with a ``vtc`` entry is refused."""
     global _registered
-    if _registered:  # vLLM calls plugins once per process, possibly more: make it idempotent
-        return
-    from vllm import ModelRegistry
-    from vllm.config.model import ModelConfig
-    from vllm.config.multimodal import MultiModalConfig
+    with _lock:
+        if _registered:  # vLLM calls plugins once per process, possibly more: make it idempotent
+            return
+        import vllm
+        from vllm.config.model import ModelConfig
 
-    for architecture, family in FAMILIES.items():
-        ModelRegistry.register_model(architecture, f"vtc.vllm_models:{family.vtc_class}")
-    _check_model_configs(ModelConfig)
-    _allow_position_rewrites(MultiModalConfig)
-    _cpu_runner_rewrites_positions()
-    _registered = True
+        supported = vllm.__version__.startswith(SUPPORTED_VLLM)
+        if supported:
+            from vllm import ModelRegistry
+            from vllm.config.multimodal import MultiModalConfig
+
+            for architecture, family in FAMILIES.items():
+                ModelRegistry.register_model(architecture, f"vtc.vllm_models:{family.vtc_class}")
+            _allow_position_rewrites(MultiModalConfig)
+            _cpu_runner_rewrites_positions()
+        _check_model_configs(ModelConfig, None if supported else vllm.__version__)
+        _registered = True
 
 
-def _check_model_configs(model_config_class: type) -> None:
-    """Every ModelConfig vLLM builds is checked once built, so a bad setting stops the engine before it starts."""
+def _check_model_configs(model_config_class: type, unsupported: str | None) -> None:
+    """Every ModelConfig vLLM builds is checked once built, so a bad setting stops the engine before it starts
+    (``unsupported``: the vLLM version, when vtc's classes are not registered: any vtc entry is refused)."""
     post_init = model_config_class.__post_init__
 
     def checked_post_init(self, *args: Any, **kwargs: Any) -> None:
         post_init(self, *args, **kwargs)
+        if unsupported is not None and getattr(self.hf_config, KEY, None) is not None:
+            raise ValueError(
+                f"vtc's vLLM plugin runs on vLLM {SUPPORTED_VLLM}x, this is vLLM {unsupported}: install vllm "
+                f"{SUPPORTED_VLLM}x (pip install 'vtc[vllm]'), or remove the {KEY!r} entry of hf_overrides"
+            )
         setting = settings(self.hf_config)
         if setting is None:
             return
