@@ -219,7 +219,7 @@ def hf_tokens(path: Path, setting: dict, requests: list[tuple[list, list]]) -> l
     out = []
     with vtc.compress(model, options.pop("method"), **options):
         for parts, images in requests:
-            inputs = processor(images=images, text=[chat(path, parts)], return_tensors="pt")
+            inputs = processor(images=images or None, text=[chat(path, parts)], return_tensors="pt")
             with torch.no_grad():
                 generated = model.generate(
                     **inputs, max_new_tokens=TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
@@ -232,7 +232,9 @@ def hf_tokens(path: Path, setting: dict, requests: list[tuple[list, list]]) -> l
 def vllm_tokens(llm: LLM, path: Path, requests: list[tuple[list, list]]) -> list[tuple[list[int], list[float]]]:
     out = []
     for parts, images in requests:  # one at a time: each may hit the prefix cache of the ones before
-        request = {"prompt": chat(path, parts), "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
+        request = {"prompt": chat(path, parts)}
+        if images:
+            request["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
         sampling = SamplingParams(temperature=0, max_tokens=TOKENS, logprobs=1, ignore_eos=True)
         completion = llm.generate([request], sampling, use_tqdm=False)[0].outputs[0]
         out.append(
@@ -295,11 +297,11 @@ def test_position_channels_are_exact_in_low_precision():
 
 
 def test_requests_vtc_cannot_compress_are_refused_for_that_request_only():
-    """A Qwen prompt ending with an image, and image embeddings: an error for that request, and the next request with
-    the same image answers as vtc's Hugging Face path does."""
+    """A Qwen prompt ending with an image, and image embeddings: an error for that request, and the next requests with
+    the same image, and without one, answer as vtc's Hugging Face path does."""
     path = organisms.path("shapes-qwen2vl")
     setting = {"method": "divprune", "keep": 32}
-    requests = [([None, "is there a red circle ?"], [scene_image(2)])]
+    requests = [([None, "is there a red circle ?"], [scene_image(2)]), (["is there a red circle ?"], [])]
     expected = hf_tokens(path, setting, requests)
     llm = LLM(model=str(path), hf_overrides={"vtc": setting}, enable_mm_embeds=True, **ENGINE)
     try:
@@ -310,10 +312,15 @@ def test_requests_vtc_cannot_compress_are_refused_for_that_request_only():
         with pytest.raises(ValueError, match="image embeddings cannot be compressed"):
             llm.generate([{"prompt": chat(path, requests[0][0]), "multi_modal_data": {"image": embeds}}])
         got = vllm_tokens(llm, path, requests)  # the refused request's image again: nothing of it was cached
+        batched = llm.generate(  # a text-only request next to an image request in one step
+            [{"prompt": chat(path, p), **({"multi_modal_data": {"image": i[0]}} if i else {})} for p, i in requests],
+            SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True),
+        )
     finally:
         close(llm)
-    assert got[0][0] == expected[0][0]
-    torch.testing.assert_close(torch.tensor(got[0][1]), torch.tensor(expected[0][1]), rtol=0, atol=2e-3)
+    for (tokens, logprobs), (expected_tokens, expected_logprobs), together in zip(got, expected, batched, strict=True):
+        assert tokens == expected_tokens == list(together.outputs[0].token_ids)
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=2e-3)
 
 
 def test_bad_settings_stop_the_engine_at_startup(tmp_path):

@@ -265,7 +265,7 @@ def image_runs(is_image: torch.Tensor, first_positions: torch.Tensor) -> list[tu
     previous = torch.nn.functional.pad(first_positions[:-1], (1, 0), value=-1)
     previous_image = torch.nn.functional.pad(is_image[:-1], (1, 0), value=False)
     starts = (is_image & (~previous_image | (first_positions != previous))).nonzero().flatten().tolist()
-    ends = [*starts[1:], len(is_image)]
+    ends = [*starts[1:], len(is_image)][: len(starts)]
     return [
         (start, start + int(is_image[start:end].long().cumprod(0).sum()))
         for start, end in zip(starts, ends, strict=True)
@@ -356,6 +356,8 @@ class _VtcQwen:
             return super().recompute_mrope_positions(
                 input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
             )
+        if not multimodal_embeddings:  # vLLM's V1 runner asks for every request at every step, text-only ones too
+            return [], mrope_positions, int(mrope_positions[:, -1].max()) + 1 - mrope_positions.shape[1]
         positions = mrope_positions.clone()
         ids = torch.as_tensor(input_ids, device=positions.device)
         # The embeddings given are those of the images this chunk reaches, in prompt order, the first possibly a part
@@ -369,7 +371,7 @@ class _VtcQwen:
             positions[:, start + values[:, 3]] = values[:, :3].T + first
             out.append(embedding[:, :-POSITION_CHANNELS])
         # The prompt ends with text (vtc's processor refuses others), so decoding goes on after its last token.
-        return out, positions, int(positions[:, -1].max()) + 1 - len(ids)
+        return out, positions, int(positions[:, -1].max()) + 1 - positions.shape[1]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
