@@ -61,7 +61,9 @@ def build(shape: str, workdir: Path) -> Path:
     # transformers 5 saves CLIP's tower flat (vision_tower.embeddings...); vLLM 0.32 loads the hub checkpoints' nested
     # layout (vision_tower.vision_model.embeddings...), which the organisms and LLaVA-1.5's releases have.
     weights = load_file(target / "model.safetensors")
-    nested = {re.sub(r"vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", k): v for k, v in weights.items()}
+    nested = {
+        re.sub(r"vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", k): v for k, v in weights.items()
+    }
     save_file(nested, target / "model.safetensors", metadata={"format": "pt"})
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(source / name, target / name)
@@ -118,7 +120,6 @@ def run_setting(path: Path, setting: dict | None, args: argparse.Namespace) -> d
         ttft += [batch(1, first)[0] for _ in range(3)]
     foreign = load.stop()
     llm.llm_engine.engine_core.shutdown()
-    del llm
     return {
         "setting": setting or "none",
         "prompt_tokens": prompt_tokens,
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     path = build(args.shape, Path(args.workdir))
-    settings = [None] + [
-        {"method": m, "keep": int(k)} for k in args.keep.split(",") for m in args.methods.split(",")
-    ]
+    settings = [None] + [{"method": m, "keep": int(k)} for k in args.keep.split(",") for m in args.methods.split(",")]
     rows = []
     for setting in settings:
         rows.append(run_setting(path, setting, args))
@@ -158,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['requests_per_s'] / base['requests_per_s']:>5.2f}x {row['ttft_ms']:>8.0f} "
             f"{base['ttft_ms'] / row['ttft_ms']:>5.2f}x {row['foreign_cpu'] or 0:>10.1f}%"
         )
+    if any((row["foreign_cpu"] or 0) > 5 for row in rows):
+        print("warning: the machine was not idle; rerun with nothing else running before trusting these numbers")
     if not args.no_save:
         record = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
