@@ -165,14 +165,22 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
 class Symbolic(nn.Module):
     """The language model plus what stands in for vision: learned row / column embeddings of the grid cells."""
 
-    def __init__(self, lm: LlamaForCausalLM, grid: bool):
+    def __init__(self, lm: LlamaForCausalLM, grid: bool, pairs: bool = False, vocab: Vocabulary | None = None):
         super().__init__()
         self.lm = lm
         width = lm.config.hidden_size
         self.row = nn.Embedding(SIDE, width) if grid else None
         self.column = nn.Embedding(SIDE, width) if grid else None
-        if grid:
-            for table in (self.row, self.column):
+        # --objects pair: a learned vector per (colour, shape) conjunction added to the sum of the words'
+        self.pair = nn.Embedding(len(scenes.COLORS) * len(scenes.SHAPES), width) if pairs else None
+        index = torch.full((lm.config.vocab_size, lm.config.vocab_size), -1, dtype=torch.long)
+        if pairs:
+            for c, color in enumerate(scenes.COLORS):
+                for s, shape in enumerate(scenes.SHAPES):
+                    index[vocab.id[color], vocab.id[shape]] = c * len(scenes.SHAPES) + s
+        self.register_buffer("pair_index", index, persistent=False)
+        for table in (self.row, self.column, self.pair):
+            if table is not None:
                 nn.init.normal_(table.weight, std=0.02)
 
     def embed(self, batch: dict) -> torch.Tensor:
@@ -182,6 +190,9 @@ class Symbolic(nn.Module):
             grid = batch["grid"].clamp(min=0)
             on = (batch["grid"] >= 0)[..., None]
             x = x + on * (self.row(grid // SIDE) + self.column(grid % SIDE))
+        if self.pair is not None:
+            pair = self.pair_index[batch["first"], batch["second"]]
+            x = x + (pair >= 0)[..., None] * self.pair(pair.clamp(min=0))
         return x
 
     def forward(self, batch: dict, embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +238,7 @@ class Batches:
 
     def __init__(self, vocab: Vocabulary, args):
         self.vocab, self.args = vocab, args
-        self.next_index = 0
+        self.next_index = args.scene_offset
         self.rng = random.Random(args.seed + 1)
 
     def __call__(self, families) -> list[Example]:
@@ -352,11 +363,11 @@ def stage0(args, vocab: Vocabulary, log) -> None:
 
     from vtc import organisms
 
-    if args.objects != "sum":
-        raise ValueError("Stage 0 puts one visual token per object: use --objects sum")
+    if args.objects == "split":
+        raise ValueError("Stage 0 puts one visual token per object: use --objects sum or pair")
     organism = AutoModelForImageTextToText.from_pretrained(organisms.path("shapes-llava")).float()
     organism.requires_grad_(False)
-    model = Symbolic(language_model(args, len(vocab.words)), grid=args.grid)
+    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab)
     if args.init:
         model.load_state_dict(torch.load(args.init))
     started = time.time()
@@ -413,7 +424,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--turns", choices=("single", "multi"), default="multi")
     parser.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="loss on </s> too")
-    parser.add_argument("--objects", choices=("sum", "split"), default="sum")
+    parser.add_argument("--objects", choices=("sum", "split", "pair"), default="sum")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="row/col embeddings")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -423,6 +434,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--families", default=",".join(scenes.FAMILIES), help="families trained on")
     parser.add_argument("--first", default="", help="families trained on alone for the first --first-steps")
     parser.add_argument("--first-steps", type=int, default=0)
+    parser.add_argument("--scene-offset", type=int, default=0, help="index of the first train scene")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -430,7 +442,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--save", help="save the trained model's state dict here")
     parser.add_argument("--prior", action="store_true", help="print the answer-prior accuracy and exit")
     parser.add_argument("--pixels", type=int, default=0, help="Stage 0: continue on N cached train scenes' features")
-    parser.add_argument("--init", help="Stage 0: a state dict saved by --save")
+    parser.add_argument("--init", help="start from a state dict saved by --save")
     parser.add_argument("--keep", choices=("objects", "all"), default="objects")
     parser.add_argument("--freeze-projector", action="store_true")
     parser.add_argument("--reset-projector", action="store_true", help="re-initialise the projector")
@@ -471,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args, vocab: Vocabulary, log) -> None:
-    model = Symbolic(language_model(args, len(vocab.words)), grid=args.grid)
+    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab)
+    if args.init:  # continue a symbolic run (with --scene-offset past the scenes it saw)
+        model.load_state_dict(torch.load(args.init))
     log({"stage": "model", "parameters": sum(p.numel() for p in model.parameters())})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     sched = schedule(optimizer, args.steps, args.warmup)
