@@ -13,7 +13,8 @@ dropped, and the kept ones keep their original position ids (what vtc does after
 vector is the sum of its words' input embeddings ("red" + "triangle", "sign" + "7"), plus optionally a learned row
 and column embedding of its 8 x 8 px grid cell (what a vision tower's position embeddings give its features).
 ``--objects split`` gives each word its own token instead (two tokens at the same position id): a departure from
-one token per visual token, to test whether the summed vector is what blocks binding.
+one token per visual token, to test whether the summed vector is what blocks binding. ``--objects pair`` adds a
+learned vector per (colour, shape) conjunction; ``--coords`` a learned linear map of the cell's (x, y).
 
 Training scenes are fresh every step (scenes are a pure function of ``(split, index)``: step s uses train scenes
 ``s * batch ...``); evaluation is single-turn on the ``test`` split, the argmax answer token after ``ASSISTANT:``,
@@ -165,12 +166,16 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
 class Symbolic(nn.Module):
     """The language model plus what stands in for vision: learned row / column embeddings of the grid cells."""
 
-    def __init__(self, lm: LlamaForCausalLM, grid: bool, pairs: bool = False, vocab: Vocabulary | None = None):
+    def __init__(
+        self, lm: LlamaForCausalLM, grid: bool, pairs: bool = False, vocab: Vocabulary | None = None, coords=False
+    ):
         super().__init__()
         self.lm = lm
         width = lm.config.hidden_size
         self.row = nn.Embedding(SIDE, width) if grid else None
         self.column = nn.Embedding(SIDE, width) if grid else None
+        # --coords: an ordinal 2-D signal, a learned linear map of the cell's (x, y) in [-1, 1]
+        self.coords = nn.Linear(2, width, bias=False) if coords else None
         # --objects pair: a learned vector per (colour, shape) conjunction added to the sum of the words'
         self.pair = nn.Embedding(len(scenes.COLORS) * len(scenes.SHAPES), width) if pairs else None
         index = torch.full((lm.config.vocab_size, lm.config.vocab_size), -1, dtype=torch.long)
@@ -190,6 +195,10 @@ class Symbolic(nn.Module):
             grid = batch["grid"].clamp(min=0)
             on = (batch["grid"] >= 0)[..., None]
             x = x + on * (self.row(grid // SIDE) + self.column(grid % SIDE))
+        if self.coords is not None:
+            grid = batch["grid"].clamp(min=0)
+            xy = torch.stack([grid % SIDE, grid // SIDE], -1).float() / (SIDE - 1) * 2 - 1
+            x = x + (batch["grid"] >= 0)[..., None] * self.coords(xy)
         if self.pair is not None:
             pair = self.pair_index[batch["first"], batch["second"]]
             x = x + (pair >= 0)[..., None] * self.pair(pair.clamp(min=0))
@@ -367,7 +376,7 @@ def stage0(args, vocab: Vocabulary, log) -> None:
         raise ValueError("Stage 0 puts one visual token per object: use --objects sum or pair")
     organism = AutoModelForImageTextToText.from_pretrained(organisms.path("shapes-llava")).float()
     organism.requires_grad_(False)
-    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab)
+    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
     if args.init:
         model.load_state_dict(torch.load(args.init))
     started = time.time()
@@ -426,6 +435,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="loss on </s> too")
     parser.add_argument("--objects", choices=("sum", "split", "pair"), default="sum")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="row/col embeddings")
+    parser.add_argument("--coords", action="store_true", help="add a linear map of the cell's (x, y) to objects")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
@@ -483,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args, vocab: Vocabulary, log) -> None:
-    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab)
+    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
     if args.init:  # continue a symbolic run (with --scene-offset past the scenes it saw)
         model.load_state_dict(torch.load(args.init))
     log({"stage": "model", "parameters": sum(p.numel() for p in model.parameters())})
