@@ -1,0 +1,525 @@
+"""Research: can the organisms' language model answer the scene questions when vision is perfect? (issue 18)
+
+    python -m training.symbolic --steps 3000 --log /tmp/runs.jsonl           # the symbolic task
+    python -m training.symbolic --steps 3000 --save /tmp/lm.pt               # ... and keep the LM for Stage 0
+    python -m training.symbolic --pixels 4000 --init /tmp/lm.pt --steps 1500 # Stage 0: real visual tokens
+
+Run from the repository root: training is not part of the vtc distribution.
+
+The symbolic task replaces the image by what a perfect vision tower would hand the language model: one token per
+object and one for the sign, each at the sequence position of the visual token covering its centre inside the
+256-token image span of the LLaVA prompt ``USER: <image> question ASSISTANT: answer``; every other visual token is
+dropped, and the kept ones keep their original position ids (what vtc does after pruning). An object token's
+vector is the sum of its words' input embeddings ("red" + "triangle", "sign" + "7"), plus optionally a learned row
+and column embedding of its 8 x 8 px grid cell (what a vision tower's position embeddings give its features).
+``--objects split`` gives each word its own token instead (two tokens at the same position id): a departure from
+one token per visual token, to test whether the summed vector is what blocks binding. ``--objects pair`` adds a
+learned vector per (colour, shape) conjunction; ``--coords`` a learned linear map of the cell's (x, y).
+
+Training scenes are fresh every step (scenes are a pure function of ``(split, index)``: step s uses train scenes
+``s * batch ...``); evaluation is single-turn on the ``test`` split, the argmax answer token after ``ASSISTANT:``,
+per question family. The language model is ``LlamaForCausalLM`` with the organism's text config
+(``build.config("llava", ...)``: 3 layers, width 128, 4 heads) unless options change it.
+
+Stage 0 (``--pixels N``): the shipped ``shapes-llava`` organism's vision tower (frozen) encodes N train scenes once;
+its layer -2 patch features are cached (fp16) and the language model, initialised from a symbolic run
+(``--init``), continues on them through a projector (the shipped one, trained along; ``--freeze-projector`` keeps
+it). ``--keep objects`` keeps only the object and sign tokens (a well-pruned sequence), ``all`` every token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from training import build
+from vtc.organisms import scenes
+
+SIDE = scenes.IMAGE_SIZE // 8  # 16 x 16 visual tokens of 8 x 8 px
+IMAGE_TOKENS = SIDE * SIDE
+IGNORE = -100
+
+
+def layout(split: str, index: int) -> tuple[list[scenes.Shape], str, tuple, tuple[scenes.Question, ...]]:
+    """``scenes.scene(split, index)`` without drawing the image (20x faster): the same seed and random calls."""
+    seed = int.from_bytes(hashlib.sha256(f"vtc-shapes:{split}:{index}".encode()).digest()[:8], "little")
+    rng = random.Random(seed)
+    shapes, sign, sign_box = scenes._layout(rng)
+    questions = tuple(scenes._ask(family, shapes, sign, rng) for family in scenes.FAMILIES)
+    return shapes, sign, sign_box, questions
+
+
+def cell(box) -> int:
+    """Index (row-major, 0-255) of the visual token covering a box's centre."""
+    x0, y0, x1, y1 = box
+    return (int((y0 + y1) / 2) // 8) * SIDE + int((x0 + x1) / 2) // 8
+
+
+class Vocabulary:
+    def __init__(self):
+        self.tokenizer = build.tokenizer("llava")
+        self.words = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        self.id = {w: i for i, w in enumerate(self.words)}
+        self.eos = self.tokenizer.eos_token_id
+
+    def ids(self, text: str) -> list[int]:
+        return [self.id[w] for w in text.split()]
+
+
+class Example:
+    """One sequence: per position two word ids (the second 0 = none), a grid cell (-1 = none), a position id and the
+    target of the NEXT-token prediction made at that position (IGNORE = no loss)."""
+
+    def __init__(self):
+        self.first, self.second, self.grid, self.position, self.target = [], [], [], [], []
+        self.kinds: list[str] = []  # the family of each answer, in order
+
+    def add(self, word: int, position: int, second: int = 0, grid: int = -1) -> None:
+        self.first.append(word)
+        self.second.append(second)
+        self.grid.append(grid)
+        self.position.append(position)
+        self.target.append(IGNORE)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def objects(shapes, sign: str, sign_box, vocab: Vocabulary) -> list[tuple[int, int, int]]:
+    """(cell, first word id, second word id) of the objects and the sign, in visual-token order."""
+    items = [(cell(s.box), vocab.id[s.color], vocab.id[s.shape]) for s in shapes]
+    items.append((cell(sign_box), vocab.id["sign"], vocab.id[sign]))
+    return sorted(items)
+
+
+def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos: bool = True) -> Example:
+    """The LLaVA conversation ``USER: <image> q ASSISTANT: a </s> USER: q ASSISTANT: a </s> ...`` with the image span
+    reduced to its object / sign tokens at their original position ids."""
+    shapes, sign, sign_box, _ = scene
+    ex = Example()
+    position = 0
+    for turn, q in enumerate(questions):
+        ex.add(vocab.id["USER"], position)
+        ex.add(vocab.id[":"], position + 1)
+        position += 2
+        if turn == 0:
+            for index, first, second in objects(shapes, sign, sign_box, vocab):
+                if split_objects:
+                    ex.add(first, position + index, grid=index)
+                    ex.add(second, position + index, grid=index)
+                else:
+                    ex.add(first, position + index, second=second, grid=index)
+            position += IMAGE_TOKENS
+        for word in vocab.ids(q.question) + [vocab.id["ASSISTANT"], vocab.id[":"]]:
+            ex.add(word, position)
+            position += 1
+        ex.target[-1] = vocab.id[q.answer]
+        ex.kinds.append(q.family)
+        ex.add(vocab.id[q.answer], position)
+        position += 1
+        if answer_eos:
+            ex.target[-1] = vocab.eos
+        ex.add(vocab.eos, position)
+        position += 1
+    return ex
+
+
+def prompt(scene, question, vocab: Vocabulary, split_objects: bool) -> Example:
+    """The single-turn evaluation prompt, ending at ``ASSISTANT:`` (the answer is predicted at the last position)."""
+    ex = example(scene, [question], vocab, split_objects)
+    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target):
+        del field[-2:]
+    return ex
+
+
+def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding has id 0 (<pad>), mask 0."""
+    length = max(len(e) for e in examples)
+    out = {
+        "first": torch.zeros(len(examples), length, dtype=torch.long),
+        "second": torch.zeros(len(examples), length, dtype=torch.long),
+        "grid": torch.full((len(examples), length), -1, dtype=torch.long),
+        "position": torch.zeros(len(examples), length, dtype=torch.long),
+        "target": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+        "mask": torch.zeros(len(examples), length, dtype=torch.long),
+        "last": torch.tensor([len(e) - 1 for e in examples]),
+    }
+    for row, e in enumerate(examples):
+        n = len(e)
+        for key, values in (("first", e.first), ("second", e.second), ("grid", e.grid), ("position", e.position)):
+            out[key][row, :n] = torch.tensor(values)
+        out["target"][row, :n] = torch.tensor(e.target)
+        out["mask"][row, :n] = 1
+    return out
+
+
+class Symbolic(nn.Module):
+    """The language model plus what stands in for vision: learned row / column embeddings of the grid cells."""
+
+    def __init__(
+        self, lm: LlamaForCausalLM, grid: bool, pairs: bool = False, vocab: Vocabulary | None = None, coords=False
+    ):
+        super().__init__()
+        self.lm = lm
+        width = lm.config.hidden_size
+        self.row = nn.Embedding(SIDE, width) if grid else None
+        self.column = nn.Embedding(SIDE, width) if grid else None
+        # --coords: an ordinal 2-D signal, a learned linear map of the cell's (x, y) in [-1, 1]
+        self.coords = nn.Linear(2, width, bias=False) if coords else None
+        # --objects pair: a learned vector per (colour, shape) conjunction added to the sum of the words'
+        self.pair = nn.Embedding(len(scenes.COLORS) * len(scenes.SHAPES), width) if pairs else None
+        index = torch.full((lm.config.vocab_size, lm.config.vocab_size), -1, dtype=torch.long)
+        if pairs:
+            for c, color in enumerate(scenes.COLORS):
+                for s, shape in enumerate(scenes.SHAPES):
+                    index[vocab.id[color], vocab.id[shape]] = c * len(scenes.SHAPES) + s
+        self.register_buffer("pair_index", index, persistent=False)
+        for table in (self.row, self.column, self.pair):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        table = self.lm.get_input_embeddings()
+        x = table(batch["first"]) + table(batch["second"]) * (batch["second"] > 0)[..., None]
+        if self.row is not None:
+            grid = batch["grid"].clamp(min=0)
+            on = (batch["grid"] >= 0)[..., None]
+            x = x + on * (self.row(grid // SIDE) + self.column(grid % SIDE))
+        if self.coords is not None:
+            grid = batch["grid"].clamp(min=0)
+            xy = torch.stack([grid % SIDE, grid // SIDE], -1).float() / (SIDE - 1) * 2 - 1
+            x = x + (batch["grid"] >= 0)[..., None] * self.coords(xy)
+        if self.pair is not None:
+            pair = self.pair_index[batch["first"], batch["second"]]
+            x = x + (pair >= 0)[..., None] * self.pair(pair.clamp(min=0))
+        return x
+
+    def forward(self, batch: dict, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.embed(batch) if embeds is None else embeds
+        return self.lm(inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=batch["position"]).logits
+
+
+def language_model(args, vocab_size: int) -> LlamaForCausalLM:
+    """The organism's language model (``build.config("llava", ...).text_config``), with the overrides in ``args``."""
+    text = build.config("llava", vocab_size).text_config
+    width = args.width or text.hidden_size
+    heads = args.heads or text.num_attention_heads
+    text.hidden_size = width
+    text.num_attention_heads = text.num_key_value_heads = heads
+    text.head_dim = width // heads
+    text.intermediate_size = 3 * width
+    text.num_hidden_layers = args.layers or text.num_hidden_layers
+    text.tie_word_embeddings = args.tie
+    if args.rope_theta:
+        text.rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(text)
+
+
+def schedule(optimizer, steps: int, warmup: int):
+    """Linear warm-up, then cosine decay to 5 % at the last step (as ``training.organisms``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+
+
+class Batches:
+    """Training sequences from fresh train scenes: multi-turn (each scene's six questions in random order, as
+    ``training.organisms``) or single-turn (one random question per scene). ``families`` limits the questions."""
+
+    def __init__(self, vocab: Vocabulary, args):
+        self.vocab, self.args = vocab, args
+        self.next_index = args.scene_offset
+        self.rng = random.Random(args.seed + 1)
+
+    def __call__(self, families) -> list[Example]:
+        out = []
+        while len(out) < self.args.batch:
+            scene = layout("train", self.next_index)
+            self.next_index += 1
+            questions = [q for q in scene[3] if q.family in families]
+            self.rng.shuffle(questions)
+            if self.args.turns == "single":
+                questions = questions[:1]
+            out.append(example(scene, questions, self.vocab, self.args.objects == "split", self.args.eos))
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: Symbolic, vocab: Vocabulary, args, count: int, features=None) -> dict:
+    """Single-turn test accuracy per family (argmax over the whole vocabulary at ``ASSISTANT:``)."""
+    model.eval()
+    right = {f: 0 for f in scenes.FAMILIES}
+    for start in range(0, count, 100):
+        chunk = [layout("test", i) for i in range(start, min(count, start + 100))]
+        for family_index, family in enumerate(scenes.FAMILIES):
+            examples = [prompt(s, s[3][family_index], vocab, args.objects == "split") for s in chunk]
+            if features is None:
+                batch = collate(examples)
+                logits = model(batch)
+            else:
+                batch, embeds, _, _ = features.inputs(model, examples, range(start, start + len(chunk)), "test")
+                logits = model(batch, embeds)
+            guess = logits[torch.arange(len(chunk)), batch["last"]].argmax(-1)
+            truth = torch.tensor([vocab.id[s[3][family_index].answer] for s in chunk])
+            right[family] += int((guess == truth).sum())
+    model.train()
+    out = {f: round(r / count, 3) for f, r in right.items()}
+    out["overall"] = round(sum(right.values()) / (count * len(scenes.FAMILIES)), 3)
+    out["min"] = min(out[f] for f in scenes.FAMILIES)
+    return out
+
+
+def answer_prior(vocab: Vocabulary, count: int) -> dict:
+    """Test accuracy of always giving each family's most frequent train answer (the prior a stuck model learns)."""
+    from collections import Counter
+
+    counts = {f: Counter() for f in scenes.FAMILIES}
+    for i in range(5000):
+        for q in layout("train", i)[3]:
+            counts[q.family][q.answer] += 1
+    best = {f: c.most_common(1)[0][0] for f, c in counts.items()}
+    right = {f: 0 for f in scenes.FAMILIES}
+    for i in range(count):
+        for q in layout("test", i)[3]:
+            right[q.family] += q.answer == best[q.family]
+    return {f: round(r / count, 3) for f, r in right.items()}
+
+
+# --- Stage 0: real visual tokens from the shipped organism's frozen vision tower -------------------------------------
+
+
+class Features:
+    """Cached layer -2 patch features (fp16) of the shipped shapes-llava tower for train and test scenes, and the
+    batches built from them: the conversation of ``example`` with each object / sign slot filled by the projected
+    feature of the visual token covering its centre (``keep="objects"``), or with all 256 visual tokens in place
+    (``keep="all"``)."""
+
+    def __init__(self, organism, counts: dict[str, int], keep: str):
+        self.keep = keep
+        self.projector = organism.model.multi_modal_projector
+        tower = organism.model.vision_tower
+        layer = organism.config.vision_feature_layer
+        self.cache = {}
+        for split, count in counts.items():
+            chunks = []
+            for start in range(0, count, 64):
+                images = [scenes.scene(split, i).image for i in range(start, min(count, start + 64))]
+                pixels = build.normalize(torch.stack([torch.from_numpy(_array(im)) for im in images]))
+                with torch.no_grad():
+                    hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+                chunks.append(hidden.half())
+            self.cache[split] = torch.cat(chunks)  # [N, 256, D]
+
+    def inputs(self, model: Symbolic, examples: list[Example], indices, split: str):
+        """(batch tensors, input embeddings, the symbolic vectors the visual slots replace, the object-slot mask)."""
+        if self.keep == "all":
+            examples = [_all_tokens(e) for e in examples]
+        batch = collate(examples)
+        symbolic = model.embed(batch)
+        features = self.projector(self.cache[split][list(indices)].float())  # [b, 256, D]
+        visual = batch["grid"] >= 0
+        rows = torch.arange(len(examples))[:, None].expand_as(visual)[visual]
+        embeds = symbolic.masked_scatter(visual[..., None], features[rows, batch["grid"][visual]])
+        return batch, embeds, symbolic, visual & (batch["first"] > 0)
+
+
+def _all_tokens(e: Example) -> Example:
+    """The first turn's object slots replaced by all 256 visual tokens, at their original positions."""
+    out = Example()
+    out.kinds = e.kinds
+    slots = [i for i, g in enumerate(e.grid) if g >= 0]
+    for i in range(slots[0]):
+        out.add(e.first[i], e.position[i])
+    base = e.position[slots[0]] - e.grid[slots[0]]
+    words = {e.grid[i]: (e.first[i], e.second[i]) for i in slots}  # the object cells keep their words (alignment)
+    for index in range(IMAGE_TOKENS):
+        first, second = words.get(index, (0, 0))
+        out.add(first, base + index, second=second, grid=index)
+    for i in range(slots[-1] + 1, len(e)):
+        out.add(e.first[i], e.position[i])
+        out.target[-1] = e.target[i]
+    return out
+
+
+def _array(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def stage0(args, vocab: Vocabulary, log) -> None:
+    """Continue a symbolic run's language model on real visual tokens (see the module docstring)."""
+    from transformers import AutoModelForImageTextToText
+
+    from vtc import organisms
+
+    if args.objects == "split":
+        raise ValueError("Stage 0 puts one visual token per object: use --objects sum or pair")
+    organism = AutoModelForImageTextToText.from_pretrained(organisms.path("shapes-llava")).float()
+    organism.requires_grad_(False)
+    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
+    if args.init:
+        model.load_state_dict(torch.load(args.init))
+    started = time.time()
+    features = Features(organism, {"train": args.pixels, "test": args.eval_scenes}, args.keep)
+    log({"stage": "cache", "train": args.pixels, "test": args.eval_scenes, "cache_s": round(time.time() - started, 1)})
+    projector = features.projector
+    if args.reset_projector:
+        for module in projector.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+    projector.requires_grad_(not args.freeze_projector)
+    lm_params = list(model.parameters())
+    params = lm_params + ([] if args.freeze_projector else list(projector.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
+    sched = schedule(optimizer, args.steps, args.warmup)
+    rng = random.Random(args.seed + 1)
+    log({"stage": "pixels-test", "step": 0, **evaluate(model, vocab, args, args.eval_scenes, features)})
+    for step in range(args.steps):
+        frozen = step < args.projector_steps  # the language model waits while the projector learns its inputs
+        for p in lm_params:
+            p.requires_grad_(not frozen)
+        indices = rng.sample(range(args.pixels), args.batch)
+        examples = []
+        for i in indices:
+            s = layout("train", i)
+            questions = list(s[3])
+            rng.shuffle(questions)
+            examples.append(example(s, questions[:1] if args.turns == "single" else questions, vocab, False, args.eos))
+        batch, embeds, symbolic, objects = features.inputs(model, examples, indices, "train")
+        answers = loss_of(model(batch, embeds), batch["target"])
+        target = symbolic[objects].detach()
+        align = F.mse_loss(embeds[objects], target) / target.pow(2).mean()  # relative squared error
+        loss = answers + args.align * align
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        if step % 100 == 0:
+            log({"stage": "pixels", "step": step, "loss": round(answers.item(), 4), "align": round(align.item(), 4)})
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            log({"stage": "pixels-test", "step": step + 1, **evaluate(model, vocab, args, args.eval_scenes, features)})
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.symbolic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--name", default="run", help="label of the run in the log")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=64, help="sequences (= fresh scenes) per step")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--wd", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--turns", choices=("single", "multi"), default="multi")
+    parser.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="loss on </s> too")
+    parser.add_argument("--objects", choices=("sum", "split", "pair"), default="sum")
+    parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="row/col embeddings")
+    parser.add_argument("--coords", action="store_true", help="add a linear map of the cell's (x, y) to objects")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--tie", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--rope-theta", type=float, default=None)
+    parser.add_argument("--families", default=",".join(scenes.FAMILIES), help="families trained on")
+    parser.add_argument("--first", default="", help="families trained on alone for the first --first-steps")
+    parser.add_argument("--first-steps", type=int, default=0)
+    parser.add_argument("--scene-offset", type=int, default=0, help="index of the first train scene")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-scenes", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log", help="append the run's record (JSON line) to this file")
+    parser.add_argument("--save", help="save the trained model's state dict here")
+    parser.add_argument("--prior", action="store_true", help="print the answer-prior accuracy and exit")
+    parser.add_argument("--pixels", type=int, default=0, help="Stage 0: continue on N cached train scenes' features")
+    parser.add_argument("--init", help="start from a state dict saved by --save")
+    parser.add_argument("--keep", choices=("objects", "all"), default="objects")
+    parser.add_argument("--freeze-projector", action="store_true")
+    parser.add_argument("--reset-projector", action="store_true", help="re-initialise the projector")
+    parser.add_argument("--projector-steps", type=int, default=0, help="Stage 0: first steps train the projector only")
+    parser.add_argument("--align", type=float, default=0.0, help="Stage 0: weight of the feature-to-symbol MSE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
+    torch.set_num_threads(1)
+    vocab = Vocabulary()
+    for i in range(20):  # layout() must reproduce scenes.scene()
+        s = scenes.scene("test", i)
+        assert layout("test", i) == (list(s.shapes), s.sign, s.sign_box, s.questions)
+    if args.prior:
+        print(json.dumps({"prior": answer_prior(vocab, args.eval_scenes)}))
+        return
+    start = time.time()
+    history = []
+
+    def log(entry: dict) -> None:
+        entry["seconds"] = round(time.time() - start, 1)
+        history.append(entry)
+        print(json.dumps(entry), flush=True)
+
+    log({"stage": "config", **vars(args)})
+    if args.pixels:
+        stage0(args, vocab, log)
+    else:
+        train(args, vocab, log)
+    if args.log:
+        record = {"name": args.name, "arguments": vars(args), "seconds": round(time.time() - start, 1)}
+        record["final"] = history[-1]
+        record["history"] = [h for h in history if "overall" in h]
+        with open(args.log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(args, vocab: Vocabulary, log) -> None:
+    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
+    if args.init:  # continue a symbolic run (with --scene-offset past the scenes it saw)
+        model.load_state_dict(torch.load(args.init))
+    log({"stage": "model", "parameters": sum(p.numel() for p in model.parameters())})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    sched = schedule(optimizer, args.steps, args.warmup)
+    batches = Batches(vocab, args)
+    families = tuple(args.families.split(","))
+    first = tuple(args.first.split(",")) if args.first else families
+    model.train()
+    for step in range(args.steps):
+        examples = batches(first if step < args.first_steps else families)
+        batch = collate(examples)
+        loss = loss_of(model(batch), batch["target"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        sched.step()
+        if step % 100 == 0:
+            log({"stage": "train", "step": step, "loss": round(loss.item(), 4)})
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            log({"stage": "test", "step": step + 1, **evaluate(model, vocab, args, args.eval_scenes)})
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), args.save)
+
+
+if __name__ == "__main__":
+    main()
