@@ -59,15 +59,21 @@ class ClsRow(Probe):
         Row 0 of the module's eager attention weights, at O(T * C) cost instead of O(T^2 * C). ``hidden`` is the
         module's input (already layer-normed)."""
         attn = self.attn
-        b, t, _ = hidden.shape
         heads, head_dim = attn.num_heads, attn.head_dim
         query, keys = attn.q_proj(hidden[:, :1]), attn.k_proj(hidden)
         if hasattr(attn, "q_norm"):
             query, keys = attn.q_norm(query), attn.k_norm(keys)
-        query = query.view(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
-        keys = keys.view(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
-        logits = query.float() @ keys.float().transpose(-1, -2) * attn.scale  # [B, H, 1, T]
-        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+        return cls_row(query, keys, heads, head_dim, attn.scale)
+
+
+def cls_row(query: torch.Tensor, keys: torch.Tensor, heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """Softmax attention of one query over all keys, mean over heads, in fp32: [B, 1, C], [B, T, C] -> [B, T].
+    Shared by :class:`ClsRow` and vtc's vLLM plugin (vtc.vllm_models.ClsRows)."""
+    b, t, _ = keys.shape
+    query = query.reshape(b, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, d]
+    keys = keys.reshape(b, t, heads, head_dim).transpose(1, 2)  # [B, H, T, d]
+    logits = query.float() @ keys.float().transpose(-1, -2) * scale  # [B, H, 1, T]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 class MultiheadClsRow(Probe):

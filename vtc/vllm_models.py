@@ -39,6 +39,7 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vtc.methods.base import check_signals
+from vtc.probes import cls_row
 from vtc.vllm_plugin import POSITIONS_FROM_EMBEDDINGS, Settings, settings
 
 logger = logging.getLogger("vllm.vtc")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
@@ -172,14 +173,9 @@ class ClsRows:
     def _hook(self, index: int):
         def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, C], already layer-normed
-            b, t, _ = hidden.shape
             qkv, _ = module.qkv_proj(hidden)
             query, keys, _ = qkv.chunk(3, dim=-1)
-            heads, head_dim = module.num_heads, module.head_dim
-            query = query[:, :1].reshape(b, 1, heads, head_dim).transpose(1, 2)
-            keys = keys.reshape(b, t, heads, head_dim).transpose(1, 2)
-            logits = query.float() @ keys.float().transpose(-1, -2) * module.scale  # [B, H, 1, T]
-            self.rows[index] = logits.softmax(dim=-1).mean(dim=1)[:, 0]
+            self.rows[index] = cls_row(query[:, :1], keys, module.num_heads, module.head_dim, module.scale)
 
         return record
 
@@ -280,7 +276,8 @@ class _VtcQwen:
     multimodal-pruning hook, called with the embeddings of each prefill chunk) writes in. A prefix-cache hit over an
     image needs nothing: its tokens' keys were cached with their positions, and the text after it is already right."""
 
-    def _start_vtc(self, vllm_config: Any) -> None:
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # vLLM's Qwen class, next in the MRO
         self.vtc = settings(self.config)
         if self.vtc is None:
             return
@@ -380,17 +377,9 @@ class _VtcQwen:
 class VtcQwen2VLForConditionalGeneration(_VtcQwen, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL; with a vtc setting, images reach the language model compressed at their grid positions."""
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._start_vtc(vllm_config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     VtcQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
 class VtcQwen2_5_VLForConditionalGeneration(_VtcQwen, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL; with a vtc setting, images reach the language model compressed at their grid positions."""
-
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._start_vtc(vllm_config)

@@ -36,6 +36,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from vtc.adapters.llava import tokens_per_image
 from vtc.methods.base import Budget, Method
 from vtc.methods.layerwise import LayerwiseMethod
 from vtc.registry import get_method, list_methods
@@ -139,11 +140,7 @@ def settings(hf_config: Any) -> Settings | None:
 
 def fixed_image_tokens(hf_config: Any) -> int | None:
     """Visual tokens per image of a family whose images all have as many (LLaVA-1.5), else None."""
-    if getattr(hf_config, "model_type", None) != "llava":
-        return None
-    vision = hf_config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches if hf_config.vision_feature_select_strategy == "default" else patches + 1
+    return tokens_per_image(hf_config) if getattr(hf_config, "model_type", None) == "llava" else None
 
 
 # The vLLM versions vtc's classes are written against: they subclass vLLM's model classes and use its multimodal

@@ -27,6 +27,13 @@ from vtc.registry import register_family
 _CLS_SIGNALS = ("cls_attention", "cls_attention_layers")
 
 
+def tokens_per_image(config) -> int:
+    """LLaVA-1.5's visual tokens per image: the patch grid, and the [CLS] token unless the strategy drops it."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    return side * side + (0 if config.vision_feature_select_strategy == "default" else 1)
+
+
 @register_family
 class LlavaAdapter(Adapter):
     """Adapter for LLaVA-1.5-style models (config.model_type "llava")."""
@@ -47,7 +54,7 @@ class LlavaAdapter(Adapter):
         side = vision_config.image_size // vision_config.patch_size
         self.strategy = config.vision_feature_select_strategy
         self.grid = (side, side) if self.strategy == "default" else None
-        self.tokens_per_image = side * side + (0 if self.strategy == "default" else 1)
+        self.tokens_per_image = tokens_per_image(config)
         has_cls = hasattr(getattr(vision, "embeddings", None), "class_embedding")
         self._vision_signals([layer.self_attn for layer in vision.encoder.layers], has_cls)
 
