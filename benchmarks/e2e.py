@@ -2,6 +2,10 @@
 
     python benchmarks/e2e.py [--model llava-7b-shape|tiny-FAMILY|shapes-llava|DIR|HUB_ID] [--device cpu|cuda]
                              [--methods M,...] [--keep 576,192,128,64] [--repeats R] [--quick] [--no-save]
+                             [--video T,H,W]
+
+``--video T,H,W`` (tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl): the prompt holds one video of T temporal patches of
+H x W patches (T * H * W / 4 visual tokens) instead of the image; ``--keep`` is then tokens per video.
 
 For each method at each budget, one ``generate()`` of ``--decode-tokens`` new tokens (greedy, no early stop) is
 split by timing hooks into: vision encoder (tower + projector, vtc's signal hooks included), selection (vtc's
@@ -47,7 +51,7 @@ from selection import ForeignLoad, git_state, machine, median
 
 import vtc
 from vtc.llm.prefill import output_cache
-from vtc.tiny import TINY_MODELS, tiny_model
+from vtc.tiny import TINY_MODELS, tiny_model, tiny_qwen_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
@@ -67,6 +71,7 @@ DEFAULT_METHODS = (
 # The bound's prefill call is recorded from this method's: every pre-LLM method hands the language model the same call
 # at a budget (text + K tokens, vtc's mask and position ids); uniform needs no signal, so it runs on every adapter.
 BOUND_METHOD = "uniform"
+VIDEO_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny models whose prompt can hold a video
 # LLaVA-1.5-7B: CLIP-L/14-336 (24 x 1024) + Vicuna-7B (32 x 4096, FFN 11008). Scaled: same visual token count and
 # vision / LLM FLOP ratio (4.6%), widths / 5.3, fewer layers.
 SHAPES = {
@@ -313,7 +318,8 @@ def call_ms(language: torch.nn.Module, kwargs: dict[str, Any], sync: Callable[[]
 
 def run(model, inputs: dict, settings: list[tuple[str, int | None]], device: torch.device, args) -> dict[str, Any]:
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    visual_ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    visual = sum(int((inputs["input_ids"] == token).sum()) for token in visual_ids if token is not None)
     prompt = int(inputs["attention_mask"].sum())
     new = args.decode_tokens
     options = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "num_beams": 1}
@@ -479,7 +485,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"JSONL to append the row to (default {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--plot", type=Path, help=f"PNG of speed-up vs tokens (default {PLOT.relative_to(ROOT)})")
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--video", help=f"T,H,W: one video instead of the image ({', '.join(VIDEO_MODELS)})")
     args = parser.parse_args(argv)
+    video = None
+    if args.video is not None:
+        try:
+            video = tuple(int(v) for v in args.video.split(","))
+        except ValueError:
+            video = ()
+        if len(video) != 3 or min(video) < 1 or video[1] % 2 or video[2] % 2:
+            parser.error(f"--video takes T,H,W (positive integers, H and W even), got {args.video!r}")
+        if args.model not in VIDEO_MODELS:
+            parser.error(f"--video applies to {', '.join(VIDEO_MODELS)}, not {args.model!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         keeps = [int(k) for k in args.keep.split(",") if k.strip()]
@@ -498,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         model, inputs = shaped_llava(SHAPES[args.model], device)
     elif args.model in TINY_MODELS:
         model, inputs = tiny_model(args.model)
+        if video is not None:
+            inputs = tiny_qwen_inputs(model, image_grids=((),), video_grids=((video,),))
         model, inputs = model.to(device), {key: value.to(device) for key, value in inputs.items()}
     else:
         model, inputs = loaded_model(args.model, args.image, args.prompt, device)
@@ -508,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(model, inputs, settings, device, args)
     foreign = load.stop()
     title = (
-        f"{args.model}: {result['visual_tokens']} visual of {result['prompt_tokens']} prompt tokens, "
+        f"{args.model}{f' (a video of {args.video} patches)' if video else ''}: {result['visual_tokens']} visual of "
+        f"{result['prompt_tokens']} prompt tokens, "
         f"{args.decode_tokens} new tokens; {info['device_name']}, {info['torch_threads']} threads, "
         f"median of {args.repeats}"
     )
@@ -533,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "repeats": args.repeats,
         "decode_tokens": args.decode_tokens,
+        "video": video,
         **result,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

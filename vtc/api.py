@@ -66,6 +66,7 @@ class CompressionHandle:
             "visual_tokens_before": list(last.tokens_before),
             "visual_tokens_after": list(last.tokens_after),
             "images": list(last.images),
+            **({"videos": list(last.videos)} if last.videos is not None else {}),
             "signals": list(last.signals_used),
             "signal_sources": {
                 name: last.signal_sources[name] for name in last.signals_used if name in last.signal_sources

@@ -763,7 +763,9 @@ def tiny_qwen_inputs(
     ``image_grids[b]`` lists the (h, w) in patches (even numbers) of each image of sample b. Sample b is
     ``<bos> text [<|vision_start|> <|image_pad|>x(h*w/4) <|vision_end|> text text]... text``, left-padded.
     ``video_grids[b]`` optionally lists (t, h, w) grids of videos (t = frames / temporal_patch_size), placed
-    after the images the same way with <|video_pad|>, giving pixel_values_videos and video_grid_thw.
+    after the images the same way with <|video_pad|>, giving pixel_values_videos and video_grid_thw. Qwen3-VL and
+    Qwen3.5 lay a video out frame by frame, as their processor does: per temporal patch, two text tokens (its
+    timestamp) and its own <|vision_start|> <|video_pad|>x(h*w/4) <|vision_end|>.
     ``mm_token_type_ids`` (1 image, 2 video, 0 text) is returned only where the model's forward takes it (5.x).
     """
     vision = model.config.vision_config
@@ -778,10 +780,15 @@ def tiny_qwen_inputs(
     def text(n: int) -> list[int]:
         return torch.randint(QWEN_FIRST_TEXT_ID, vocab, (n,), generator=generator).tolist()
 
+    timestamps = model.config.model_type.startswith(("qwen3_vl", "qwen3_5"))
+
     def block(pad_id: int, grid: tuple[int, ...]) -> list[int]:
         t, h, w = grid
         if h % vision.spatial_merge_size or w % vision.spatial_merge_size:
             raise ValueError(f"grid {grid}: h and w must be multiples of {vision.spatial_merge_size}")
+        if pad_id == QWEN_VIDEO_TOKEN_ID and timestamps:
+            frame = [QWEN_VISION_START_TOKEN_ID] + [pad_id] * (h * w // merge) + [QWEN_VISION_END_TOKEN_ID]
+            return [token for _ in range(t) for token in text(2) + frame] + text(2)
         return [QWEN_VISION_START_TOKEN_ID] + [pad_id] * (t * h * w // merge) + [QWEN_VISION_END_TOKEN_ID] + text(2)
 
     rows = []

@@ -42,8 +42,8 @@ FAMILIES = {
 }
 SKIPPED = {"qwen3_5": None if QWEN3_5 else f"Qwen3.5 is not in transformers {transformers.__version__}"}
 DEEPSTACK = {"qwen3_vl"}  # merging is refused there (test_qwen3_vl.py)
-# Qwen3-VL's vision tower: learned position embeddings; video prompts with timestamps, which tiny_qwen_inputs does not
-# lay out (test_qwen3_vl.py and test_qwen3_5.py check the video refusal).
+# Qwen3-VL's vision tower: learned position embeddings (video inputs: test_qwen_video.py; Qwen3.5's refusal:
+# test_qwen3_5.py).
 QWEN3_VISION = {"qwen3_vl", "qwen3_5"}
 RECORDING = "vtc_test_recording"
 # Attention tests: two images of one size (one batched method call) between images of other sizes.
@@ -495,31 +495,6 @@ def test_cls_methods_without_a_substitute_are_refused(model, name):
     assert count_hooks(model) == hooks
 
 
-@pytest.mark.parametrize("via", ["forward", "generate"])
-def test_video_is_refused_before_the_language_model_runs(model, batch, via, family):
-    if family in QWEN3_VISION:
-        pytest.skip("tiny_qwen_inputs lays out Qwen2-VL's video prompts; test_qwen3_vl.py / test_qwen3_5.py check it")
-    video = tiny_qwen_inputs(model, image_grids=(((8, 8),),), video_grids=(((2, 4, 4),),), seed=4)
-    assert "pixel_values_videos" in video
-    before = logits(model, video)
-    hooks = count_hooks(model)
-    with vtc.compress(model, "divprune", keep=K) as handle:
-        compressed = logits(model, batch)
-        with (
-            recording_calls(model.model.language_model) as calls,
-            pytest.raises(ValueError, match="does not compress video"),
-        ):
-            if via == "forward":
-                logits(model, video)
-            else:
-                greedy_generate(model, video, 2)
-        assert not calls
-        assert torch.equal(logits(model, batch), compressed)  # still attached and working
-    assert handle.stats["visual_tokens_after"] == expected_counts(TOKENS, K)
-    assert count_hooks(model) == hooks
-    assert torch.equal(logits(model, video), before)
-
-
 def test_labels_are_refused(model, batch):
     with vtc.compress(model, "random", keep=K), pytest.raises(ValueError, match="inference"):
         model(**batch, labels=batch["input_ids"])
@@ -571,9 +546,13 @@ def test_a_new_turn_over_a_cache_shortened_by_a_plain_forward_is_refused(model):
             model.generate(**turn, past_key_values=out.past_key_values, max_new_tokens=2, do_sample=False)
 
 
-def test_budget_option_is_refused(model):
+def test_a_crop_budget_is_refused_with_what_applies(model, family):
+    """budget= says how keep applies to a video on the families that compress videos; Qwen3.5 takes none."""
     hooks = count_hooks(model)
-    with pytest.raises(ValueError, match=r"\['budget'\] do not apply.*llava_next"):
+    refused = r"one of \['per_video', 'per_frame'\]"
+    if family == "qwen3_5":
+        refused = r"\['budget'\] do not apply.*llava_next"
+    with pytest.raises(ValueError, match=refused):
         vtc.compress(model, "divprune", keep=K, budget="per_crop")
     assert count_hooks(model) == hooks
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import vtc
 from tests import helpers
+from tests.adapters.test_qwen2_vl import recording_calls
 from tests.helpers import count_hooks, greedy_generate
 from tests.open_clip_layout import VisionTransformer, eager_attention
 from vtc.aux_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, AuxiliaryCLIP
@@ -297,3 +298,25 @@ def test_vtc_cls_start_layer_is_checked_against_the_auxiliary_tower_at_attach(mo
     assert count_hooks(model) == hooks
     with vtc.compress(model, "vtc_cls", keep=K, start_layer=-4, cls_model=AuxiliaryCLIP(tower)):
         pass
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_videos_are_refused_with_the_auxiliary_clip_before_the_language_model_runs(model, tower, via):
+    """The auxiliary CLIP maps images only: a video input is refused, in forward() before anything runs and in
+    transformers 5's generate() when its vision pass starts; the attachment keeps working."""
+    video = tiny_qwen_inputs(model, image_grids=(((8, 8),),), video_grids=(((2, 4, 4),),), seed=4)
+    before = logits(model, video)
+    with vtc.compress(model, "fastervlm", keep=K, cls_model=AuxiliaryCLIP(tower)) as handle:
+        with (
+            recording_calls(model.model.language_model) as calls,
+            pytest.raises(ValueError, match=r"auxiliary CLIP \(cls_model=\) maps images only"),
+        ):
+            if via == "forward":
+                logits(model, video)
+            else:
+                model.generate(**video, max_new_tokens=2, do_sample=False)
+        assert not calls
+        image_only = tiny_qwen_inputs(model, image_grids=(((8, 8),),), seed=4)
+        logits(model, image_only)
+        assert handle.stats["visual_tokens_after"] == [K]
+    assert torch.equal(logits(model, video), before)

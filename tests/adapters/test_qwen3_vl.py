@@ -109,19 +109,6 @@ def test_in_llm_drops_before_the_last_deepstack_layer_are_refused(model, method,
     assert count_hooks(model) == hooks
 
 
-def test_video_is_refused_before_the_model_runs(model, batch):
-    frames = torch.randn(2 * 4 * 4, batch["pixel_values"].shape[1])
-    calls = []
-    with vtc.compress(model, "divprune", keep=K):
-        spy = model.model.visual.register_forward_pre_hook(lambda *args: calls.append(1))
-        try:
-            with pytest.raises(ValueError, match="does not compress video"), torch.no_grad():
-                model(**batch, pixel_values_videos=frames, video_grid_thw=torch.tensor([[2, 4, 4]]))
-        finally:
-            spy.remove()
-    assert not calls  # refused before the vision tower
-
-
 def test_merging_and_cls_methods_are_refused_with_the_alternative(model):
     hooks = count_hooks(model)
     with pytest.raises(ValueError, match=r"merge=True cannot run on Qwen3VL.*Use merge=False"):

@@ -40,13 +40,15 @@ class Compression:
     plan: Plan | None  # over all units of the batch in sequence order, when they share one shape
     signals_used: tuple[str, ...]
     signal_sources: dict[str, str] = field(default_factory=dict)
+    videos: list[int] | None = None  # per sample, where the family compresses videos (their tokens count as visual)
     visual_per_layer: list[list[int]] | None = None  # per sample: visual tokens at the input of each LLM layer
     flops: dict[str, float] | None = None  # estimated LLM prefill FLOPs, compressed vs uncompressed
 
 
 @dataclass
 class Unit:
-    """A set of visual tokens that one method call plans over: an image, or one AnyRes crop of it.
+    """A set of visual tokens that one method call plans over: an image, one AnyRes crop of it, a video or one of its
+    frames (``grid`` (H, W), or a video's (T, H, W)).
 
     ``signals`` holds the vision-side signals of these tokens without the batch dimension
     (``cls_attention`` [n], ``cls_attention_layers`` [V, n], ...); features come from the prefill.
@@ -55,18 +57,19 @@ class Unit:
     sample: int  # batch row
     positions: torch.Tensor  # [n] sequence positions of the tokens in that row
     keep: int  # tokens to keep, 0..n
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Image:
-    """One image of a prefill: its batch row, its tokens' sequence positions, and what the vision side recorded
-    for it (family-specific: its token grid, vision-side signals, ...)."""
+    """One image (or video) of a prefill: its batch row, its tokens' sequence positions, and what the vision side
+    recorded for it (family-specific: its token grid, vision-side signals, ...)."""
 
     sample: int
     positions: torch.Tensor  # [n]
     vision: dict[str, Any] = field(default_factory=dict)
+    video: bool = False
 
 
 @dataclass
@@ -131,6 +134,8 @@ class Adapter(ABC):
     visual_aligned: ClassVar[tuple[str, ...]] = ()
     # Why the family cannot renumber the kept tokens' positions (vtc.compress(positions="compact")); None: it can.
     compact_refused: ClassVar[str | None] = None
+    # Whether the family compresses video inputs (their placeholders, config.video_token_id, count as visual tokens).
+    compresses_video: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -162,6 +167,7 @@ class Adapter(ABC):
         config = model.config
         token = getattr(config, "image_token_id", None)
         self.image_token_id = token if token is not None else config.image_token_index
+        self.video_token_id = getattr(config, "video_token_id", None) if self.compresses_video else None
         self._signature = inspect.signature(base.forward)
         self._language_arguments = declared_arguments(base.language_model)  # what dropping must not leave long
         self.sliding_window = sliding_window(base.language_model.config)
@@ -177,7 +183,8 @@ class Adapter(ABC):
         self.last: Compression | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._dropped: Dropped | None = None
-        self._visual: torch.Tensor | None = None  # [B, L] image placeholders of the forward in progress
+        self._visual: torch.Tensor | None = None  # [B, L] image (and video) placeholders of the forward in progress
+        self._video_marks: torch.Tensor | None = None  # [B, L] its video placeholders, where the family has video
         self._prefill: _Prefill | None = None  # the prefill in progress
         # What the family's vision hooks recorded in the call in progress (per layer rows, first tokens, ...):
         # emptied when a vision pass starts (_vision_starts) and once a prefill has planned, so nothing of one call
@@ -324,7 +331,11 @@ class Adapter(ABC):
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         self._read_inputs(bound)
         encoded = bound.get("mm_encoder_outputs") or {}
-        self._record_placeholders(bound, bound.get("pixel_values") is not None or encoded.get("image") is not None)
+        has_images = bound.get("pixel_values") is not None or encoded.get("image") is not None
+        has_videos = self.video_token_id is not None and (
+            bound.get("pixel_values_videos") is not None or encoded.get("video") is not None
+        )
+        self._record_placeholders(bound, has_images, has_videos)
 
     def _plan_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For a prefill's ``inputs_embeds`` [B, L, D]: None when nothing is dropped, else (keep [B, L] bool,
@@ -581,38 +592,47 @@ class Adapter(ABC):
         self._prefill.image_of = image_of = torch.full_like(rank, -1)
         for i, image in enumerate(images):
             image_of[image.sample, image.positions] = i
-        samples = torch.tensor([image.sample for image in images])
-        per_sample = torch.bincount(samples, minlength=visual.shape[0]).tolist()
+
+        def per_sample(video: bool) -> list[int]:
+            samples = torch.tensor([image.sample for image in images if image.video == video], dtype=torch.long)
+            return torch.bincount(samples, minlength=visual.shape[0]).tolist()
+
         survives = keep & visual
         kept = [rank[b][survives[b]] for b in range(visual.shape[0])]
         return Compression(
             kept,
             visual.sum(dim=1).tolist(),
             survives.sum(dim=1).tolist(),
-            per_sample,
+            per_sample(False),
             plan,
             self.requires,
             dict(self.signal_sources),
+            per_sample(True) if self.video_token_id is not None else None,
         )
 
     def _no_images(self, embeds: torch.Tensor) -> None:
         b = embeds.shape[0]
         empty = torch.empty(0, dtype=torch.long, device=embeds.device)
-        self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, ())
+        videos = [0] * b if self.video_token_id is not None else None
+        self.last = Compression([empty] * b, [0] * b, [0] * b, [0] * b, None, (), videos=videos)
 
-    def _record_placeholders(self, bound: dict[str, Any], has_images: bool) -> None:
-        """Called by the family's model pre-hook: remember where the image placeholders of this forward are
+    def _record_placeholders(self, bound: dict[str, Any], has_images: bool, has_videos: bool = False) -> None:
+        """Called by the model pre-hook: remember where the image (and video) placeholders of this forward are
         (from input_ids, or by comparing inputs_embeds with the placeholder's embedding)."""
-        if not has_images:
-            self._visual = None
+        self._visual = self._video_marks = None
+        pairs = ((self.image_token_id, has_images), (self.video_token_id, has_videos))
+        tokens = [token for token, present in pairs if present]
+        if not tokens:
             return
         input_ids = bound.get("input_ids")
         if input_ids is not None:
-            self._visual = input_ids == self.image_token_id
-            return
-        embeds = bound["inputs_embeds"]
-        token = torch.tensor(self.image_token_id, device=embeds.device)
-        self._visual = (embeds == self.base.get_input_embeddings()(token)).all(-1)
+            marks = {token: input_ids == token for token in tokens}
+        else:
+            embeds = bound["inputs_embeds"]
+            table = self.base.get_input_embeddings()
+            marks = {token: (embeds == table(torch.tensor(token, device=embeds.device))).all(-1) for token in tokens}
+        self._visual = torch.stack(list(marks.values())).any(0)
+        self._video_marks = marks.get(self.video_token_id) if has_videos else None
 
     def _take_placeholders(self, embeds: torch.Tensor) -> torch.Tensor | None:
         """The placeholder mask of this forward, once (None if it holds no image tokens)."""

@@ -18,12 +18,26 @@ refused unless the user opts in to a substitute: ``fastervlm`` with ``signal="at
 or an auxiliary open_clip CLIP passed as ``cls_model=...`` whose [CLS] attention is resampled onto
 each image's token grid. ``handle.stats["signal_sources"]`` says where each signal came from.
 
-Video inputs (pixel_values_videos / <|video_pad|> tokens) are refused with a clear error for now.
+Videos (``pixel_values_videos``, ``video_grid_thw``; runs of <|video_pad|> tokens, one per video on Qwen2-VL / 2.5-VL,
+one per frame between timestamps on Qwen3-VL) are compressed like images, alone or mixed with images in a batch. A
+video's merged tokens are (t, h, w) = (temporal patches, rows, columns) in raster order, frame after frame, and keep
+their original M-RoPE positions (the model computes them before vtc drops anything). What a budget means for a video:
+
+* ``budget="per_video"`` (default): ``keep`` / ``ratio`` per video, one selection over all its frames, so tokens
+  repeated from frame to frame compete with each other; the method gets the video's (t, h, w) grid.
+* ``budget="per_frame"``: ``keep`` / ``ratio`` per temporal patch, each planned on its own (h, w) grid.
+
+Images are planned as above whatever the budget. The transformers models encode images, then videos, in two vision
+passes (in forward(), or in transformers 5's generate() before it); vtc tells them apart by the model method that runs
+the vision tower (``get_video_features``). Temporal methods (``vtc.methods.base.Method.temporal``, e.g. ``evs``) need
+videos with ``budget="per_video"``: images and per-frame budgets are refused. The auxiliary CLIP (``cls_model=``) maps
+images only: videos are refused with it.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -35,6 +49,11 @@ from vtc.methods.base import Budget, Method
 from vtc.probes import QwenVisionReceived, probe
 from vtc.registry import register_family
 
+BUDGETS = {
+    "per_video": "keep / ratio per video, one selection over all its frames",
+    "per_frame": "keep / ratio per frame (temporal patch), each planned on its own",
+}
+
 
 @register_family
 class Qwen2VLAdapter(Adapter):
@@ -42,8 +61,9 @@ class Qwen2VLAdapter(Adapter):
 
     model_types = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
     layout = "merged_grid"
-    options = ("cls_model",)
+    options = ("cls_model", "budget")
     modules = ("visual", "language_model")
+    compresses_video = True
     pil_processor: ClassVar[bool] = True  # vtc.loading may rebuild its processor without torchvision (QwenProcessor)
     compact_refused = (
         "its M-RoPE gives an image's tokens (t, h, w) grid positions and starts the text after the image at the grid's "
@@ -52,6 +72,13 @@ class Qwen2VLAdapter(Adapter):
     )
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
+        self.video_budget = (options or {}).get("budget") or "per_video"
+        if self.video_budget not in BUDGETS and "budget" in self.options:  # else refused as an unknown option
+            family = " / ".join(self.model_types.values())
+            raise ValueError(
+                f"budget must be one of {list(BUDGETS)} for {family} (how keep / ratio applies to a video: "
+                f"{'; '.join(f'{name!r}: {what}' for name, what in BUDGETS.items())}), got {self.video_budget!r}"
+            )
         super().__init__(model, method, budget, options, **layerwise)
         base = self.base
         vision = model.config.vision_config
@@ -89,6 +116,18 @@ class Qwen2VLAdapter(Adapter):
                 "signal='attention_received', ...) ranks tokens by the attention they receive in the vision "
                 "tower, or cls_model='ViT-B-16' (any open_clip ViT) adds an auxiliary CLIP [CLS] attention map"
             )
+        if self.video_budget == "per_frame" and self.method.name == "none":
+            raise ValueError(
+                f"budget='per_frame' says how a pre-LLM method's keep / ratio applies to a video; in-LLM method "
+                f"{self.method_names!r} keeps its budget per video. Drop budget=, or add a pre-LLM method "
+                "(vtc.compress(model, ['divprune', 'fastv'], keep=[pre, in_llm], budget='per_frame'))"
+            )
+        if self.method.temporal and self.video_budget == "per_frame":
+            raise ValueError(
+                f"method {self.method.name!r} compares each frame of a video with the one before, so it plans over a "
+                "whole video: budget='per_frame' (each frame planned alone) cannot use it; use budget='per_video' "
+                "(the default)"
+            )
         super().check()
 
     @property
@@ -107,18 +146,36 @@ class Qwen2VLAdapter(Adapter):
         if self._needs_received:
             self._hook(self.base.visual.blocks[self.signal_block].attn, self._attention_hook, pre=True)
 
+    def _refuse_inputs(self, images: bool, videos: bool) -> None:
+        """Refuse what this attachment cannot compress, before any work on it (the model's forward, or the vision
+        pass that transformers 5's generate() runs before it)."""
+        if videos and not self.compresses_video:
+            raise ValueError(
+                f"vtc does not compress video inputs on {type(self.model).__name__} (pixel_values_videos / "
+                "<|video_pad|> tokens); call handle.remove() to run video prompts uncompressed"
+            )
+        if videos and self._needs_cls:
+            raise ValueError(
+                "the auxiliary CLIP (cls_model=) maps images only, and this input holds videos; use a method that "
+                "needs no [CLS] attention for videos (divprune, dart, uniform, evs, or fastervlm with "
+                "signal='attention_received'), or call handle.remove() to run them uncompressed"
+            )
+        if images and self.method.temporal:
+            raise ValueError(
+                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
+                "images, which have a single frame: give it videos only, or use another method for images"
+            )
+
     def _read_inputs(self, bound: dict[str, Any]) -> None:
         encoded = bound.get("mm_encoder_outputs") or {}
-        if bound.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise ValueError(
-                "vtc does not compress video inputs yet (pixel_values_videos / <|video_pad|> tokens); "
-                "call handle.remove() to run video prompts uncompressed"
-            )
+        images = bound.get("pixel_values") is not None or encoded.get("image") is not None
+        videos = bound.get("pixel_values_videos") is not None or encoded.get("video") is not None
+        self._refuse_inputs(images, videos)
         cache = kv_cache(bound)
         if cache is None:  # passed under the name the signature no longer declares (past_key_values on 5.24+)
             cache = kv_cache(bound.get("kwargs") or {})
         positioned = bound.get("position_ids") is not None or bound.get("cache_position") is not None  # (4.x)
-        images = bound.get("pixel_values") is not None or encoded.get("image") is not None  # refused as such, later
+        images = images or videos  # refused as such, later
         if cache is not None and cache in self._shortened and not positioned and not images:
             name = type(self.model).__name__
             raise ValueError(
@@ -128,7 +185,13 @@ class Qwen2VLAdapter(Adapter):
             )
 
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        video = self._encoding_video()
+        self._refuse_inputs(not video, video)
+        images = self.captured.get("images") if video else None  # the image pass of this call comes first
         self._vision_starts(module)
+        if images is not None:
+            self.captured["images"] = images
+        self.captured["encoding"] = "videos" if video else "images"
         bound = self._vision_signature.bind_partial(*args, **kwargs).arguments
         grid_thw = self.captured["grid_thw"] = bound["grid_thw"]
         if self._needs_received and self.windowed:
@@ -155,9 +218,12 @@ class Qwen2VLAdapter(Adapter):
             if "window_index" in self.captured:
                 received = received[torch.argsort(self.captured["window_index"].to(received.device))]
             received = received.split(tokens)
-        images = self.captured["images"] = []  # per image: what the vision side knows of it
+        video = self.captured.pop("encoding") == "videos"
+        images = self.captured["videos" if video else "images"] = []  # per image / video: what the vision side knows
         for i, (count, (t, h, w)) in enumerate(zip(tokens, grid_thw.tolist(), strict=True)):
             info: dict[str, Any] = {"grid": (h // self.merge, w // self.merge) if t == 1 else None, "length": count}
+            if video:
+                info["frames"] = (t, h // self.merge, w // self.merge)
             info["first"] = merged[sum(tokens[:i])].detach()
             if received is not None:
                 info["attention_received"] = received[i]
@@ -165,6 +231,19 @@ class Qwen2VLAdapter(Adapter):
                 info["cls_attention"] = self.captured["aux_rows"][i][-1]
                 info["cls_attention_layers"] = self.captured["aux_rows"][i]
             images.append(info)
+
+    def _encoding_video(self) -> bool:
+        """Whether the vision pass starting now encodes videos: the model runs it from its get_video_features
+        (transformers 4.57 and 5.x, in forward() and in 5.x's generate(); Qwen3-VL's calls get_image_features)."""
+        models = (self.model, self.base)
+        frame = sys._getframe(1)
+        for _ in range(48):  # the hooks' frames, torch's call wrappers, get_*_features and their decorators
+            if frame is None:
+                return False
+            if frame.f_code.co_name == "get_video_features" and any(frame.f_locals.get("self") is m for m in models):
+                return True
+            frame = frame.f_back
+        return False
 
     def _windows(self, visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's window order of the merged groups (transformers 4.57 method, 5.x function)."""
@@ -204,47 +283,67 @@ class Qwen2VLAdapter(Adapter):
         units = []
         for image in images:
             signals = {name: image.vision[name] for name in self.requires if name != "features"}
-            count = self.budget.cap(image.positions.numel())
-            units.append(Unit(image.sample, image.positions, count, image.vision.get("grid"), signals))
+            frames = image.vision.get("frames")
+            if frames is None or self.video_budget == "per_video":
+                count = self.budget.cap(image.positions.numel())
+                units.append(Unit(image.sample, image.positions, count, frames or image.vision.get("grid"), signals))
+                continue
+            t, h, w = frames
+            for f in range(t):
+                part = slice(f * h * w, (f + 1) * h * w)
+                parts = {name: value[..., part] for name, value in signals.items()}
+                units.append(Unit(image.sample, image.positions[part], self.budget.cap(h * w), (h, w), parts))
         return units
 
     def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
-        """Images are the runs of <|image_pad|> tokens; they are matched to the images the vision tower saw in
-        order, or by their first token when generate() repeated them (beams)."""
-        runs = []
-        for b in range(visual.shape[0]):
-            cols = visual[b].nonzero().squeeze(1)
-            breaks = ((cols[1:] - cols[:-1]) != 1).nonzero().squeeze(1) + 1
-            runs += [(b, run) for run in torch.tensor_split(cols, breaks.tolist()) if run.numel()]  # none: no image
-        needs_vision = set(self.requires) - {"features"}
-        vision = self.captured.get("images")
-        if vision is None:
-            if needs_vision:
-                raise ValueError(
-                    f"method {self.method.name!r} needs vision-side signals {sorted(needs_vision)}, but the vision "
-                    "encoder did not run while vtc was attached (were image features computed before vtc.compress?)"
-                )
-            return [Image(b, run) for b, run in runs]
-        lengths = [info["length"] for info in vision]
-        if sum(run.numel() for _, run in runs) == sum(lengths):
-            return self._split_runs(runs, vision)
-        # generate() repeated the images (beam search): match each run to a vision-side image.
-        seen = torch.stack([info["first"] for info in vision])
-        first = torch.stack([embeds[b, run[0]] for b, run in runs])
-        matches = match_images(first, seen, fits=lambda i, j: lengths[j] == runs[i][1].numel())
-        return [Image(b, run, vision[j]) for (b, run), j in zip(runs, matches, strict=True)]
+        """Images are the <|image_pad|> tokens, videos the <|video_pad|> ones; each sample's tokens of a kind, in
+        sequence order, are the tokens of its images (videos) one after another, matched to what the vision tower
+        saw in order, or by their first token when generate() repeated them (beams)."""
+        videos, self._video_marks = self._video_marks, None
+        found = self._locate(visual if videos is None else visual & ~videos, embeds, video=False)
+        if videos is not None:
+            found += self._locate(videos, embeds, video=True)
+        return sorted(found, key=lambda image: (image.sample, int(image.positions[0])))
 
-    def _split_runs(self, runs: list, vision: list[dict[str, Any]]) -> list[Image]:
+    def _locate(self, marks: torch.Tensor, embeds: torch.Tensor, video: bool) -> list[Image]:
+        kind = "video" if video else "image"
+        per_sample = [marks[b].nonzero().squeeze(1) for b in range(marks.shape[0])]
+        if not any(cols.numel() for cols in per_sample):
+            return []
+        vision = self.captured.get(f"{kind}s")
+        if vision is None:
+            needs_vision = set(self.requires) - {"features"}
+            if needs_vision or video:
+                what = f"vision-side signals {sorted(needs_vision)}" if needs_vision else "each video's (t, h, w) grid"
+                raise ValueError(
+                    f"method {self.method.name!r} needs {what}, but the vision encoder did not run while vtc was "
+                    f"attached (were the {kind} features computed before vtc.compress?)"
+                )
+            return [Image(b, run) for b, cols in enumerate(per_sample) for run in _runs(cols)]
         lengths = [info["length"] for info in vision]
-        images: list[Image] = []
-        for b, run in runs:
+        in_order = sum(cols.numel() for cols in per_sample) == sum(lengths)
+        seen = None if in_order else torch.stack([info["first"] for info in vision])  # beams: match first tokens
+        found: list[Image] = []
+        for b, cols in enumerate(per_sample):
             start = 0
-            while start < run.numel():
-                length = lengths[len(images)]
-                if start + length > run.numel():
+            while start < cols.numel():
+                if in_order:
+                    j = len(found)
+                else:
+                    left = cols.numel() - start  # the lambda runs within match_images, in this iteration
+                    fits = lambda _, j: lengths[j] <= left  # noqa: B023, E731
+                    j = match_images(embeds[b, cols[start]].unsqueeze(0), seen, fits=fits)[0]
+                if start + lengths[j] > cols.numel():
                     raise ValueError(
-                        f"the <|image_pad|> runs of the prompt do not split into whole images of {lengths} tokens"
+                        f"the {kind} placeholders of sample {b} ({cols.numel()} tokens) do not split into whole "
+                        f"{kind}s of the {lengths} tokens the vision encoder gave"
                     )
-                images.append(Image(b, run[start : start + length], vision[len(images)]))
-                start += length
-        return images
+                found.append(Image(b, cols[start : start + lengths[j]], vision[j], video))
+                start += lengths[j]
+        return found
+
+
+def _runs(cols: torch.Tensor) -> list[torch.Tensor]:
+    """Consecutive runs of sorted column indices."""
+    breaks = ((cols[1:] - cols[:-1]) != 1).nonzero().squeeze(1) + 1
+    return [run for run in torch.tensor_split(cols, breaks.tolist()) if run.numel()]

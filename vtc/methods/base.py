@@ -145,6 +145,7 @@ class Method(ABC):
     name: ClassVar[str]
     stage: ClassVar[str] = "pre"  # where it runs: before the language model
     requires: ClassVar[tuple[str, ...]] = ("features",)
+    temporal: ClassVar[bool] = False  # needs a video's (T, H, W) grid: plans over frames
 
     @abstractmethod
     def _plan(self, signals: dict[str, Any], keep: int) -> Plan:

@@ -1,0 +1,290 @@
+"""Video inputs of Qwen2-VL, Qwen2.5-VL and Qwen3-VL on tiny random models: the adapter bar on batches that mix videos
+and images, with budgets per video and per frame.
+
+The batch: sample 0 holds an image of 8x8 patches (16 tokens) and a video of 2 temporal patches of 4x8 (2 x 8 tokens);
+sample 1 holds no image and two videos, 3 x (4x4) and 2 x (8x4) (3 x 4 and 2 x 8 tokens). The vision tower encodes the
+images of the whole batch, then its videos; Qwen3-VL lays each frame out between its own timestamp tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import vtc
+from tests import helpers
+from tests.adapters.test_qwen2_vl import CASES, FAMILIES, logits, recording_calls
+from tests.helpers import Replay, count_hooks, greedy_generate
+from vtc.methods import FastV
+from vtc.tiny import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, tiny_qwen_inputs
+
+TRANSFORMERS_4 = transformers.__version__.startswith("4.")
+STEPS = 4
+K = 6
+IMAGES = (((8, 8),), ())
+VIDEOS = (((2, 4, 8),), ((3, 4, 4), (2, 8, 4)))
+# Per sample, its images and videos in sequence order: (tokens per frame, frames).
+UNITS = [[(16, 1, False), (8, 2, True)], [(4, 3, True), (8, 2, True)]]
+BUDGETS = ("per_video", "per_frame")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return FAMILIES[family]()
+
+
+@pytest.fixture(autouse=True)
+def _merging_is_refused_with_deepstack(request):
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("family") == "qwen3_vl" and params.get("options", {}).get("merge"):
+        pytest.skip("merging is refused on Qwen3-VL (DeepStack); test_qwen3_vl.py checks the refusal")
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return tiny_qwen_inputs(model, image_grids=IMAGES, video_grids=VIDEOS, seed=3)
+
+
+def greedy_no_cache(model, inputs: dict, steps: int) -> torch.Tensor:
+    return helpers.greedy_no_cache(model, inputs, steps, positions=False)
+
+
+def expected(budget: str, keep: int | None = None, ratio: float | None = None) -> list[list[int]]:
+    """Kept tokens of each image / video of each sample: a cap per image, per video or per frame."""
+
+    def cap(n: int) -> int:
+        return min(keep, n) if keep is not None else max(1, round(ratio * n))
+
+    return [
+        [cap(n * frames) if not video or budget == "per_video" else frames * cap(n) for n, frames, video in row]
+        for row in UNITS
+    ]
+
+
+def split(kept: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """A sample's kept indices (into its visual tokens, images and videos in sequence order) by unit, as indices into
+    each."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(kept[(kept >= start) & (kept < start + n)] - start)
+        start += n
+    return out
+
+
+def visual_columns(inputs: dict, b: int) -> torch.Tensor:
+    ids = inputs["input_ids"][b]
+    return ((ids == QWEN_IMAGE_TOKEN_ID) | (ids == QWEN_VIDEO_TOKEN_ID)).nonzero().squeeze(1)
+
+
+def sample(inputs: dict, b: int) -> dict:
+    """Sample b alone, unpadded, with its own images' and videos' patches and grids."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {
+        k: inputs[k][b][keep].unsqueeze(0) for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs
+    }
+    for pixels, grids, per_sample in (
+        ("pixel_values", "image_grid_thw", [[(1, *g) for g in row] for row in IMAGES]),
+        ("pixel_values_videos", "video_grid_thw", [list(row) for row in VIDEOS]),
+    ):
+        first = sum(len(row) for row in per_sample[:b])
+        start = sum(t * h * w for row in per_sample[:b] for t, h, w in row)
+        stop = start + sum(t * h * w for t, h, w in per_sample[b])
+        if per_sample[b]:
+            out[pixels] = inputs[pixels][start:stop]
+            out[grids] = inputs[grids][first : first + len(per_sample[b])]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- the adapter bar
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_remove_restores_the_model_bit_for_bit(model, batch, name, options, budget):
+    before = logits(model, batch)
+    hooks = count_hooks(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = vtc.compress(model, name, keep=K, budget=budget, **options)
+    compressed = logits(model, batch)
+    handle.remove()
+    assert count_hooks(model) == hooks
+    kept = expected(budget, keep=K)
+    dropped = [sum(n * f for n, f, _ in row) - sum(k) for row, k in zip(UNITS, kept, strict=True)]
+    assert compressed.shape[1] == before.shape[1] - min(dropped)
+    assert torch.equal(logits(model, batch), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_keep_all_is_the_identity(model, batch, name, options, budget):
+    before = logits(model, batch)
+    with vtc.compress(model, name, ratio=1.0, budget=budget, **options) as handle:
+        after = logits(model, batch)
+    assert torch.equal(after, before)
+    assert [k.tolist() for k in handle.last_kept] == [list(range(32)), list(range(28))]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_generate_with_cache_equals_no_cache_reference_with_exact_counts(model, batch, name, options, budget):
+    with vtc.compress(model, name, keep=K, budget=budget, **options) as handle:
+        cached = greedy_generate(model, batch, STEPS)
+        stats, kept_in_generate = handle.stats, [k.clone() for k in handle.last_kept]
+        reference = greedy_no_cache(model, batch, STEPS)
+    assert torch.equal(cached, reference)
+    assert [k.tolist() for k in handle.last_kept] == [k.tolist() for k in kept_in_generate]
+    counts = expected(budget, keep=K)
+    assert stats["images"] == [1, 0] and stats["videos"] == [1, 2]
+    assert stats["visual_tokens_before"] == [32, 28]
+    assert stats["visual_tokens_after"] == [sum(row) for row in counts]
+    for kept, units, row in zip(kept_in_generate, UNITS, counts, strict=True):
+        parts = split(kept, [n * frames for n, frames, _ in units])
+        assert [len(part) for part in parts] == row
+        if budget == "per_frame":  # every frame of a video keeps its own share
+            for part, (n, frames, _) in zip(parts, units, strict=True):
+                assert torch.bincount(part // n, minlength=frames).tolist() == [min(K, n)] * frames
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_ratio_budgets_count_per_video_or_per_frame(model, batch, budget):
+    with vtc.compress(model, "divprune", ratio=0.3, budget=budget) as handle:
+        logits(model, batch)
+    assert handle.stats["visual_tokens_after"] == [sum(row) for row in expected(budget, ratio=0.3)]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize(("name", "options"), [c for c in CASES if c.values[0] != "random"])
+def test_a_batch_mixing_videos_and_images_equals_each_sample_alone(model, batch, name, options, budget):
+    """(random draws one score row per unit of a shape, so its choice depends on the batch: left out.)"""
+    with vtc.compress(model, name, keep=K, budget=budget, **options) as handle:
+        batched = greedy_generate(model, batch, STEPS)
+        batched_kept = handle.last_kept
+        batched_last = logits(model, batch)[:, -1]
+        for b in range(2):
+            single = sample(batch, b)
+            assert torch.equal(greedy_generate(model, single, STEPS), batched[b : b + 1])
+            assert torch.equal(handle.last_kept[0], batched_kept[b])
+            torch.testing.assert_close(logits(model, single)[:, -1], batched_last[b : b + 1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize(("name", "options"), [("divprune", {}), ("fastervlm", {"signal": "attention_received"})])
+def test_removal_at_original_positions_equals_masking_the_dropped_tokens(model, batch, name, options, budget):
+    """The language model on the shortened prompt, kept tokens at their original (t, h, w) positions, equals the
+    language model on the whole prompt (same positions, same DeepStack features) with the dropped tokens masked out."""
+    with recording_calls(model.model.language_model) as calls:
+        logits(model, batch)
+    full = calls[0]
+    with vtc.compress(model, name, keep=K, budget=budget, **options) as handle:
+        compressed = logits(model, batch)[:, -1]
+        kept = handle.last_kept
+    mask = full["attention_mask"].clone()
+    for b, chosen in enumerate(kept):
+        visual = visual_columns(batch, b)
+        dropped = torch.ones(len(visual), dtype=torch.bool)
+        dropped[chosen] = False
+        mask[b, visual[dropped]] = 0
+    with torch.no_grad():
+        hidden = model.model.language_model(**{**full, "attention_mask": mask}).last_hidden_state
+        masked = model.lm_head(hidden)[:, -1]
+    torch.testing.assert_close(compressed, masked, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(compressed, logits(model, batch)[:, -1], rtol=1e-4, atol=1e-4)  # dropping mattered
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_kept_video_tokens_keep_their_original_mrope_positions(model, batch, budget):
+    with recording_calls(model.model.language_model) as calls:
+        logits(model, batch)
+    positions = calls[0]["position_ids"]
+    with (
+        vtc.compress(model, "divprune", keep=K, budget=budget) as handle,
+        recording_calls(model.model.language_model) as calls,
+    ):
+        logits(model, batch)
+    short = calls[0]["position_ids"]
+    for b in range(2):
+        visual = visual_columns(batch, b)
+        keep = torch.ones(batch["input_ids"].shape[1], dtype=torch.bool)
+        keep[visual] = False
+        keep[visual[handle.last_kept[b]]] = True
+        cols = keep.nonzero().squeeze(1)
+        assert torch.equal(short[:, b, -cols.numel() :], positions[:, b, cols])
+    # Two frames of a video differ in their temporal position.
+    video = visual_columns(batch, 1)[:12]
+    assert positions[-3, 1, video].unique().numel() == 3
+
+
+def test_in_llm_method_on_video_equals_the_no_cache_reference(model, batch):
+    """FastV at layer 1 (after the tiny Qwen3-VL's one DeepStack layer) keeps K tokens per video (one image id)."""
+    layer = 1
+    method = FastV(layer=layer)
+    replay = Replay(method)
+    with vtc.compress(model, method, keep=K) as handle:
+        generated = greedy_generate(model, batch, STEPS)
+        replay.replay()
+        reference = greedy_no_cache(model, batch, STEPS)
+    assert torch.equal(generated, reference)
+    assert handle.stats["visual_tokens_per_layer"][1][layer:] == [K * 2] * (
+        len(model.model.language_model.layers) - layer
+    )
+
+
+def test_beam_search_repeats_videos_and_their_signals_follow(model, batch):
+    with vtc.compress(model, "fastervlm", signal="attention_received", keep=K) as handle:
+        logits(model, batch)
+        greedy_kept = handle.last_kept
+        out = model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+    assert out.shape[0] == 2
+    assert handle.stats["videos"] == [1, 1, 2, 2]
+    for b in range(2):
+        for beam in range(2):
+            assert torch.equal(handle.last_kept[2 * b + beam], greedy_kept[b])
+
+
+@pytest.mark.skipif(TRANSFORMERS_4, reason="mm_encoder_outputs exists from transformers 5.0")
+def test_generate_encodes_videos_before_the_prefill(model, batch):
+    with vtc.compress(model, "divprune", keep=K) as handle, recording_calls(model.model) as calls:
+        greedy_generate(model, batch, 2)
+    prefill = calls[0]
+    assert prefill.get("pixel_values_videos") is None and prefill["mm_encoder_outputs"]["video"] is not None
+    assert handle.stats["videos"] == [1, 2]
+
+
+# -------------------------------------------------------------------------------------------- refusals
+
+
+def test_an_unknown_budget_is_refused_with_the_choices(model):
+    hooks = count_hooks(model)
+    with pytest.raises(ValueError, match=r"budget must be one of \['per_video', 'per_frame'\].*got 'global'"):
+        vtc.compress(model, "divprune", keep=K, budget="global")
+    assert count_hooks(model) == hooks
+
+
+@pytest.mark.skipif(TRANSFORMERS_4, reason="mm_encoder_outputs exists from transformers 5.0")
+def test_videos_encoded_before_attach_are_refused(model, batch):
+    with torch.no_grad():
+        encoded = {"video": model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])}
+    inputs = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos")}
+    inputs["input_ids"] = torch.where(inputs["input_ids"] == QWEN_IMAGE_TOKEN_ID, 9, inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.where(inputs["mm_token_type_ids"] == 1, 0, inputs["mm_token_type_ids"])
+    refused = r"needs each video's \(t, h, w\) grid.*vision encoder did not run"
+    with vtc.compress(model, "divprune", keep=K), pytest.raises(ValueError, match=refused):
+        model(**inputs, mm_encoder_outputs=encoded)
+
+
+def test_a_per_frame_budget_without_a_pre_llm_method_is_refused(model):
+    hooks = count_hooks(model)
+    with pytest.raises(ValueError, match=r"budget='per_frame' says how a pre-LLM method.*'fastv' keeps its budget"):
+        vtc.compress(model, "fastv", keep=K, budget="per_frame", layer=1)
+    assert count_hooks(model) == hooks
+    with vtc.compress(model, ["divprune", FastV(layer=1)], keep=[8, K], budget="per_frame"):
+        pass
