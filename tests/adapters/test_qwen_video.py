@@ -237,7 +237,9 @@ def test_in_llm_method_on_video_equals_the_no_cache_reference(model, batch):
     )
 
 
-def test_beam_search_repeats_videos_and_their_signals_follow(model, batch):
+def test_beam_search_repeats_videos_and_their_signals_follow(model, batch, family):
+    if TRANSFORMERS_4 and family == "qwen3_vl":
+        pytest.skip("transformers 4.57's Qwen3-VL cannot expand videos for beam search (it counts frames as videos)")
     with vtc.compress(model, "fastervlm", signal="attention_received", keep=K) as handle:
         logits(model, batch)
         greedy_kept = handle.last_kept
