@@ -124,7 +124,6 @@ class Adapter(ABC):
     # image + high-resolution crops, packed with newline tokens), "merged_grid" (groups of patches per token).
     layout: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # adapter options accepted by vtc.compress (e.g. "budget")
-    budgets: ClassVar[tuple[str, ...]] = ()  # the values of its budget= option, the default first (where it has one)
     # Submodules of the inner model (model.model) the family hooks; the first is the vision tower.
     modules: ClassVar[tuple[str, ...]]
     # Keyword arguments of the language model, besides inputs_embeds / attention_mask / position_ids /

@@ -62,7 +62,6 @@ class InternVLAdapter(LlavaAdapter):
     model_types = {"internvl": "InternVL"}
     layout = "tiles"
     options = ("budget",)
-    budgets = BUDGETS
     watches_projector = True  # the projector's first token per tile matches tiles to images
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):

@@ -50,7 +50,6 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = {"llava_next": "LLaVA-NeXT"}
     layout = "anyres"
     options = ("budget",)
-    budgets = BUDGETS
     watches_projector = True
     feature_strategy = "default"  # the vision_feature_select_strategy of the released models, the one vtc supports
     thumbnail_signal = "cls_attention"  # the base image's signal that budget="thumbnail" shares the crops' budget by

@@ -62,7 +62,6 @@ class Qwen2VLAdapter(Adapter):
     model_types = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
     layout = "merged_grid"
     options = ("cls_model", "budget")
-    budgets = tuple(BUDGETS)
     modules = ("visual", "language_model")
     compresses_video = True
     pil_processor: ClassVar[bool] = True  # vtc.loading may rebuild its processor without torchvision (QwenProcessor)

@@ -44,7 +44,6 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
 
     model_types = {"qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE"}
     options = ()
-    budgets = ()
     compresses_video = False
     # Its processor (Qwen3-VL's: video timestamps) is not rebuilt without torchvision: AutoProcessor's error stands.
     pil_processor: ClassVar[bool] = False

@@ -55,7 +55,7 @@ class Bundle:
     @property
     def crop_budgets(self) -> bool:
         """Whether the family shares a budget over an image's crops (LLaVA-NeXT's, OneVision's ``budget=``)."""
-        return "per_crop" in self.adapter.budgets
+        return "budget" in self.adapter.options
 
     @property
     def has_cls(self) -> bool:
