@@ -168,6 +168,7 @@ def compress(
     keep: int | list[int] | None = None,
     ratio: float | list[float] | None = None,
     budget: str | None = None,
+    video_budget: str | None = None,
     cls_model: Any = None,
     positions: str = "original",
     **method_options: Any,
@@ -188,6 +189,9 @@ def compress(
             (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`,
             :mod:`vtc.adapters.llava_onevision`); InternVL (tiles and thumbnail): "global" (default) or "per_crop"
             (see :mod:`vtc.adapters.internvl`).
+        video_budget: Qwen2-VL, Qwen2.5-VL and Qwen3-VL: what ``keep`` / ``ratio`` means for a video (pre-LLM
+            methods; in-LLM ones choose per video): "per_video" (default: one selection over all its frames) or
+            "per_frame" (each temporal patch on its own); see :mod:`vtc.adapters.qwen2_vl`.
         cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL / Qwen3.5): an auxiliary open_clip CLIP (a model name
             such as "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
             resampled onto the visual-token grid, for methods that need ``cls_attention``.
@@ -210,7 +214,8 @@ def compress(
     pre, pre_budget, llm, llm_budget = _stages(method, keep, ratio, method_options)
     adapter_class = get_adapter_class(model)
     _refuse_overlap(model)
-    options = {name: value for name, value in (("budget", budget), ("cls_model", cls_model)) if value is not None}
+    given = (("budget", budget), ("video_budget", video_budget), ("cls_model", cls_model))
+    options = {name: value for name, value in given if value is not None}
     options["positions"] = positions
     adapter = adapter_class(model, pre, pre_budget, options, layerwise=llm, layer_budget=llm_budget)
     adapter.check()

@@ -546,13 +546,9 @@ def test_a_new_turn_over_a_cache_shortened_by_a_plain_forward_is_refused(model):
             model.generate(**turn, past_key_values=out.past_key_values, max_new_tokens=2, do_sample=False)
 
 
-def test_a_crop_budget_is_refused_with_what_applies(model, family):
-    """budget= says how keep applies to a video on the families that compress videos; Qwen3.5 takes none."""
+def test_budget_option_is_refused(model):
     hooks = count_hooks(model)
-    refused = r"one of \['per_video', 'per_frame'\]"
-    if family == "qwen3_5":
-        refused = r"\['budget'\] do not apply.*llava_next"
-    with pytest.raises(ValueError, match=refused):
+    with pytest.raises(ValueError, match=r"\['budget'\] do not apply.*llava_next"):
         vtc.compress(model, "divprune", keep=K, budget="per_crop")
     assert count_hooks(model) == hooks
 

@@ -111,7 +111,7 @@ def test_remove_restores_the_model_bit_for_bit(model, batch, name, options, budg
     before = logits(model, batch)
     hooks = count_hooks(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = vtc.compress(model, name, keep=K, budget=budget, **options)
+    handle = vtc.compress(model, name, keep=K, video_budget=budget, **options)
     compressed = logits(model, batch)
     handle.remove()
     assert count_hooks(model) == hooks
@@ -126,7 +126,7 @@ def test_remove_restores_the_model_bit_for_bit(model, batch, name, options, budg
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_keep_all_is_the_identity(model, batch, name, options, budget):
     before = logits(model, batch)
-    with vtc.compress(model, name, ratio=1.0, budget=budget, **options) as handle:
+    with vtc.compress(model, name, ratio=1.0, video_budget=budget, **options) as handle:
         after = logits(model, batch)
     assert torch.equal(after, before)
     assert [k.tolist() for k in handle.last_kept] == [list(range(32)), list(range(28))]
@@ -135,7 +135,7 @@ def test_keep_all_is_the_identity(model, batch, name, options, budget):
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_generate_with_cache_equals_no_cache_reference_with_exact_counts(model, batch, name, options, budget):
-    with vtc.compress(model, name, keep=K, budget=budget, **options) as handle:
+    with vtc.compress(model, name, keep=K, video_budget=budget, **options) as handle:
         cached = greedy_generate(model, batch, STEPS)
         stats, kept_in_generate = handle.stats, [k.clone() for k in handle.last_kept]
         reference = greedy_no_cache(model, batch, STEPS)
@@ -155,7 +155,7 @@ def test_generate_with_cache_equals_no_cache_reference_with_exact_counts(model, 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_ratio_budgets_count_per_video_or_per_frame(model, batch, budget):
-    with vtc.compress(model, "divprune", ratio=0.3, budget=budget) as handle:
+    with vtc.compress(model, "divprune", ratio=0.3, video_budget=budget) as handle:
         logits(model, batch)
     assert handle.stats["visual_tokens_after"] == [sum(row) for row in expected(budget, ratio=0.3)]
 
@@ -164,7 +164,7 @@ def test_ratio_budgets_count_per_video_or_per_frame(model, batch, budget):
 @pytest.mark.parametrize(("name", "options"), [c for c in CASES if c.values[0] != "random"])
 def test_a_batch_mixing_videos_and_images_equals_each_sample_alone(model, batch, name, options, budget):
     """(random draws one score row per unit of a shape, so its choice depends on the batch: left out.)"""
-    with vtc.compress(model, name, keep=K, budget=budget, **options) as handle:
+    with vtc.compress(model, name, keep=K, video_budget=budget, **options) as handle:
         batched = greedy_generate(model, batch, STEPS)
         batched_kept = handle.last_kept
         batched_last = logits(model, batch)[:, -1]
@@ -183,7 +183,7 @@ def test_removal_at_original_positions_equals_masking_the_dropped_tokens(model, 
     with recording_calls(model.model.language_model) as calls:
         logits(model, batch)
     full = calls[0]
-    with vtc.compress(model, name, keep=K, budget=budget, **options) as handle:
+    with vtc.compress(model, name, keep=K, video_budget=budget, **options) as handle:
         compressed = logits(model, batch)[:, -1]
         kept = handle.last_kept
     mask = full["attention_mask"].clone()
@@ -205,7 +205,7 @@ def test_kept_video_tokens_keep_their_original_mrope_positions(model, batch, bud
         logits(model, batch)
     positions = calls[0]["position_ids"]
     with (
-        vtc.compress(model, "divprune", keep=K, budget=budget) as handle,
+        vtc.compress(model, "divprune", keep=K, video_budget=budget) as handle,
         recording_calls(model.model.language_model) as calls,
     ):
         logits(model, batch)
@@ -265,8 +265,8 @@ def test_generate_encodes_videos_before_the_prefill(model, batch):
 
 def test_an_unknown_budget_is_refused_with_the_choices(model):
     hooks = count_hooks(model)
-    with pytest.raises(ValueError, match=r"budget must be one of \['per_video', 'per_frame'\].*got 'global'"):
-        vtc.compress(model, "divprune", keep=K, budget="global")
+    with pytest.raises(ValueError, match=r"video_budget must be one of \['per_video', 'per_frame'\].*got 'global'"):
+        vtc.compress(model, "divprune", keep=K, video_budget="global")
     assert count_hooks(model) == hooks
 
 
@@ -285,8 +285,17 @@ def test_videos_encoded_before_attach_are_refused(model, batch):
 
 def test_a_per_frame_budget_without_a_pre_llm_method_is_refused(model):
     hooks = count_hooks(model)
-    with pytest.raises(ValueError, match=r"budget='per_frame' says how a pre-LLM method.*'fastv' keeps its budget"):
-        vtc.compress(model, "fastv", keep=K, budget="per_frame", layer=1)
+    with pytest.raises(ValueError, match=r"video_budget='per_frame' says how a pre-LLM.*'fastv' keeps its budget"):
+        vtc.compress(model, "fastv", keep=K, video_budget="per_frame", layer=1)
     assert count_hooks(model) == hooks
-    with vtc.compress(model, ["divprune", FastV(layer=1)], keep=[8, K], budget="per_frame"):
+    with vtc.compress(model, ["divprune", FastV(layer=1)], keep=[8, K], video_budget="per_frame"):
         pass
+
+
+def test_video_budget_is_refused_where_videos_are_not_compressed():
+    from vtc.tiny import tiny_llava
+
+    llava = tiny_llava(image_size=56)
+    with pytest.raises(ValueError, match=r"\['video_budget'\] do not apply.*video_budget= applies to model_types"):
+        vtc.compress(llava, "divprune", keep=8, video_budget="per_frame")
+    assert count_hooks(llava) == 0

@@ -26,7 +26,13 @@ from vtc.llm.layers import LayerDropper
 from vtc.llm.prefill import Dropped, declared_arguments, drop, kv_cache, output_cache, remap_decode, take
 from vtc.methods.base import Budget, Method, Plan
 from vtc.methods.layerwise import LayerwiseMethod, same_shape, total_flops
-from vtc.registry import METHODS, adapter_options
+from vtc.registry import ADAPTERS, METHODS, adapter_options
+
+# The values of video_budget= (families that compress videos): what keep / ratio means for a video.
+VIDEO_BUDGETS = {
+    "per_video": "keep / ratio per video, one selection over all its frames",
+    "per_frame": "keep / ratio per frame (temporal patch), each planned on its own",
+}
 
 
 @dataclass
@@ -134,7 +140,8 @@ class Adapter(ABC):
     visual_aligned: ClassVar[tuple[str, ...]] = ()
     # Why the family cannot renumber the kept tokens' positions (vtc.compress(positions="compact")); None: it can.
     compact_refused: ClassVar[str | None] = None
-    # Whether the family compresses video inputs (their placeholders, config.video_token_id, count as visual tokens).
+    # Whether the family compresses video inputs (their placeholders, config.video_token_id, count as visual tokens);
+    # such a family lists "video_budget" in its options.
     compresses_video: ClassVar[bool] = False
 
     def __init__(
@@ -153,6 +160,12 @@ class Adapter(ABC):
             raise ValueError(
                 f"option(s) {unknown} do not apply to {type(model).__name__}; "
                 + "; ".join(f"{name}= applies to model_types {types}" for name, types in adapter_options().items())
+            )
+        self.video_budget = options.get("video_budget") or "per_video"
+        if self.video_budget not in VIDEO_BUDGETS:
+            described = "; ".join(f"{name!r}: {what}" for name, what in VIDEO_BUDGETS.items())
+            raise ValueError(
+                f"video_budget must be one of {list(VIDEO_BUDGETS)} ({described}), got {self.video_budget!r}"
             )
         base = getattr(model, "model", model)
         for name in dict.fromkeys((*self.modules, "language_model")):  # every family hooks the language model
@@ -211,6 +224,24 @@ class Adapter(ABC):
                     "drops tokens inside it, after layers that saw their original positions. Use positions='original' "
                     "(the default) with in-LLM methods"
                 )
+        if self.method.temporal and not self.compresses_video:
+            raise ValueError(
+                f"method {self.method.name!r} compares each frame of a video with the one before, and vtc compresses "
+                f"no videos on {type(self.model).__name__}; families with video: "
+                f"{sorted(t for t, cls in ADAPTERS.items() if cls.compresses_video)}"
+            )
+        if self.video_budget == "per_frame" and self.method.name == "none":
+            raise ValueError(
+                f"video_budget='per_frame' says how a pre-LLM method's keep / ratio applies to a video; in-LLM method "
+                f"{self.method_names!r} keeps its budget per video. Drop video_budget=, or add a pre-LLM method "
+                "(vtc.compress(model, ['divprune', 'fastv'], keep=[pre, in_llm], video_budget='per_frame'))"
+            )
+        if self.method.temporal and self.video_budget == "per_frame":
+            raise ValueError(
+                f"method {self.method.name!r} compares each frame of a video with the one before, so it plans over a "
+                "whole video: video_budget='per_frame' (each frame planned alone) cannot use it; use "
+                "video_budget='per_video' (the default)"
+            )
         missing = [s for s in self.requires if s not in self.provides]
         if missing:
             usable = sorted(name for name, cls in METHODS.items() if set(cls.requires) <= set(self.provides))
@@ -320,6 +351,20 @@ class Adapter(ABC):
     @abstractmethod
     def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
         """The units (an image, or a part of it) the method plans over, with their budgets and signals."""
+
+    def _video_units(self, video: Image, signals: dict[str, torch.Tensor]) -> list[Unit]:
+        """The units of a video whose vision info gives its ``frames`` (T, H, W), its first T * H * W positions its
+        tokens frame after frame: the whole video on its (T, H, W) grid, or each frame on its (H, W) grid."""
+        t, h, w = video.vision["frames"]
+        positions = video.positions[: t * h * w]
+        if self.video_budget == "per_video":
+            return [Unit(video.sample, positions, self.budget.cap(t * h * w), (t, h, w), signals)]
+        units = []
+        for f in range(t):
+            part = slice(f * h * w, (f + 1) * h * w)
+            parts = {name: value[..., part] for name, value in signals.items()}
+            units.append(Unit(video.sample, positions[part], self.budget.cap(h * w), (h, w), parts))
+        return units
 
     def _complete_keep(self, keep: torch.Tensor, images: list[Image]) -> torch.Tensor:
         """Adjust the kept set [B, L] after planning (LLaVA-NeXT keeps newline tokens with their rows)."""

@@ -23,15 +23,15 @@ one per frame between timestamps on Qwen3-VL) are compressed like images, alone 
 video's merged tokens are (t, h, w) = (temporal patches, rows, columns) in raster order, frame after frame, and keep
 their original M-RoPE positions (the model computes them before vtc drops anything). What a budget means for a video:
 
-* ``budget="per_video"`` (default): ``keep`` / ``ratio`` per video, one selection over all its frames, so tokens
-  repeated from frame to frame compete with each other; the method gets the video's (t, h, w) grid.
-* ``budget="per_frame"``: ``keep`` / ``ratio`` per temporal patch, each planned on its own (h, w) grid.
+* ``video_budget="per_video"`` (default): ``keep`` / ``ratio`` per video, one selection over all its frames, so
+  tokens repeated from frame to frame compete with each other; the method gets the video's (t, h, w) grid.
+* ``video_budget="per_frame"``: ``keep`` / ``ratio`` per temporal patch, each planned on its own (h, w) grid.
 
 Images are planned as above whatever the budget. The transformers models encode images, then videos, in two vision
 passes (in forward(), or in transformers 5's generate() before it); vtc tells them apart by the model method that runs
 the vision tower (``get_video_features``). Temporal methods (``vtc.methods.base.Method.temporal``, e.g. ``evs``) need
-videos with ``budget="per_video"``: images and per-frame budgets are refused. The auxiliary CLIP (``cls_model=``) maps
-images only: videos are refused with it.
+videos with ``video_budget="per_video"``: images and per-frame budgets are refused. The auxiliary CLIP
+(``cls_model=``) maps images only: videos are refused with it.
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ from vtc.methods.base import Budget, Method
 from vtc.probes import QwenVisionReceived, probe
 from vtc.registry import register_family
 
-BUDGETS = {
-    "per_video": "keep / ratio per video, one selection over all its frames",
-    "per_frame": "keep / ratio per frame (temporal patch), each planned on its own",
-}
-
 
 @register_family
 class Qwen2VLAdapter(Adapter):
@@ -61,7 +56,7 @@ class Qwen2VLAdapter(Adapter):
 
     model_types = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
     layout = "merged_grid"
-    options = ("cls_model", "budget")
+    options = ("cls_model", "video_budget")
     modules = ("visual", "language_model")
     compresses_video = True
     pil_processor: ClassVar[bool] = True  # vtc.loading may rebuild its processor without torchvision (QwenProcessor)
@@ -72,13 +67,6 @@ class Qwen2VLAdapter(Adapter):
     )
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, options: dict | None = None, **layerwise):
-        self.video_budget = (options or {}).get("budget") or "per_video"
-        if self.video_budget not in BUDGETS and "budget" in self.options:  # else refused as an unknown option
-            family = " / ".join(self.model_types.values())
-            raise ValueError(
-                f"budget must be one of {list(BUDGETS)} for {family} (how keep / ratio applies to a video: "
-                f"{'; '.join(f'{name!r}: {what}' for name, what in BUDGETS.items())}), got {self.video_budget!r}"
-            )
         super().__init__(model, method, budget, options, **layerwise)
         base = self.base
         vision = model.config.vision_config
@@ -115,18 +103,6 @@ class Qwen2VLAdapter(Adapter):
                 "has no [CLS] token. Choose a substitute explicitly: vtc.compress(model, 'fastervlm', "
                 "signal='attention_received', ...) ranks tokens by the attention they receive in the vision "
                 "tower, or cls_model='ViT-B-16' (any open_clip ViT) adds an auxiliary CLIP [CLS] attention map"
-            )
-        if self.video_budget == "per_frame" and self.method.name == "none":
-            raise ValueError(
-                f"budget='per_frame' says how a pre-LLM method's keep / ratio applies to a video; in-LLM method "
-                f"{self.method_names!r} keeps its budget per video. Drop budget=, or add a pre-LLM method "
-                "(vtc.compress(model, ['divprune', 'fastv'], keep=[pre, in_llm], budget='per_frame'))"
-            )
-        if self.method.temporal and self.video_budget == "per_frame":
-            raise ValueError(
-                f"method {self.method.name!r} compares each frame of a video with the one before, so it plans over a "
-                "whole video: budget='per_frame' (each frame planned alone) cannot use it; use budget='per_video' "
-                "(the default)"
             )
         super().check()
 
@@ -283,16 +259,11 @@ class Qwen2VLAdapter(Adapter):
         units = []
         for image in images:
             signals = {name: image.vision[name] for name in self.requires if name != "features"}
-            frames = image.vision.get("frames")
-            if frames is None or self.video_budget == "per_video":
+            if image.video:
+                units += self._video_units(image, signals)
+            else:
                 count = self.budget.cap(image.positions.numel())
-                units.append(Unit(image.sample, image.positions, count, frames or image.vision.get("grid"), signals))
-                continue
-            t, h, w = frames
-            for f in range(t):
-                part = slice(f * h * w, (f + 1) * h * w)
-                parts = {name: value[..., part] for name, value in signals.items()}
-                units.append(Unit(image.sample, image.positions[part], self.budget.cap(h * w), (h, w), parts))
+                units.append(Unit(image.sample, image.positions, count, image.vision.get("grid"), signals))
         return units
 
     def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:

@@ -34,7 +34,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Adapter for Qwen3-VL and Qwen3-VL-MoE (config.model_type "qwen3_vl" / "qwen3_vl_moe")."""
 
     model_types = {"qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE"}
-    options = ("budget",)
+    options = ("video_budget",)
     token_aligned: ClassVar[tuple[str, ...]] = ("visual_pos_masks",)
     visual_aligned: ClassVar[tuple[str, ...]] = ("deepstack_visual_embeds",)
     # Its processor (video timestamps) is not rebuilt without torchvision: AutoProcessor's error stands.
