@@ -189,9 +189,10 @@ def compress(
             (default), "per_crop" or "thumbnail" (see :mod:`vtc.adapters.llava_next`,
             :mod:`vtc.adapters.llava_onevision`); InternVL (tiles and thumbnail): "global" (default) or "per_crop"
             (see :mod:`vtc.adapters.internvl`).
-        video_budget: Qwen2-VL, Qwen2.5-VL and Qwen3-VL: what ``keep`` / ``ratio`` means for a video (pre-LLM
-            methods; in-LLM ones choose per video): "per_video" (default: one selection over all its frames) or
-            "per_frame" (each temporal patch on its own); see :mod:`vtc.adapters.qwen2_vl`.
+        video_budget: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision: what ``keep`` / ``ratio`` means for a
+            video (pre-LLM methods; in-LLM ones choose per video): "per_video" (default: one selection over all its
+            frames) or "per_frame" (each frame, on Qwen each temporal patch, on its own); see
+            :mod:`vtc.adapters.qwen2_vl`, :mod:`vtc.adapters.llava_onevision`.
         cls_model: Qwen2-VL / Qwen2.5-VL only (not Qwen3-VL / Qwen3.5): an auxiliary open_clip CLIP (a model name
             such as "ViT-B-16", "name:pretrained", a (name, pretrained) tuple or a model) whose [CLS] attention is
             resampled onto the visual-token grid, for methods that need ``cls_attention``.

@@ -10,6 +10,7 @@ tokens per image) but random weights, so they exercise every code path without d
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from transformers import (
@@ -404,9 +405,15 @@ def tiny_llava_onevision_inputs(
     text_lengths: tuple[tuple[int, int], ...] | None = None,
     seed: int = 0,
     batch_num_images: bool = True,
+    videos: tuple[int, ...] | None = None,
+    frames: int = 4,
 ) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask / pixel_values / image_sizes / batch_num_images for a batch, laid out like
     LlavaOnevisionProcessor's (see ``tiny_llava_next_inputs``; text tokens from 5 on, after <video>).
+
+    ``videos[b]`` optionally gives sample b that many videos of ``frames`` frames each, after its images, each a run of
+    frames * ceil(side / 2)^2 + 1 <video> tokens (side = image_size / patch_size: the 2 x 2 pooling, then a newline),
+    followed by two text tokens; they come as ``pixel_values_videos`` [videos, frames, 3, image_size, image_size].
 
     ``batch_num_images`` (as the processor gives it) makes the images of a sample with several images one crop
     each, not cut into AnyRes crops; ``batch_num_images=False`` leaves it out, and every image is cut (transformers'
@@ -425,10 +432,18 @@ def tiny_llava_onevision_inputs(
             n = llava_onevision_image_tokens(model, height, width, patched)
             ids += [IMAGE_TOKEN_ID] * n + torch.randint(first_text, vocab, (2,), generator=generator).tolist()
             crops.append(llava_onevision_crops(model, height, width, patched))
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2) ** 2
+        for _ in range(videos[b] if videos else 0):
+            ids += [ONEVISION_VIDEO_TOKEN_ID] * (frames * pooled + 1)
+            ids += torch.randint(first_text, vocab, (2,), generator=generator).tolist()
         ids += torch.randint(first_text, vocab, (after,), generator=generator).tolist()
         rows.append(ids)
     input_ids, attention_mask = _left_pad(rows)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if videos and sum(videos):
+        side = vision.image_size
+        clips = torch.randn(sum(videos), frames, 3, side, side, generator=generator)
+        inputs["pixel_values_videos"] = clips.to(next(model.parameters()).dtype)
     flat = [size for sizes in image_sizes for size in sizes]
     if flat:
         side = vision.image_size

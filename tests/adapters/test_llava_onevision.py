@@ -26,7 +26,6 @@ import vtc
 from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.tiny import (
     IMAGE_TOKEN_ID,
-    ONEVISION_VIDEO_TOKEN_ID,
     llava_onevision_image_tokens,
     tiny_llava_onevision,
     tiny_llava_onevision_inputs,
@@ -635,45 +634,6 @@ def test_cls_methods_are_refused_with_the_substitute(model, name, options):
         vtc.compress(model, name, keep=KEEP, **options)
     assert "signal='attention_received'" in str(error.value)
     assert count_hooks(model) == hooks
-
-
-def video_inputs(model, frames: int = 2) -> dict:
-    """One image and one video of ``frames`` frames in one prompt (the video's tokens: 2 x 2 pooled per frame, and
-    one newline)."""
-    inputs = tiny_llava_onevision_inputs(model, image_sizes=(((56, 112),),), seed=8)
-    side = model.config.vision_config.image_size
-    video = [ONEVISION_VIDEO_TOKEN_ID] * (frames * math.ceil(SIDE / 2) ** 2 + 1)
-    ids = torch.cat([inputs["input_ids"], torch.tensor([video])], dim=1)
-    inputs.update(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pixel_values_videos=torch.randn(1, frames, 3, side, side, generator=torch.Generator().manual_seed(0)),
-    )
-    return inputs
-
-
-@pytest.mark.parametrize("via", ["forward", "generate"])
-def test_video_is_refused_before_the_language_model_runs(model, batch, via):
-    video = video_inputs(model)
-    before = logits(model, video)
-    hooks = count_hooks(model)
-    calls = []
-    with vtc.compress(model, "divprune", keep=KEEP) as handle:
-        compressed = logits(model, batch)
-        spy = model.model.language_model.register_forward_pre_hook(lambda *a: calls.append(1))
-        try:
-            with pytest.raises(ValueError, match="does not compress video"):
-                if via == "forward":
-                    logits(model, video)
-                else:
-                    greedy_generate(model, video, 2)
-        finally:
-            spy.remove()
-        assert not calls
-        assert torch.equal(logits(model, batch), compressed)  # still attached and working
-    assert count_hooks(model) == hooks
-    assert torch.equal(logits(model, video), before)
-    assert handle.stats["visual_tokens_after"] != handle.stats["visual_tokens_before"]
 
 
 def test_unknown_budget_names_the_family(model):

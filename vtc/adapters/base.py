@@ -479,6 +479,20 @@ class Adapter(ABC):
             out[name] = kept if isinstance(value, (list, tuple)) else kept[0]
         return out
 
+    def _encoding_video(self) -> bool:
+        """Whether the vision pass starting now encodes videos: the model runs it from its get_video_features
+        (transformers 4.57 and 5.x, in forward() and in 5.x's generate(), which encode images first, then videos;
+        Qwen3-VL's get_video_features calls get_image_features)."""
+        models = (self.model, self.base)
+        frame = sys._getframe(1)
+        for _ in range(48):  # the hooks' frames, torch's call wrappers, get_*_features and their decorators
+            if frame is None:
+                return False
+            if frame.f_code.co_name == "get_video_features" and any(frame.f_locals.get("self") is m for m in models):
+                return True
+            frame = frame.f_back
+        return False
+
     def _vision_starts(self, module: nn.Module) -> None:
         """A family's vision pre-hook calls this first: the call is this thread's, and captures start afresh."""
         self._claim(module)

@@ -40,7 +40,15 @@ into its pinpoint, as wide as the pinpoint and less than k + 1 rows high; the ca
 smaller pinpoint that held it whole would have held the real image whole, and been chosen for it); columns alike.
 Where two candidates pack alike (an image whose crops are bit-identical, e.g. a blank one), the first is taken.
 
-Video inputs (``pixel_values_videos``) are refused with a clear error for now.
+Videos (``pixel_values_videos`` [videos, frames, C, H, W], one run of <video> tokens each): every frame is one crop
+through the tower and projector, pooled 2 x 2 (bilinearly, to ceil(side / 2) per axis: 14 x 14 for the released
+384 px / 14 px tower), frame after frame, and one ``image_newline`` token ends the video. vtc plans over the frames'
+tokens with ``video_budget="per_video"`` (default: the (frames, h, w) grid at once) or ``"per_frame"`` (each frame's
+(h, w) grid), and always keeps the video's newline. The frame count comes from the call (``pixel_values_videos``, or
+the encoded videos that transformers 5's generate() passes); the vision passes of videos leave the images' captures
+alone (vtc tells them apart by the model method that runs the tower, ``get_video_features``). Methods that read
+``attention_received`` are refused on videos (it is not yet carried through the pooling); images in the same batch
+are planned as above, with their ``budget``.
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """Adapter for LLaVA-OneVision models (config.model_type "llava_onevision")."""
 
     model_types = {"llava_onevision": "LLaVA-OneVision"}
+    options = ("budget", "video_budget")
+    compresses_video = True
     feature_strategy = "full"
     thumbnail_signal = "attention_received"
 
@@ -101,6 +111,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         self._lengths_of: dict[tuple[tuple[int, int], int], int] = {}
         self._candidates: list[tuple[int, tuple[int, int]]] | None = None
         self._received_probe: VisionReceived | None = None
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        self.frame_grid = (math.ceil(side / 2), math.ceil(side / 2))  # a video frame's tokens, after the 2 x 2 pooling
+        self._frames: int | None = None  # frames per video of the forward in progress
+        self._images_located = 0  # images (not videos) among the prefill's, which come first
 
     @property
     def _needs_received(self) -> bool:
@@ -130,17 +144,49 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             self._hook(self.vision_attention[self.feature_layer], self._received_hook, pre=True)
         self._hook(self.base.multi_modal_projector, self._projector_hook, pre=False, with_kwargs=False)
 
+    def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """An image pass starts afresh; a video pass (after the images' in the same call) keeps the images' captures
+        and captures nothing itself."""
+        if not self._encoding_video():
+            super()._vision_pre_hook(module, args, kwargs)
+            return
+        self._refuse_video_signals()
+        self._claim(module)
+        self.captured["video_pass"] = True
+
+    def _projector_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not self.captured.get("video_pass"):
+            super()._projector_hook(module, args, output)
+
+    def _refuse_video_signals(self) -> None:
+        if "attention_received" in self.requires:
+            raise ValueError(
+                f"{self.method_names!r} reads the attention received in the vision tower, which vtc does not yet carry "
+                f"through {type(self.model).__name__}'s 2 x 2 pooling of video frames; for videos use a method that "
+                "reads the features (divprune, dart, uniform, random, evs), or call handle.remove()"
+            )
+
     def _received_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.captured.get("video_pass"):
+            return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         with torch.no_grad():
             self.captured["received"] = self._received_probe.received(hidden)  # [crops of all images, T]
 
     def _read_inputs(self, bound: dict[str, Any]) -> None:
         encoded = bound.get("mm_encoder_outputs") or {}
-        if bound.get("pixel_values_videos") is not None or encoded.get("video") is not None:
+        videos, self._frames = bound.get("pixel_values_videos"), None
+        if videos is not None or encoded.get("video") is not None:
+            self._refuse_video_signals()
+            if videos is not None:  # [videos, frames, C, H, W]
+                self._frames = int(videos.shape[1])
+            else:  # pooled tokens [videos, frames * h * w + 1, D], the newline last
+                length = int(encoded["video"].pooler_output.shape[1]) - 1
+                self._frames = length // math.prod(self.frame_grid)
+        if self.method.temporal and (bound.get("pixel_values") is not None or encoded.get("image") is not None):
             raise ValueError(
-                "vtc does not compress video inputs yet (pixel_values_videos / <video> tokens); "
-                "call handle.remove() to run video prompts uncompressed"
+                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
+                "images, which have a single frame: give it videos only, or use another method for images"
             )
         super()._read_inputs(bound)
         counts = bound.get("batch_num_images")
@@ -230,8 +276,35 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return packed
 
     def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
+        """The images in sequence order, then the videos."""
+        videos, self._video_marks = self._video_marks, None
+        images = self._locate_only_images(visual if videos is None else visual & ~videos, embeds)
+        self._images_located = len(images)
+        return images + ([] if videos is None else self._locate_videos(videos))
+
+    def _locate_videos(self, marks: torch.Tensor) -> list[Image]:
+        """Each sample's <video> tokens, cut into videos of frames * h * w tokens and the newline."""
+        if self._frames is None:
+            raise ValueError("vtc found <video> tokens in a call without videos (pixel_values_videos)")
+        frames = (self._frames, *self.frame_grid)
+        length = math.prod(frames) + 1
+        found = []
+        for b in range(marks.shape[0]):
+            cols = marks[b].nonzero().squeeze(1)
+            if cols.numel() % length:
+                raise ValueError(
+                    f"sample {b} holds {cols.numel()} <video> tokens, not whole videos of {self._frames} frames x "
+                    f"{self.frame_grid[0]} x {self.frame_grid[1]} tokens + 1 newline ({length})"
+                )
+            found += [Image(b, run, {"frames": frames}, True) for run in cols.split(length)]
+        return found
+
+    def _locate_only_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
         """Images in sequence order; also sets ``self._layout``: per image (Packing, row of its base crop among the
         crops the vision tower saw, or None if unknown)."""
+        if not bool(visual.any()):
+            self._layout = []
+            return []
         if self._image_sizes:
             if len(self._patched) != len(self._image_sizes):
                 raise ValueError(
@@ -318,12 +391,22 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # -- units ------------------------------------------------------------------------------------
 
     def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
-        received = self._packed_received(embeds, images) if self._needs_received else None
+        images, videos = images[: self._images_located], images[self._images_located :]
+        received = self._packed_received(embeds, images) if self._needs_received and images else None
         units = []
         for i, image in enumerate(images):
             signals = {} if received is None else {"attention_received": received[i]}
             units += self._image_units(image.sample, image.positions, i, signals)
+        for video in videos:
+            units += self._video_units(video, {})
         return units
+
+    def _complete_keep(self, keep: torch.Tensor, images: list[Image]) -> torch.Tensor:
+        """Newlines as LLaVA-NeXT's for the images; a video's newline is always kept."""
+        keep = super()._complete_keep(keep, images[: self._images_located])
+        for video in images[self._images_located :]:
+            keep[video.sample, video.positions[-1]] = True
+        return keep
 
     def _packed_received(self, embeds: torch.Tensor, images: list[Image]) -> list[torch.Tensor]:
         """Per image, [L] the attention received of its packed tokens (newlines: 0), packed as its features."""

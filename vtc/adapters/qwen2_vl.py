@@ -37,7 +37,6 @@ videos with ``video_budget="per_video"``: images and per-frame budgets are refus
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any, ClassVar
 
 import torch
@@ -207,19 +206,6 @@ class Qwen2VLAdapter(Adapter):
                 info["cls_attention"] = self.captured["aux_rows"][i][-1]
                 info["cls_attention_layers"] = self.captured["aux_rows"][i]
             images.append(info)
-
-    def _encoding_video(self) -> bool:
-        """Whether the vision pass starting now encodes videos: the model runs it from its get_video_features
-        (transformers 4.57 and 5.x, in forward() and in 5.x's generate(); Qwen3-VL's calls get_image_features)."""
-        models = (self.model, self.base)
-        frame = sys._getframe(1)
-        for _ in range(48):  # the hooks' frames, torch's call wrappers, get_*_features and their decorators
-            if frame is None:
-                return False
-            if frame.f_code.co_name == "get_video_features" and any(frame.f_locals.get("self") is m for m in models):
-                return True
-            frame = frame.f_back
-        return False
 
     def _windows(self, visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's window order of the merged groups (transformers 4.57 method, 5.x function)."""
