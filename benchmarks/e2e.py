@@ -2,10 +2,12 @@
 
     python benchmarks/e2e.py [--model llava-7b-shape|tiny-FAMILY|shapes-llava|DIR|HUB_ID] [--device cpu|cuda]
                              [--methods M,...] [--keep 576,192,128,64] [--repeats R] [--quick] [--no-save]
-                             [--video T,H,W]
+                             [--video T,H,W | --video F]
 
-``--video T,H,W`` (tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl): the prompt holds one video of T temporal patches of
-H x W patches (T * H * W / 4 visual tokens) instead of the image; ``--keep`` is then tokens per video.
+``--video``: the prompt holds one video instead of the image, and ``--keep`` is tokens per video. tiny-qwen2-vl,
+tiny-qwen2.5-vl, tiny-qwen3-vl: ``T,H,W``, T temporal patches (2 frames each) of H x W patches (T * H * W / 4 visual
+tokens); tiny-llava-onevision: ``F`` frames at the tower's size (F * 14 * 14 tokens after the 2 x 2 pooling, and a
+newline).
 
 For each method at each budget, one ``generate()`` of ``--decode-tokens`` new tokens (greedy, no early stop) is
 split by timing hooks into: vision encoder (tower + projector, vtc's signal hooks included), selection (vtc's
@@ -51,7 +53,7 @@ from selection import ForeignLoad, git_state, machine, median
 
 import vtc
 from vtc.llm.prefill import output_cache
-from vtc.tiny import TINY_MODELS, tiny_model, tiny_qwen_inputs
+from vtc.tiny import TINY_MODELS, tiny_llava_onevision_inputs, tiny_model, tiny_qwen_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.jsonl"
@@ -71,7 +73,8 @@ DEFAULT_METHODS = (
 # The bound's prefill call is recorded from this method's: every pre-LLM method hands the language model the same call
 # at a budget (text + K tokens, vtc's mask and position ids); uniform needs no signal, so it runs on every adapter.
 BOUND_METHOD = "uniform"
-VIDEO_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")  # tiny models whose prompt can hold a video
+# Tiny models whose prompt can hold a video, and the numbers --video takes for them.
+VIDEO_MODELS = {"tiny-qwen2-vl": 3, "tiny-qwen2.5-vl": 3, "tiny-qwen3-vl": 3, "tiny-llava-onevision": 1}
 # LLaVA-1.5-7B: CLIP-L/14-336 (24 x 1024) + Vicuna-7B (32 x 4096, FFN 11008). Scaled: same visual token count and
 # vision / LLM FLOP ratio (4.6%), widths / 5.3, fewer layers.
 SHAPES = {
@@ -485,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"JSONL to append the row to (default {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--plot", type=Path, help=f"PNG of speed-up vs tokens (default {PLOT.relative_to(ROOT)})")
     parser.add_argument("--no-save", action="store_true", help="print only")
-    parser.add_argument("--video", help=f"T,H,W: one video instead of the image ({', '.join(VIDEO_MODELS)})")
+    parser.add_argument(
+        "--video", help=f"T,H,W (Qwen) or F (OneVision): one video instead of the image ({', '.join(VIDEO_MODELS)})"
+    )
     args = parser.parse_args(argv)
     video = None
     if args.video is not None:
@@ -493,10 +498,12 @@ def main(argv: list[str] | None = None) -> int:
             video = tuple(int(v) for v in args.video.split(","))
         except ValueError:
             video = ()
-        if len(video) != 3 or min(video) < 1 or video[1] % 2 or video[2] % 2:
-            parser.error(f"--video takes T,H,W (positive integers, H and W even), got {args.video!r}")
         if args.model not in VIDEO_MODELS:
             parser.error(f"--video applies to {', '.join(VIDEO_MODELS)}, not {args.model!r}")
+        expected = VIDEO_MODELS[args.model]
+        if len(video) != expected or min(video) < 1 or any(v % 2 for v in video[1:]):
+            what = "T,H,W (positive integers, H and W even)" if expected == 3 else "F (frames, a positive integer)"
+            parser.error(f"--video takes {what} for {args.model}, got {args.video!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         keeps = [int(k) for k in args.keep.split(",") if k.strip()]
@@ -515,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         model, inputs = shaped_llava(SHAPES[args.model], device)
     elif args.model in TINY_MODELS:
         model, inputs = tiny_model(args.model)
-        if video is not None:
+        if video is not None and args.model == "tiny-llava-onevision":
+            inputs = tiny_llava_onevision_inputs(model, image_sizes=((),), videos=(1,), frames=video[0])
+        elif video is not None:
             inputs = tiny_qwen_inputs(model, image_grids=((),), video_grids=((video,),))
         model, inputs = model.to(device), {key: value.to(device) for key, value in inputs.items()}
     else:

@@ -94,3 +94,37 @@ def test_the_bound_prefill_is_the_compressed_prefill_call(e2e, method):
     _, _, language = e2e.parts(model)
     assert e2e.call_ms(language, call, lambda: None) > 0
     assert e2e.signature(call) == bound
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_a_video_prompt_bound_is_the_compressed_prefill_call(e2e, family):
+    """--video: the bound's prefill (recorded from uniform) is the call divprune makes on a video prompt too."""
+    from vtc.tiny import tiny_llava_onevision, tiny_llava_onevision_inputs, tiny_qwen2_vl, tiny_qwen_inputs
+
+    if family == "qwen2_vl":
+        model = tiny_qwen2_vl()
+        inputs = tiny_qwen_inputs(model, image_grids=((),), video_grids=(((4, 4, 8),),))
+    else:
+        model = tiny_llava_onevision()
+        inputs = tiny_llava_onevision_inputs(model, image_sizes=((),), videos=(1,), frames=4)
+    compressed, bound = e2e.path_signatures(model, inputs, "divprune", keep=5)
+    assert bound == compressed
+    visual = 32 if family == "qwen2_vl" else 4 * 4 + 1  # the OneVision newline is kept: 5 + 1 reach the LLM
+    kept = 5 if family == "qwen2_vl" else 6
+    tokens = int(inputs["attention_mask"].sum()) - visual + kept
+    assert compressed["inputs_embeds"].startswith(f"float32[1, {tokens}, ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--model", "tiny", "--video", "1,2,2"], "--video applies to tiny-qwen2-vl"),
+        (["--model", "tiny-qwen2-vl", "--video", "3,3"], "--video takes T,H,W"),
+        (["--model", "tiny-qwen2-vl", "--video", "2,3,4"], "H and W even"),
+        (["--model", "tiny-llava-onevision", "--video", "2,2,2"], "--video takes F (frames"),
+    ],
+)
+def test_bad_video_specs_are_refused_before_any_model_is_built(e2e, argv, error, capsys):
+    with pytest.raises(SystemExit) as exited:
+        e2e.main(argv)
+    assert exited.value.code == 2 and error in capsys.readouterr().err
