@@ -494,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     video = None
     if args.video is not None:
+        if args.quick:
+            parser.error(
+                "--quick runs the LLaVA-shaped smoke model, which takes no video: leave out --video or --quick"
+            )
         try:
             video = tuple(int(v) for v in args.video.split(","))
         except ValueError:

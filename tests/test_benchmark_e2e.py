@@ -122,6 +122,7 @@ def test_a_video_prompt_bound_is_the_compressed_prefill_call(e2e, family):
         (["--model", "tiny-qwen2-vl", "--video", "3,3"], "--video takes T,H,W"),
         (["--model", "tiny-qwen2-vl", "--video", "2,3,4"], "H and W even"),
         (["--model", "tiny-llava-onevision", "--video", "2,2,2"], "--video takes F (frames"),
+        (["--quick", "--model", "tiny-qwen2-vl", "--video", "2,4,4"], "--quick runs the LLaVA-shaped smoke model"),
     ],
 )
 def test_bad_video_specs_are_refused_before_any_model_is_built(e2e, argv, error, capsys):

@@ -772,6 +772,7 @@ def tiny_qwen_inputs(
     text_lengths: tuple[tuple[int, int], ...] | None = None,
     seed: int = 0,
     video_grids: tuple[tuple[tuple[int, int, int], ...], ...] | None = None,
+    videos_first: bool = False,
 ) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask / pixel_values / image_grid_thw for a Qwen2(.5)-VL batch, like its processor.
 
@@ -780,7 +781,8 @@ def tiny_qwen_inputs(
     ``video_grids[b]`` optionally lists (t, h, w) grids of videos (t = frames / temporal_patch_size), placed
     after the images the same way with <|video_pad|>, giving pixel_values_videos and video_grid_thw. Qwen3-VL and
     Qwen3.5 lay a video out frame by frame, as their processor does: per temporal patch, two text tokens (its
-    timestamp) and its own <|vision_start|> <|video_pad|>x(h*w/4) <|vision_end|>.
+    timestamp) and its own <|vision_start|> <|video_pad|>x(h*w/4) <|vision_end|>. ``videos_first`` puts each
+    sample's videos before its images.
     ``mm_token_type_ids`` (1 image, 2 video, 0 text) is returned only where the model's forward takes it (5.x).
     """
     vision = model.config.vision_config
@@ -810,10 +812,10 @@ def tiny_qwen_inputs(
     for b, grids in enumerate(image_grids):
         before, after = text_lengths[b] if text_lengths else (3 + 2 * b, 5 + b)
         ids = [BOS_TOKEN_ID] + text(before)
-        for h, w in grids:
-            ids += block(QWEN_IMAGE_TOKEN_ID, (1, h, w))
-        for grid in video_grids[b]:
-            ids += block(QWEN_VIDEO_TOKEN_ID, grid)
+        images = [block(QWEN_IMAGE_TOKEN_ID, (1, h, w)) for h, w in grids]
+        videos = [block(QWEN_VIDEO_TOKEN_ID, grid) for grid in video_grids[b]]
+        for part in videos + images if videos_first else images + videos:
+            ids += part
         rows.append(ids + text(after))
     input_ids, attention_mask = _left_pad(rows)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -576,7 +576,7 @@ def test_features_computed_before_attach_are_refused_for_vision_signals(model, b
     inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
     with vtc.compress(model, "fastervlm", signal="attention_received", keep=K):
         logits(model, batch)  # its vision-side signals must not be reused by the next forward
-        with pytest.raises(ValueError, match="vision encoder did not run"):
+        with pytest.raises(ValueError, match="not computed while vtc was attached"):
             model(**inputs, mm_encoder_outputs=encoded)
     with vtc.compress(model, "divprune", keep=K) as handle:
         model(**inputs, mm_encoder_outputs=encoded)

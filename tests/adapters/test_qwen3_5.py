@@ -232,6 +232,22 @@ def test_cls_methods_and_the_auxiliary_clip_are_refused_with_the_alternative(mod
 
 
 @needs_qwen3_5
+def test_a_video_prompt_through_generate_is_refused_before_the_language_model(model):
+    """transformers 5's generate() encodes the videos before the forward: refused when that vision pass starts."""
+    video = tiny_qwen_inputs(model, image_grids=((),), video_grids=(((2, 4, 4),),), seed=4)
+    with vtc.compress(model, "divprune", keep=K) as handle:
+        calls = []
+        spy = model.model.language_model.register_forward_pre_hook(lambda *args: calls.append(1))
+        try:
+            with pytest.raises(ValueError, match="does not compress video inputs on Qwen3_5"):
+                model.generate(**video, max_new_tokens=2, do_sample=False)
+        finally:
+            spy.remove()
+        assert not calls
+        assert handle.active
+
+
+@needs_qwen3_5
 def test_video_is_refused_before_the_model_runs(model, batch):
     frames = torch.randn(2 * 4 * 4, batch["pixel_values"].shape[1])
     calls = []

@@ -278,7 +278,7 @@ def test_videos_encoded_before_attach_are_refused(model, batch):
     inputs["input_ids"] = torch.where(inputs["input_ids"] == QWEN_IMAGE_TOKEN_ID, 9, inputs["input_ids"])
     if "mm_token_type_ids" in inputs:
         inputs["mm_token_type_ids"] = torch.where(inputs["mm_token_type_ids"] == 1, 0, inputs["mm_token_type_ids"])
-    refused = r"needs each video's \(t, h, w\) grid.*vision encoder did not run"
+    refused = r"needs each video's \(t, h, w\) grid.*not computed while vtc was attached"
     with vtc.compress(model, "divprune", keep=K), pytest.raises(ValueError, match=refused):
         model(**inputs, mm_encoder_outputs=encoded)
 
@@ -299,3 +299,108 @@ def test_video_budget_is_refused_where_videos_are_not_compressed():
     with pytest.raises(ValueError, match=r"\['video_budget'\] do not apply.*video_budget= applies to model_types"):
         vtc.compress(llava, "divprune", keep=8, video_budget="per_frame")
     assert count_hooks(llava) == 0
+
+
+# -------------------------------------------------------------------------------------------- which video is which
+
+
+def video_pair(model, grids, pixels) -> dict:
+    """Two samples of one video each, with the given patches."""
+    inputs = tiny_qwen_inputs(model, image_grids=((), ()), video_grids=tuple((grid,) for grid in grids), seed=6)
+    inputs["pixel_values_videos"] = torch.cat(pixels).to(inputs["pixel_values_videos"].dtype)
+    return inputs
+
+
+def patches(model, n: int, seed: int) -> torch.Tensor:
+    vision = model.config.vision_config
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_videos_before_images_keep_what_they_keep_after_them(model):
+    """A sample's videos and images in either order: each keeps the same tokens (the vision tower encodes all images
+    of the batch, then all videos, whatever their order in the prompt)."""
+    grids = {"image_grids": (((8, 8),), ((4, 4),)), "video_grids": (((2, 4, 8),), ((3, 4, 4),)), "seed": 9}
+    after = tiny_qwen_inputs(model, **grids)
+    before = tiny_qwen_inputs(model, **grids, videos_first=True)
+    assert torch.equal(before["pixel_values_videos"], after["pixel_values_videos"])
+    kept = []
+    for inputs, images_first in ((after, True), (before, False)):
+        with vtc.compress(model, "fastervlm", signal="attention_received", keep=K) as handle:
+            generated = greedy_generate(model, inputs, STEPS)
+            assert torch.equal(generated, greedy_no_cache(model, inputs, STEPS))
+        sizes = [[16, 16], [4, 12]]  # per sample: image, video
+        parts = [split(k, s if images_first else s[::-1]) for k, s in zip(handle.last_kept, sizes, strict=True)]
+        kept.append([[p.tolist() for p in (row if images_first else row[::-1])] for row in parts])
+    assert kept[0] == kept[1]
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_beams_keep_each_videos_own_choice_when_videos_share_their_first_frames(model, family, num_beams):
+    """Two videos of one size whose first temporal patch is the same, then differs: each beam keeps what its own
+    video keeps alone (transformers 5 encodes before it repeats the rows for beams)."""
+    if TRANSFORMERS_4 and family == "qwen3_vl" and num_beams > 1:
+        pytest.skip("transformers 4.57's Qwen3-VL cannot expand videos for beam search (it counts frames as videos)")
+    a, b = patches(model, 32, 1), patches(model, 32, 2)
+    b[:16] = a[:16]
+    inputs = video_pair(model, [(2, 4, 4), (2, 4, 4)], [a, b])
+    with vtc.compress(model, "fastervlm", signal="attention_received", keep=2, video_budget="per_frame") as handle:
+        logits(model, inputs)
+        alone = [k.tolist() for k in handle.last_kept]
+        assert alone[0] != alone[1]
+        model.generate(**inputs, max_new_tokens=2, num_beams=num_beams, do_sample=False)
+    assert [k.tolist() for k in handle.last_kept] == [row for row in alone for _ in range(num_beams)]
+
+
+def test_beams_keep_a_still_video_whole_when_a_shorter_one_repeats_its_frames(model, family):
+    """A still video of 2 temporal patches and one of 4 with the same frame: each stays one video under beams."""
+    if TRANSFORMERS_4 and family == "qwen3_vl":
+        pytest.skip("transformers 4.57's Qwen3-VL cannot expand videos for beam search (it counts frames as videos)")
+    frame = patches(model, 16, 1)
+    inputs = video_pair(model, [(2, 4, 4), (4, 4, 4)], [frame.repeat(2, 1), frame.repeat(4, 1)])
+    with vtc.compress(model, "divprune", keep=3) as handle:
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+    assert handle.stats["videos"] == [1, 1, 1, 1]
+    assert handle.stats["visual_tokens_after"] == [3, 3, 3, 3]
+
+
+@pytest.mark.skipif(TRANSFORMERS_4, reason="mm_encoder_outputs exists from transformers 5.0")
+def test_each_forward_plans_with_the_record_of_the_encoder_outputs_it_gets(model):
+    """Videos encoded while attached (get_video_features), in another order than they are used: each forward plans
+    with its own video's grid (per frame: 2 frames x 3, not the other video's 4 x 3)."""
+    v1 = tiny_qwen_inputs(model, image_grids=((),), video_grids=(((2, 4, 8),),), seed=1)
+    v2 = tiny_qwen_inputs(model, image_grids=((),), video_grids=(((4, 4, 4),),), seed=2)
+    with vtc.compress(model, "divprune", keep=3, video_budget="per_frame") as handle, torch.no_grad():
+        encoded = [model.model.get_video_features(v["pixel_values_videos"], v["video_grid_thw"]) for v in (v1, v2)]
+        for inputs, video, kept in ((v1, encoded[0], 6), (v2, encoded[1], 12), (v1, encoded[0], 6)):
+            rest = {k: v for k, v in inputs.items() if k != "pixel_values_videos"}
+            model(**rest, mm_encoder_outputs={"video": video})
+            assert handle.stats["visual_tokens_after"] == [kept]
+        # The record of these outputs, but other features in them: refused, not planned with the wrong record.
+        encoded[1].pooler_output = tuple(p + 1 for p in encoded[1].pooler_output)
+        rest = {k: v for k, v in v2.items() if k != "pixel_values_videos"}
+        with pytest.raises(ValueError, match=r"video 0 of this call is not the one the vision encoder gave vtc"):
+            model(**rest, mm_encoder_outputs={"video": encoded[1]})
+
+
+def test_generate_without_a_cache_equals_generate_with_it(model, batch):
+    """use_cache=False: every step is a prefill of the whole sequence, with the same encoded videos (transformers 5)
+    or the pixels (4.57)."""
+    with vtc.compress(model, "fastervlm", signal="attention_received", keep=K) as handle:
+        cached = greedy_generate(model, batch, STEPS)
+        kept = [k.clone() for k in handle.last_kept]
+        uncached = model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, use_cache=False)
+    assert torch.equal(uncached[:, -STEPS:], cached)
+    assert all(torch.equal(a, b) for a, b in zip(kept, handle.last_kept, strict=True))
+
+
+def test_sdpa_and_eager_attention_agree_on_videos(family):
+    results = []
+    for implementation in ("sdpa", "eager"):
+        model = FAMILIES[family](attn_implementation=implementation)
+        inputs = tiny_qwen_inputs(model, image_grids=IMAGES, video_grids=VIDEOS, seed=3)
+        with vtc.compress(model, "fastervlm", signal="attention_received", keep=K) as handle:
+            results.append((logits(model, inputs)[:, -1], greedy_generate(model, inputs, STEPS), handle.last_kept))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))

@@ -434,7 +434,7 @@ class Adapter(ABC):
         self._prefill = None
         if self._continues_prefill(embeds):
             raise ValueError(
-                "vtc cannot compress images in a forward that continues an existing KV cache "
+                "vtc cannot compress images or videos in a forward that continues an existing KV cache "
                 "(chunked prefill or a multi-turn cache); start generation from an empty cache"
             )
         if cache in self._shortened and not self._holds_state_of(cache):

@@ -37,12 +37,13 @@ videos with ``video_budget="per_video"``: images and per-frame budgets are refus
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from vtc.adapters.base import Adapter, Image, Unit, match_images
+from vtc.adapters.base import Adapter, Image, Unit
 from vtc.llm.prefill import kv_cache
 from vtc.methods.base import Budget, Method
 from vtc.probes import QwenVisionReceived, probe
@@ -94,6 +95,11 @@ class Qwen2VLAdapter(Adapter):
             self.signal_sources["cls_attention"] = f"auxiliary open_clip {self.aux.name}, last block"
             self.signal_sources["cls_attention_layers"] = f"auxiliary open_clip {self.aux.name}, every block"
         self._vision_signature = inspect.signature(base.visual.forward)
+        # What the vision side recorded for each encoder output still alive, by kind: generate() (transformers 5)
+        # encodes before the forward and passes the outputs back as mm_encoder_outputs, to every prefill (beams,
+        # use_cache=False); the forward plans with the record of exactly the outputs it gets.
+        self._encodings: list[tuple[weakref.ref, str, list[dict[str, Any]]]] = []
+        self._given: dict[str, Any] = {}  # the encoder outputs the forward in progress was passed, by kind
 
     def check(self) -> None:
         if {"cls_attention", "cls_attention_layers"} & set(self.requires) and self.aux is None:
@@ -146,6 +152,8 @@ class Qwen2VLAdapter(Adapter):
         images = bound.get("pixel_values") is not None or encoded.get("image") is not None
         videos = bound.get("pixel_values_videos") is not None or encoded.get("video") is not None
         self._refuse_inputs(images, videos)
+        # Encoded outside this forward: planned with the record of those very outputs (see _vision_record).
+        self._given = {kind: encoded[kind] for kind in ("image", "video") if encoded.get(kind) is not None}
         cache = kv_cache(bound)
         if cache is None:  # passed under the name the signature no longer declares (past_key_values on 5.24+)
             cache = kv_cache(bound.get("kwargs") or {})
@@ -206,6 +214,14 @@ class Qwen2VLAdapter(Adapter):
                 info["cls_attention"] = self.captured["aux_rows"][i][-1]
                 info["cls_attention_layers"] = self.captured["aux_rows"][i]
             images.append(info)
+        try:  # a ModelOutput; Qwen3-VL's tuple on transformers 4.x, which never comes back as mm_encoder_outputs
+            ref = weakref.ref(output, self._forget_encoding)
+        except TypeError:
+            return
+        self._encodings.append((ref, "video" if video else "image", images))
+
+    def _forget_encoding(self, ref: weakref.ref) -> None:
+        self._encodings = [entry for entry in self._encodings if entry[0] is not ref]
 
     def _windows(self, visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's window order of the merged groups (transformers 4.57 method, 5.x function)."""
@@ -257,46 +273,74 @@ class Qwen2VLAdapter(Adapter):
         sequence order, are the tokens of its images (videos) one after another, matched to what the vision tower
         saw in order, or by their first token when generate() repeated them (beams)."""
         videos, self._video_marks = self._video_marks, None
-        found = self._locate(visual if videos is None else visual & ~videos, embeds, video=False)
+        given, self._given = self._given, {}
+        found = self._locate(visual if videos is None else visual & ~videos, embeds, given.get("image"), video=False)
         if videos is not None:
-            found += self._locate(videos, embeds, video=True)
+            found += self._locate(videos, embeds, given.get("video"), video=True)
         return sorted(found, key=lambda image: (image.sample, int(image.positions[0])))
 
-    def _locate(self, marks: torch.Tensor, embeds: torch.Tensor, video: bool) -> list[Image]:
+    def _vision_record(self, kind: str, given: Any) -> list[dict[str, Any]] | None:
+        """What the vision side recorded of this call's images (videos): of the encoder outputs it was passed
+        (``given``), or of its own vision pass; None if they were encoded without vtc."""
+        if given is None:
+            return self.captured.get(f"{kind}s")
+        return next((record for ref, k, record in self._encodings if k == kind and ref() is given), None)
+
+    def _locate(self, marks: torch.Tensor, embeds: torch.Tensor, given: Any, video: bool) -> list[Image]:
+        """The images (videos) of one kind: each sample's placeholders of that kind, in sequence order, cut into the
+        vision tower's images (videos) in order. When generate() repeated every row for beams (transformers 5 encodes
+        before it expands: each row's images, its ``copies`` rows in a row), each copy takes its row's images. Each
+        one's first token must be the one the vision tower gave it, or the call is refused."""
         kind = "video" if video else "image"
         per_sample = [marks[b].nonzero().squeeze(1) for b in range(marks.shape[0])]
-        if not any(cols.numel() for cols in per_sample):
+        total = sum(cols.numel() for cols in per_sample)
+        if not total:
             return []
-        vision = self.captured.get(f"{kind}s")
+        vision = self._vision_record(kind, given)
         if vision is None:
             needs_vision = set(self.requires) - {"features"}
             if needs_vision or video:
                 what = f"vision-side signals {sorted(needs_vision)}" if needs_vision else "each video's (t, h, w) grid"
                 raise ValueError(
-                    f"method {self.method.name!r} needs {what}, but the vision encoder did not run while vtc was "
-                    f"attached (were the {kind} features computed before vtc.compress?)"
+                    f"method {self.method.name!r} needs {what}, but the {kind} features of this call were not computed "
+                    f"while vtc was attached (by this forward, or by generate() or get_{kind}_features into the "
+                    "mm_encoder_outputs it passes; or a chunked prefill cut them); let the model encode them with vtc "
+                    "attached, and prefill whole prompts (no prefill_chunk_size)"
                 )
             return [Image(b, run) for b, cols in enumerate(per_sample) for run in _runs(cols)]
         lengths = [info["length"] for info in vision]
-        in_order = sum(cols.numel() for cols in per_sample) == sum(lengths)
-        seen = None if in_order else torch.stack([info["first"] for info in vision])  # beams: match first tokens
+        copies = total // sum(lengths) if total % sum(lengths) == 0 else 0
+        if not copies or len(per_sample) % copies:
+            raise ValueError(
+                f"the prompt holds {total} {kind} tokens, which are not the {sum(lengths)} tokens of the "
+                f"{len(lengths)} {kind}(s) the vision encoder gave ({lengths}), nor a whole number of copies of them"
+            )
         found: list[Image] = []
+        taken = 0
         for b, cols in enumerate(per_sample):
+            if b % copies:  # a beam's copy of row b - b % copies
+                first = b - b % copies
+                if not torch.equal(cols, per_sample[first]):
+                    raise ValueError(f"rows {first} and {b} should be copies of one sample (beams) but differ")
+                found += [Image(b, image.positions, image.vision, video) for image in found if image.sample == first]
+                continue
             start = 0
             while start < cols.numel():
-                if in_order:
-                    j = len(found)
-                else:
-                    left = cols.numel() - start  # the lambda runs within match_images, in this iteration
-                    fits = lambda _, j: lengths[j] <= left  # noqa: B023, E731
-                    j = match_images(embeds[b, cols[start]].unsqueeze(0), seen, fits=fits)[0]
-                if start + lengths[j] > cols.numel():
+                info = vision[taken] if taken < len(vision) else None
+                if info is None or start + info["length"] > cols.numel():
                     raise ValueError(
                         f"the {kind} placeholders of sample {b} ({cols.numel()} tokens) do not split into whole "
                         f"{kind}s of the {lengths} tokens the vision encoder gave"
                     )
-                found.append(Image(b, cols[start : start + lengths[j]], vision[j], video))
-                start += lengths[j]
+                positions = cols[start : start + info["length"]]
+                if not torch.equal(embeds[b, positions[0]], info["first"].to(embeds.dtype)):
+                    raise ValueError(
+                        f"{kind} {taken} of this call is not the one the vision encoder gave vtc ({kind} features from "
+                        "another call?); let the model encode this call's inputs with vtc attached"
+                    )
+                found.append(Image(b, positions, info, video))
+                start += info["length"]
+                taken += 1
         return found
 
 
