@@ -236,3 +236,14 @@ def test_select_on_an_empty_batch_returns_an_empty_selection(method):
     assert kept.shape == (0, 5) and kept.dtype == torch.long
     protected = vtc.select(method, keep=5, protected=torch.zeros(0, 16, dtype=torch.bool), **signals)
     assert protected.shape == (0, 5)
+
+
+def test_temporal_method_on_an_image_model_is_refused(model, inputs):
+    """evs needs a video's (T, H, W) grid; LLaVA hands (H, W) images: the forward says so and the hooks come off."""
+    with torch.no_grad():
+        model(**inputs)  # transformers installs its own output-capturing hooks at the first forward
+    hooks = count_hooks(model)
+    message = r"method 'evs' is temporal: it needs a video unit with a \(T, H, W\) grid .*got (no grid|the 2-D grid)"
+    with vtc.compress(model, "evs", keep=16), torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(**inputs)
+    assert count_hooks(model) == hooks
