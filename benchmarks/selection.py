@@ -61,7 +61,8 @@ QUICK = {
     "text_lengths": (35, 20),
     "keeps": (192, 64),
 }
-PREFILL_METHODS = tuple(vtc.list_methods("pre"))
+# Image benchmarks: the temporal methods (evs) need a video's (T, H, W) grid.
+PREFILL_METHODS = tuple(name for name in vtc.list_methods("pre") if not vtc.get_method(name).temporal)
 
 
 # -- paper forms: written the way the original repositories write them, batch of one image -----------------
@@ -202,7 +203,7 @@ def bench_selection(cfg: dict[str, Any], device: torch.device, repeats: int, war
     keep = sel["keep"]
     signals = selection_signals(sel["tokens"], sel["dim"], sel["vision_layers"], device)
 
-    methods = {name: vtc.get_method(name) for name in vtc.list_methods("pre")}
+    methods = {name: vtc.get_method(name) for name in PREFILL_METHODS}
     methods["dart(merge=True)"] = vtc.get_method("dart", merge=True)
     paper = {
         "divprune": lambda: divprune_paper(signals["features"], keep),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -88,3 +89,30 @@ def refused(main: Callable[[list[str]], int], argv: list[str], capsys) -> str:
     assert code == 2, err
     assert "Traceback" not in err
     return err.strip().splitlines()[-1]
+
+
+def video_grid(n: int, keep: int | None = None) -> tuple[int, int, int]:
+    """A (T, H, W) grid of ``n`` tokens for a method that needs a video: the largest frame H * W that divides n,
+    leaves T >= 2 frames (when n >= 2) and fits in ``keep`` (temporal methods may keep whole frames), with H the
+    largest divisor of the frame <= its square root."""
+    limit = n if keep is None else keep
+    frames = [p for p in range(1, n + 1) if n % p == 0 and p <= limit and (n // p >= 2 or n == 1)]
+    per_frame = max(frames)
+    height = max(h for h in range(1, math.isqrt(per_frame) + 1) if per_frame % h == 0)
+    return n // per_frame, height, per_frame // height
+
+
+def with_grid(signals: dict, method, video: bool = False, keep: int | None = None) -> dict:
+    """``signals`` plus a video grid when the method is temporal (it refuses anything else) or ``video`` is asked."""
+    if not (video or method.temporal):
+        return signals
+    n = next(v.shape[1] if k == "features" else v.shape[-1] for k, v in signals.items() if k != "grid")
+    return {**signals, "grid": video_grid(n, keep)}
+
+
+def image_methods(stage: str | None = None) -> list[str]:
+    """vtc.list_methods(stage) less the temporal methods, which need a video and refuse images."""
+    from vtc.registry import LAYERWISE_METHODS, METHODS, list_methods
+
+    known = {**METHODS, **LAYERWISE_METHODS}
+    return [name for name in list_methods(stage) if not getattr(known[name], "temporal", False)]

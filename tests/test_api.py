@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtc
-from tests.helpers import count_hooks
+from tests.helpers import count_hooks, with_grid
 from vtc.tiny import tiny_llava, tiny_llava_inputs
 
 
@@ -25,7 +25,7 @@ def inputs(model):
 
 
 def test_registries():
-    assert vtc.list_methods("pre") == ["dart", "divprune", "fastervlm", "random", "uniform", "vtc_cls"]
+    assert vtc.list_methods("pre") == ["dart", "divprune", "evs", "fastervlm", "random", "uniform", "vtc_cls"]
     assert vtc.list_methods("llm") == ["adaptive", "dart_llm", "fastv", "pdrop"]
     assert vtc.list_methods() == sorted(vtc.list_methods("pre") + vtc.list_methods("llm"))
     assert vtc.list_models() == [
@@ -231,7 +231,19 @@ def test_select_on_an_empty_batch_returns_an_empty_selection(method):
     signals = {"features": torch.randn(0, 16, 8), "cls_attention": torch.rand(0, 16)}
     if method == "vtc_cls":
         signals = {"features": signals["features"], "cls_attention_layers": torch.rand(0, 3, 16)}
+    signals = with_grid(signals, vtc.get_method(method), keep=5)  # a temporal method needs a video's grid
     kept = vtc.select(method, keep=5, **signals)
     assert kept.shape == (0, 5) and kept.dtype == torch.long
     protected = vtc.select(method, keep=5, protected=torch.zeros(0, 16, dtype=torch.bool), **signals)
     assert protected.shape == (0, 5)
+
+
+def test_temporal_method_on_an_image_model_is_refused(model, inputs):
+    """evs needs a video's (T, H, W) grid; LLaVA hands (H, W) images: the forward says so and the hooks come off."""
+    with torch.no_grad():
+        model(**inputs)  # transformers installs its own output-capturing hooks at the first forward
+    hooks = count_hooks(model)
+    message = r"method 'evs' is temporal: it needs a video unit with a \(T, H, W\) grid .*got (no grid|the 2-D grid)"
+    with vtc.compress(model, "evs", keep=16), torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(**inputs)
+    assert count_hooks(model) == hooks

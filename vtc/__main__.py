@@ -148,8 +148,9 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--methods",
-        default=",".join(vtc.list_methods()),
-        help="comma-separated method names, options after colons (fastervlm:signal=attention_received)",
+        default=",".join(name for name in vtc.list_methods() if not getattr(vtc.get_method(name), "temporal", False)),
+        help="comma-separated method names, options after colons (fastervlm:signal=attention_received); default: "
+        "every method but the temporal ones (evs), which need a video",
     )
     parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default 64)")
     parser.add_argument(

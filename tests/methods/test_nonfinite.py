@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vtc
-from tests.helpers import count_hooks
+from tests.helpers import count_hooks, with_grid
 
 B, N, D, V = 3, 50, 16, 4
 KEEP = 7
@@ -28,6 +28,11 @@ def make_signals(seed: int = 0) -> dict[str, torch.Tensor]:
         "cls_attention": torch.randn(B, N, generator=g).softmax(-1),
         "cls_attention_layers": torch.randn(B, V, N, generator=g).softmax(-1),
     }
+
+
+def usable(method: vtc.Method, signals: dict[str, torch.Tensor], keep: int = KEEP) -> dict:
+    """``signals`` plus a video grid (frames of at most ``keep`` tokens) if the method is temporal."""
+    return with_grid(signals, method, keep=keep)
 
 
 def spoil(signals: dict[str, torch.Tensor], name: str, value: float) -> dict[str, torch.Tensor]:
@@ -61,7 +66,7 @@ CASES = [
 def test_nonfinite_signal(name, signal, kind, path):
     """Required signal: a ValueError naming it, the method and rows [0, 2]. Other signal: the clean choice."""
     method = vtc.get_method(name)
-    signals = spoil(make_signals(), signal, BAD[kind])
+    signals = usable(method, spoil(make_signals(), signal, BAD[kind]))
 
     def run(s):
         return vtc.select(method, keep=KEEP, **s) if path == "select" else method.plan(s, KEEP).kept
@@ -72,7 +77,7 @@ def test_nonfinite_signal(name, signal, kind, path):
     else:
         kept = run(signals)
         check_indices(kept, B, N, KEEP)
-        assert torch.equal(kept, run(make_signals())), f"{name} does not read {signal}: same choice"
+        assert torch.equal(kept, run(usable(method, make_signals()))), f"{name} does not read {signal}: same choice"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -82,6 +87,7 @@ def test_bug_report_inf_feature(name):
     x[0, 5] = float("inf")
     method = vtc.get_method(name)
     signals = {"features": x, "cls_attention": torch.rand(2, 10), "cls_attention_layers": torch.rand(2, V, 10)}
+    signals = usable(method, signals, keep=3)
     if "features" in method.requires:
         with pytest.raises(ValueError, match=r"signal 'features' of shape \(2, 10, 4\) holds non-finite values "
                            r"\(4 \+inf\) in batch row\(s\) \[0\] of 2"):  # fmt: skip
@@ -121,7 +127,7 @@ def test_large_finite_signals_are_accepted(name, dtype):
     signals["features"][2] = signals["features"][2].sign() * big  # a whole row of huge tokens
     signals["cls_attention"][1, :10] = big
     signals["cls_attention_layers"][1, :, :10] = big
-    signals = {k: v.to(dtype) for k, v in signals.items()}
+    signals = usable(vtc.get_method(name), {k: v.to(dtype) for k, v in signals.items()})
     check_indices(vtc.select(name, keep=KEEP, **signals), B, N, KEEP)
     protected = torch.zeros(B, N, dtype=torch.bool)
     protected[0, [3, 9]] = True

@@ -322,3 +322,177 @@ def test_fastervlm_on_attention_received_is_its_top_k_and_never_falls_back_to_cl
     assert torch.equal(kept, scores.topk(7, dim=1).indices.sort(dim=1).values)
     with pytest.raises(ValueError, match=r"needs signal\(s\) \['attention_received'\]"):
         vtc.select(method, keep=7, cls_attention=scores)
+
+
+# --- Uniform on a video ------------------------------------------------------------------------------------
+
+
+def uniform_video_reference(frames: int, height: int, width: int, keep: int) -> list[int]:
+    """Frame t keeps keep // T tokens, the first keep % T frames one more, each share chosen as uniform chooses on
+    one H x W image; indices offset by t * H * W."""
+    kept: list[int] = []
+    for t in range(frames):
+        share = keep // frames + (1 if t < keep % frames else 0)
+        if share == 0:
+            continue
+        image = vtc.select("uniform", keep=share, features=torch.zeros(1, height * width, 1), grid=(height, width))
+        kept += [t * height * width + i for i in image[0].tolist()]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 7, 8, 50, 95, 96, 191, 192])
+@pytest.mark.parametrize(("frames", "height", "width"), [(8, 4, 6), (3, 8, 8), (2, 1, 96)], ids=lambda x: str(x))
+def test_uniform_video_matches_reference(frames, height, width, keep):
+    n = frames * height * width
+    keep = min(keep, n)
+    kept = vtc.select("uniform", keep=keep, features=randn(2, n, 4, seed=0), grid=(frames, height, width))
+    expected = uniform_video_reference(frames, height, width, keep)
+    assert kept[0].tolist() == kept[1].tolist() == expected
+
+
+def test_uniform_video_spreads_over_frames():
+    """keep=10 over 4 frames of 3 x 3: 3, 3, 2, 2 tokens; a keep below T leaves the last frames empty."""
+    kept = vtc.select("uniform", keep=10, features=torch.zeros(1, 36, 1), grid=(4, 3, 3))[0]
+    assert torch.bincount(kept // 9, minlength=4).tolist() == [3, 3, 2, 2]
+    kept = vtc.select("uniform", keep=2, features=torch.zeros(1, 36, 1), grid=(4, 3, 3))[0]
+    assert torch.bincount(kept // 9, minlength=4).tolist() == [1, 1, 0, 0]
+    assert kept.tolist() == [4, 13]  # each the centre of its 3 x 3 frame
+
+
+# --- EVS (vLLM's Efficient Video Sampling) -----------------------------------------------------------------
+
+
+def evs_reference(
+    x: torch.Tensor, frames: int, height: int, width: int, keep: int, protected: tuple[int, ...] = ()
+) -> list[int]:
+    """vLLM's compute_retention_mask (vllm/multimodal/evs.py) for one video [T*H*W, D], with plain loops: each token
+    scores 1 - cos to the same (h, w) of the previous frame, the first frame 255; a stable descending sort (ties
+    to the lower flat index: earlier frame, then raster order); the first ``keep`` survive, in original order.
+    ``protected`` tokens (vtc's addition) rank first."""
+    per_frame = height * width
+    rows = x.double()
+    score = []
+    for i in range(frames * per_frame):
+        if i < per_frame:
+            score.append(255.0)
+            continue
+        a, b = rows[i], rows[i - per_frame]
+        cosine = float(a @ b) / (max(float(a.norm()), 1e-8) * max(float(b.norm()), 1e-8))
+        score.append(1.0 - cosine)
+    for i in protected:
+        score[i] = math.inf
+    order = sorted(range(len(score)), key=lambda i: -score[i])  # Python's sort is stable
+    return sorted(order[:keep])
+
+
+def one_hot_video(b: int, frames: int, per_frame: int, d: int, *, seed: int) -> torch.Tensor:
+    """[b, T*HW, d] tokens that are scaled one-hot vectors over 3 directions, with frame 2 a copy of frame 1: every
+    cosine is exactly 0 or 1, so dissimilarities tie in large groups and only the stable order decides."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randint(0, 3, (b, frames * per_frame), generator=g)
+    scale = 2.0 ** torch.randint(0, 4, (b, frames * per_frame), generator=g).float()
+    x = torch.nn.functional.one_hot(direction, d).float() * scale.unsqueeze(-1)
+    if frames > 2:
+        x[:, 2 * per_frame : 3 * per_frame] = x[:, per_frame : 2 * per_frame]
+    return x
+
+
+EVS_GRIDS = [(2, 3, 4), (4, 6, 6), (8, 4, 6), (5, 1, 7), (16, 12, 12)]
+EVS_IDS = ["T{}-H{}-W{}".format(*grid) for grid in EVS_GRIDS]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "tied"])
+@pytest.mark.parametrize("grid", EVS_GRIDS, ids=EVS_IDS)
+def test_evs_matches_vllm_reference(grid, ties, fraction):
+    frames, height, width = grid
+    per_frame, n = height * width, frames * height * width
+    keep = per_frame + round(fraction * (n - per_frame))
+    # Continuous random features do not tie; a copied frame would tie only up to rounding (1 - cos of a token with
+    # itself is +-1e-7 in fp32), so the tied case uses scaled one-hot tokens, whose cosines are exactly 0 or 1.
+    x = one_hot_video(3, frames, per_frame, 8, seed=frames) if ties else randn(3, n, 16, seed=frames)
+    kept = vtc.select("evs", keep=keep, features=x, grid=grid)
+    assert kept.shape == (3, keep)
+    for row in range(3):
+        assert kept[row].tolist() == evs_reference(x[row], *grid, keep), f"row {row}"
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.75, 0.99])
+def test_evs_with_vllms_kept_count(q):
+    """vLLM keeps max(H*W, floor(N * (1 - q))) tokens for pruning rate q: that keep gives its mask."""
+    frames, height, width = 6, 4, 5
+    n = frames * height * width
+    keep = max(height * width, math.floor(n * (1 - q)))
+    x = randn(2, n, 16, seed=1)
+    kept = vtc.select("evs", keep=keep, features=x, grid=(frames, height, width))
+    for row in range(2):
+        assert kept[row].tolist() == evs_reference(x[row], frames, height, width, keep)
+
+
+def test_evs_ties_go_to_the_earlier_frame_then_raster_order():
+    """Three identical frames after a different first one: every later token ties at 1 - cos = 0; the survivors
+    past the first frame are the first tokens of frame 1 in raster order."""
+    first = torch.nn.functional.one_hot(torch.zeros(6, dtype=torch.long), 4).float()
+    later = torch.nn.functional.one_hot(torch.ones(6, dtype=torch.long), 4).float()
+    x = torch.cat([first, later, later, later]).unsqueeze(0)  # [1, 24, 4]: frame 1 differs from frame 0 (cos 0)
+    kept = vtc.select("evs", keep=9, features=x, grid=(4, 2, 3))[0]
+    assert kept.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    x[0, 12:18] = first  # frame 2 now differs from frame 1 too: frame 1 and frame 2 tie at 1, frame 1 first
+    assert vtc.select("evs", keep=15, features=x, grid=(4, 2, 3))[0].tolist() == [*range(12), 12, 13, 14]
+
+
+def test_evs_keeps_the_first_frame_and_the_changed_tokens():
+    x = randn(1, 3 * 16, 8, seed=0)
+    x[0, 16:32] = x[0, :16]  # frame 1 repeats frame 0 ...
+    x[0, 16 + 5] = -x[0, 5]  # ... but for token (1, 1), reversed
+    x[0, 32:] = x[0, 16:32] * 3  # frame 2 repeats frame 1, scaled (cosine 1)
+    x[0, 32 + 10] = randn(8, seed=9)  # but for token (2, 2)
+    kept = vtc.select("evs", keep=18, features=x, grid=(3, 4, 4))[0].tolist()
+    assert kept == [*range(16), 16 + 5, 32 + 10]
+
+
+def test_evs_protected_tokens_come_first():
+    """Protected tokens (vtc's addition) are kept whatever their frame; the rest of the budget in vLLM's order."""
+    x = randn(2, 36, 8, seed=2)
+    protected = torch.zeros(2, 36, dtype=torch.bool)
+    protected[0, [20, 30, 35]] = True
+    kept = vtc.select("evs", keep=14, features=x, grid=(4, 3, 3), protected=protected)
+    assert kept[0].tolist() == evs_reference(x[0], 4, 3, 3, 14, protected=(20, 30, 35))
+    assert {20, 30, 35} <= set(kept[0].tolist())
+    assert kept[1].tolist() == evs_reference(x[1], 4, 3, 3, 14)  # row 1 protects nothing
+    # All of the budget protected, first frame included only where protected.
+    protected[1, 27:] = True
+    protected[1, :5] = True
+    assert vtc.select("evs", keep=14, features=x, grid=(4, 3, 3), protected=protected)[1].tolist() == [
+        *range(5),
+        *range(27, 36),
+    ]
+
+
+def test_evs_refuses_a_keep_below_one_frame():
+    x = randn(2, 4 * 6 * 8, 8, seed=0)
+    message = (
+        r"method 'evs' keeps the whole first frame of a video: keep=47 is below the 48 tokens of one 6 x 8 frame "
+        r"\(grid \(4, 6, 8\)\); use keep >= 48"
+    )
+    with pytest.raises(ValueError, match=message):
+        vtc.select("evs", keep=47, features=x, grid=(4, 6, 8))
+    with pytest.raises(ValueError, match=message):
+        vtc.get_method("evs").plan({"features": x, "grid": (4, 6, 8)}, 47)
+    with pytest.raises(ValueError, match=r"keep=1 is below the 48 tokens"):
+        vtc.select("evs", ratio=0.001, features=x, grid=(4, 6, 8))
+    assert vtc.select("evs", keep=48, features=x, grid=(4, 6, 8)).tolist() == [list(range(48))] * 2
+
+
+def test_evs_one_frame_is_kept_whole_or_refused():
+    x = randn(1, 12, 8, seed=0)
+    assert vtc.select("evs", keep=12, features=x, grid=(1, 3, 4)).tolist() == [list(range(12))]
+    with pytest.raises(ValueError, match=r"keep=11 is below the 12 tokens of one 3 x 4 frame"):
+        vtc.select("evs", keep=11, features=x, grid=(1, 3, 4))
+
+
+@pytest.mark.parametrize(("grid", "given"), [(None, "no grid"), ((6, 8), r"the 2-D grid \(6, 8\)")], ids=["none", "2d"])
+def test_evs_refuses_images(grid, given):
+    x = randn(1, 48, 8, seed=0)
+    with pytest.raises(ValueError, match=rf"method 'evs' is temporal: .*\(T, H, W\) grid.*got {given}"):
+        vtc.select("evs", keep=24, features=x, grid=grid)

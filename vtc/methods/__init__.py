@@ -8,6 +8,7 @@ from vtc.methods.base import SIGNALS, Budget, Method, Plan, ScoredMethod
 from vtc.methods.dart import DART
 from vtc.methods.dart_llm import DARTLLM
 from vtc.methods.divprune import DivPrune
+from vtc.methods.evs import EVS
 from vtc.methods.fastervlm import FasterVLM
 from vtc.methods.fastv import FastV
 from vtc.methods.layerwise import LayerwiseMethod, Stage
@@ -20,6 +21,7 @@ __all__ = [
     "SIGNALS",
     "DART",
     "DARTLLM",
+    "EVS",
     "VTCCLS",
     "Adaptive",
     "Budget",

@@ -28,7 +28,9 @@ SIGNALS: dict[str, str] = {
     "attention_received": "[B, N] mean attention each visual token receives from all patch queries at a late "
     "full-attention vision block, mean over heads (towers without [CLS], e.g. Qwen2-VL)",
     "protected": "[B, N] bool, tokens that must be kept (optional)",
-    "grid": "(H, W) the token grid of one image, H * W == N (optional; square grids are inferred)",
+    "grid": "(H, W) the token grid of one image, or (T, H, W) of one video (T frames = temporal patches, each an "
+    "H x W grid, tokens frame after frame in raster order: index t*H*W + h*W + w); the product == N (optional; "
+    "square image grids are inferred)",
 }
 OPTIONAL_SIGNALS = ("protected", "grid")
 
@@ -153,6 +155,8 @@ class Method(ABC):
 
     def plan(self, signals: dict[str, Any], keep: int) -> Plan:
         signals = check_signals(self, signals)
+        if self.temporal:
+            check_video_grid(self, signals.get("grid"))
         n = num_tokens(signals)
         if not 1 <= keep <= n:
             raise ValueError(f"keep must be in [1, {n}] for {n} visual tokens, got {keep}")
@@ -241,7 +245,7 @@ def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if name == "grid":
-            out[name] = tuple(int(v) for v in value)
+            out[name] = check_grid(value)
             continue
         if not isinstance(value, torch.Tensor) or value.ndim != _NDIM[name]:
             raise ValueError(f"signal {name!r} must be a {_NDIM[name]}-D tensor {SIGNALS[name].split(' ')[0]}")
@@ -268,6 +272,29 @@ def check_signals(method: Method, signals: dict[str, Any]) -> dict[str, Any]:
     if "grid" in out and math.prod(out["grid"]) != n:
         raise ValueError(f"grid {out['grid']} does not cover the {n} visual tokens")
     return out
+
+
+def check_grid(grid: Any) -> tuple[int, ...]:
+    """``grid`` as a tuple of 2 ints (H, W: an image) or 3 (T, H, W: a video), each >= 1; a ValueError otherwise."""
+    try:
+        ints = None if isinstance(grid, (str, bytes)) else [_integral(v) for v in grid]
+    except TypeError:  # not iterable
+        ints = None
+    if ints is None or len(ints) not in (2, 3) or any(v is None or v < 1 for v in ints):
+        raise ValueError(f"signal 'grid' must be (H, W) for an image or (T, H, W) for a video, ints >= 1, got {grid!r}")
+    return tuple(ints)
+
+
+def check_video_grid(method: Method, grid: tuple[int, ...] | None) -> None:
+    """Raise unless ``grid`` is a video's (T, H, W): what a temporal method plans over."""
+    if grid is not None and len(grid) == 3:
+        return
+    given = "no grid" if grid is None else f"the 2-D grid {grid}"
+    raise ValueError(
+        f"method {method.name!r} is temporal: it needs a video unit with a (T, H, W) grid (T frames of H x W "
+        f"tokens, T >= 2 to prune anything), got {given}. Images and budget='per_frame' hand (H, W) grids and "
+        f"cannot use it; choose a spatial method for them (e.g. 'divprune', 'uniform')"
+    )
 
 
 def check_finite(method: Method, name: str, value: torch.Tensor, source: torch.Tensor) -> None:

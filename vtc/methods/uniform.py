@@ -28,6 +28,15 @@ def lattice(height: int, width: int, keep: int) -> torch.Tensor:
     return points[pick]
 
 
+def video_lattice(frames: int, height: int, width: int, keep: int) -> torch.Tensor:
+    """Sorted indices of ``keep`` tokens of a video (frames x height x width, frame after frame in raster order):
+    frame t takes keep // frames tokens, the first keep % frames frames one more, each frame's share a
+    :func:`lattice` of its grid (a share of 0 keeps nothing of that frame)."""
+    per_frame = height * width
+    shares = [keep // frames + (t < keep % frames) for t in range(frames)]
+    return torch.cat([t * per_frame + lattice(height, width, m) for t, m in enumerate(shares) if m > 0])
+
+
 def bit_reversed_order(n: int) -> torch.Tensor:
     """[n] distinct values in [0, 1): the van der Corput sequence of each index (spread, deterministic)."""
     bits = max(1, (n - 1).bit_length())
@@ -44,7 +53,9 @@ class Uniform(ScoredMethod):
     """Keep ``keep`` tokens spread evenly over the image's token grid (no signal needed).
 
     The grid comes from the adapter (e.g. 24 x 24 for LLaVA-1.5); a square N is taken as sqrt(N) x
-    sqrt(N) and any other N as one row. With protected tokens, a row's remaining budget m is spread
+    sqrt(N) and any other N as one row. A video's (T, H, W) grid spreads ``keep`` over the frames as
+    evenly as possible (keep // T each, the first keep % T frames one more), each frame's share a
+    lattice of its H x W grid. With protected tokens, a row's remaining budget m is spread
     as an m-point lattice; lattice points that are protected are made up by the next tokens in a
     fixed bit-reversed raster order, so every row's choice depends on that row alone.
     """
@@ -55,11 +66,12 @@ class Uniform(ScoredMethod):
     def score(self, signals: dict[str, Any], keep: int) -> torch.Tensor:
         n = num_tokens(signals)
         side = math.isqrt(n)
-        height, width = signals.get("grid") or ((side, side) if side * side == n else (1, n))
+        grid = signals.get("grid") or ((side, side) if side * side == n else (1, n))
+        frames, height, width = grid if len(grid) == 3 else (1, *grid)
         remaining = keep - protected_mask(signals, (batch_size(signals), n)).sum(dim=1).cpu()  # [B]
         score = bit_reversed_order(n).expand(len(remaining), n).clone()  # ties broken, never equal
         for m in remaining.unique().tolist():
             if m > 0:
                 rows = (remaining == m).nonzero().squeeze(1)
-                score[rows.unsqueeze(1), lattice(height, width, m).unsqueeze(0)] += 2.0
+                score[rows.unsqueeze(1), video_lattice(frames, height, width, m).unsqueeze(0)] += 2.0
         return score.to(signal_device(signals))
