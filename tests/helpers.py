@@ -108,11 +108,3 @@ def with_grid(signals: dict, method, video: bool = False, keep: int | None = Non
         return signals
     n = next(v.shape[1] if k == "features" else v.shape[-1] for k, v in signals.items() if k != "grid")
     return {**signals, "grid": video_grid(n, keep)}
-
-
-def image_methods(stage: str | None = None) -> list[str]:
-    """vtc.list_methods(stage) less the temporal methods, which need a video and refuse images."""
-    from vtc.registry import LAYERWISE_METHODS, METHODS, list_methods
-
-    known = {**METHODS, **LAYERWISE_METHODS}
-    return [name for name in list_methods(stage) if not getattr(known[name], "temporal", False)]

@@ -238,12 +238,11 @@ def test_select_on_an_empty_batch_returns_an_empty_selection(method):
     assert protected.shape == (0, 5)
 
 
-def test_temporal_method_on_an_image_model_is_refused(model, inputs):
-    """evs needs a video's (T, H, W) grid; LLaVA hands (H, W) images: the forward says so and the hooks come off."""
-    with torch.no_grad():
-        model(**inputs)  # transformers installs its own output-capturing hooks at the first forward
+def test_temporal_method_on_an_image_only_family_is_refused_at_attach(model):
+    """evs plans over a video's frames; LLaVA compresses no videos: refused before any hook is attached, naming the
+    families that take videos."""
     hooks = count_hooks(model)
-    message = r"method 'evs' is temporal: it needs a video unit with a \(T, H, W\) grid .*got (no grid|the 2-D grid)"
-    with vtc.compress(model, "evs", keep=16), torch.no_grad(), pytest.raises(ValueError, match=message):
-        model(**inputs)
+    message = r"method 'evs' compares each frame .* no videos on LlavaForConditionalGeneration; families with video"
+    with pytest.raises(ValueError, match=message):
+        vtc.compress(model, "evs", keep=16)
     assert count_hooks(model) == hooks

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import image_methods, refused
+import vtc
+from tests.helpers import refused
 from vtc.__main__ import main
 from vtc.tiny import save_tiny_llava
 
@@ -20,7 +21,7 @@ def rows(output: str) -> dict[str, str]:
 def test_tiny_model_runs_every_method(capsys):
     assert main(["--model", "tiny", "--repeats", "1", "--max-new-tokens", "2"]) == 0
     table = rows(capsys.readouterr().out)
-    assert set(table) == {"none", *image_methods()}  # the temporal methods need a video
+    assert set(table) == {"none", *vtc.list_methods(images=True)}  # the temporal methods need a video
     assert "576 -> 576" in table["none"]
     assert all("576 -> 64 " in line for name, line in table.items() if name not in ("none", "adaptive"))
     assert int(re.search(r"576 -> (\d+)", table["adaptive"]).group(1)) >= 64  # adaptive: keep is the floor

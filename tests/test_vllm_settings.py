@@ -40,6 +40,7 @@ def test_a_setting_is_the_method_its_budget_and_the_familys_positions():
     [
         ("shapes-llava", {"method": "fastv", "keep": 8}, r"'fastv' drops tokens inside the language model.*pre-LLM"),
         ("shapes-llava", {"method": "nope", "keep": 8}, r"nope"),
+        ("shapes-qwen2vl", {"method": "evs", "keep": 8}, r"'evs' plans over a video's frames.*images only.*'divprune'"),
         ("shapes-llava", {"keep": 8}, r"needs a method name, one of the pre-LLM methods \["),
         ("shapes-llava", {"method": "divprune"}, r"give exactly one of keep= .* or ratio="),
         ("shapes-llava", {"method": "divprune", "keep": 8, "ratio": 0.5}, r"give exactly one of keep="),

@@ -148,7 +148,7 @@ def build_parser(prog: str = "python -m vtc") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--methods",
-        default=",".join(name for name in vtc.list_methods() if not getattr(vtc.get_method(name), "temporal", False)),
+        default=",".join(vtc.list_methods(images=True)),
         help="comma-separated method names, options after colons (fastervlm:signal=attention_received); default: "
         "every method but the temporal ones (evs), which need a video",
     )

@@ -63,13 +63,15 @@ def _same_class(a: type, b: type) -> bool:
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def list_methods(stage: str | None = None) -> list[str]:
+def list_methods(stage: str | None = None, *, images: bool = False) -> list[str]:
     """Names accepted by :func:`vtc.compress`: all, or only ``stage="pre"`` (before the language model; these
-    also work with :func:`vtc.select`) or ``stage="llm"`` (between decoder layers)."""
+    also work with :func:`vtc.select`) or ``stage="llm"`` (between decoder layers). ``images=True`` leaves out the
+    temporal methods (``evs``), which plan over a video's frames and refuse images."""
     if stage not in (None, "pre", "llm"):
         raise ValueError(f"stage must be None, 'pre' or 'llm', got {stage!r}")
     names = ([] if stage == "llm" else list(METHODS)) + ([] if stage == "pre" else list(LAYERWISE_METHODS))
-    return sorted(names)
+    known = {**METHODS, **LAYERWISE_METHODS}
+    return sorted(name for name in names if not (images and getattr(known[name], "temporal", False)))
 
 
 def list_models() -> list[str]:

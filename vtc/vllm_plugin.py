@@ -109,7 +109,7 @@ def settings(hf_config: Any) -> Settings | None:
     name = options.pop("method", None)
     keep, ratio = options.pop("keep", None), options.pop("ratio", None)
     positions = options.pop("positions", family.positions)
-    pre = list_methods("pre")
+    pre = list_methods("pre", images=True)  # the plugin compresses images only
     if not isinstance(name, str):
         raise ValueError(f"the {KEY!r} setting needs a method name, one of the pre-LLM methods {pre}, got {name!r}")
     method = get_method(name, **options)  # unknown names and options raise, naming what exists
@@ -117,6 +117,11 @@ def settings(hf_config: Any) -> Settings | None:
         raise ValueError(
             f"{name!r} drops tokens inside the language model, which vLLM's paged KV cache and chunked prefill do not "
             f"allow; the vLLM plugin runs the pre-LLM methods {pre}"
+        )
+    if method.temporal:
+        raise ValueError(
+            f"{name!r} plans over a video's frames, and the vLLM plugin compresses images only (video inputs are "
+            f"disabled while vtc is on); use one of the pre-LLM methods {pre}"
         )
     budget = Budget(keep=keep, ratio=ratio)
     missing = [signal for signal in method.requires if signal not in family.provides]

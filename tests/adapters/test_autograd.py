@@ -12,7 +12,6 @@ import torch
 import transformers
 
 import vtc
-from tests.helpers import image_methods
 from vtc.tiny import tiny_llava, tiny_llava_inputs
 
 OPTIONS = {"dart": {"merge": True}}  # merging averages tokens: its gradient flows to every merged token
@@ -35,7 +34,7 @@ def plain(llava):
     return gradients(*llava)
 
 
-@pytest.mark.parametrize("method", image_methods())
+@pytest.mark.parametrize("method", vtc.list_methods(images=True))
 def test_keeping_every_token_gives_the_plain_gradients(llava, plain, method):
     model, batch = llava
     with vtc.compress(model, method, ratio=1.0, **OPTIONS.get(method, {})):
@@ -47,7 +46,7 @@ def test_keeping_every_token_gives_the_plain_gradients(llava, plain, method):
             assert torch.allclose(compressed[name], grad, rtol=1e-5, atol=1e-7), name
 
 
-@pytest.mark.parametrize("method", image_methods())
+@pytest.mark.parametrize("method", vtc.list_methods(images=True))
 def test_every_parameter_before_the_drop_still_gets_a_gradient(llava, plain, method):
     model, batch = llava
     with vtc.compress(model, method, keep=8, **OPTIONS.get(method, {})) as handle:

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vtc
-from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache, image_methods
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.adapters.llava_next import distribute
 from vtc.tiny import IMAGE_TOKEN_ID, INTERNVL_END_TOKEN_ID, tiny_internvl, tiny_internvl_inputs
 
@@ -20,7 +20,7 @@ BUDGETS = ("global", "per_crop")
 
 
 def method_cases():
-    return [(name, {}) for name in image_methods("pre")] + [("dart", {"merge": True})]
+    return [(name, {}) for name in vtc.list_methods("pre", images=True)] + [("dart", {"merge": True})]
 
 
 @pytest.fixture(scope="module")

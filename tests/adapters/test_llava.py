@@ -7,14 +7,14 @@ import torch
 import transformers
 
 import vtc
-from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache, image_methods
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.probes import ClsRow
 from vtc.tiny import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_inputs
 
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 N = 576
 STEPS = 6
-METHODS = image_methods("pre")
+METHODS = vtc.list_methods("pre", images=True)
 OPTIONS = {"dart": {}, "dart+merge": {"merge": True}}
 
 

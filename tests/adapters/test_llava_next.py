@@ -16,7 +16,7 @@ import transformers
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 import vtc
-from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache, image_methods
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.adapters.llava_next import distribute
 from vtc.tiny import IMAGE_TOKEN_ID, llava_next_image_tokens, tiny_llava, tiny_llava_next, tiny_llava_next_inputs
 
@@ -49,7 +49,7 @@ GEOMETRY = {
 
 
 def method_cases():
-    return [(name, {}) for name in image_methods("pre")] + [("dart", {"merge": True})]
+    return [(name, {}) for name in vtc.list_methods("pre", images=True)] + [("dart", {"merge": True})]
 
 
 @pytest.fixture(scope="module")

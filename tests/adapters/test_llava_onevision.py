@@ -23,7 +23,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 import vtc
-from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache, image_methods
+from tests.helpers import case_id, count_hooks, greedy_generate, greedy_no_cache
 from vtc.tiny import (
     IMAGE_TOKEN_ID,
     llava_onevision_image_tokens,
@@ -67,7 +67,7 @@ RECEIVED = {"signal": "attention_received"}
 
 
 def method_cases():
-    pre = [(name, {}) for name in image_methods("pre") if name not in ("fastervlm", "vtc_cls")]
+    pre = [(name, {}) for name in vtc.list_methods("pre", images=True) if name not in ("fastervlm", "vtc_cls")]
     return pre + [("fastervlm", RECEIVED), ("dart", {"merge": True})]
 
 

@@ -199,3 +199,28 @@ def test_attention_received_on_videos_is_refused_before_the_language_model(model
         logits(model, images_only)  # still attached and working
         assert handle.stats["videos"] == [0]
     assert torch.equal(logits(model, batch), before)
+
+
+def test_evs_keeps_what_evs_chooses_on_each_videos_frames_and_the_newline(model):
+    """Videos only: evs gets each video's pooled frame tokens (newline excluded) with its (frames, 2, 2) grid."""
+    inputs = tiny_llava_onevision_inputs(model, image_sizes=((), ()), videos=VIDEOS, frames=FRAMES, seed=4)
+    calls = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    try:
+        logits(model, inputs)
+    finally:
+        hook.remove()
+    keep = 6
+    with vtc.compress(model, "evs", keep=keep) as handle:
+        generated = greedy_generate(model, inputs, STEPS)
+        assert torch.equal(generated, greedy_no_cache(model, inputs, STEPS))
+    for b in range(2):
+        columns, expected = video_columns(inputs, b), []
+        for v in range(VIDEOS[b]):
+            start = v * (VIDEO + 1)
+            features = calls[0][b, columns[start : start + VIDEO]].unsqueeze(0)
+            chosen = vtc.select("evs", keep=keep, features=features, grid=(FRAMES, 2, 2))[0]
+            expected += (chosen + start).tolist() + [start + VIDEO]  # and the newline
+        assert handle.last_kept[b].tolist() == expected

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 
 import vtc
 from tests import helpers
-from tests.helpers import count_hooks, greedy_generate, image_methods
+from tests.helpers import count_hooks, greedy_generate
 from vtc.methods.uniform import lattice
 from vtc.registry import METHODS
 from vtc.tiny import QWEN_IMAGE_TOKEN_ID, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_qwen_inputs
@@ -56,7 +56,7 @@ def uses_cls(name: str) -> bool:
 
 
 # Every method that runs on Qwen without an auxiliary CLIP, plus fastervlm's substitute signal and DART merging.
-CASES = [pytest.param(name, {}, id=name) for name in image_methods("pre") if not uses_cls(name)] + [
+CASES = [pytest.param(name, {}, id=name) for name in vtc.list_methods("pre", images=True) if not uses_cls(name)] + [
     pytest.param("fastervlm", {"signal": "attention_received"}, id="fastervlm-received"),
     pytest.param("dart", {"merge": True}, id="dart-merge"),
 ]

@@ -404,3 +404,51 @@ def test_sdpa_and_eager_attention_agree_on_videos(family):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     assert torch.equal(results[0][1], results[1][1])
     assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
+
+
+# -------------------------------------------------------------------------------------------- evs (temporal)
+
+
+@pytest.fixture(scope="module")
+def videos_only(model):
+    return tiny_qwen_inputs(model, image_grids=((), ()), video_grids=VIDEOS, seed=3)
+
+
+def test_evs_keeps_what_evs_chooses_on_each_videos_features_and_grid(model, videos_only):
+    """The adapter hands evs each video's merged tokens in raster order, frame after frame, with its (T, H, W) grid:
+    the kept tokens are vtc.select('evs') on the features the language model receives."""
+    keep = 10
+    with recording_calls(model.model.language_model) as calls:
+        logits(model, videos_only)
+    embeds = calls[0]["inputs_embeds"]
+    with vtc.compress(model, "evs", keep=keep) as handle:
+        generated = greedy_generate(model, videos_only, STEPS)
+        assert torch.equal(generated, greedy_no_cache(model, videos_only, STEPS))
+    grids = [[(2, 2, 4)], [(3, 2, 2), (2, 4, 2)]]  # merged (T, H, W) of each video
+    for b, row in enumerate(grids):
+        cols, start, expected = visual_columns(videos_only, b), 0, []
+        for grid in row:
+            n = grid[0] * grid[1] * grid[2]
+            features = embeds[b, cols[start : start + n]].unsqueeze(0)
+            expected += (vtc.select("evs", keep=min(keep, n), features=features, grid=grid)[0] + start).tolist()
+            start += n
+        assert handle.last_kept[b].tolist() == expected
+
+
+def test_evs_refuses_images_and_per_frame_budgets_and_keeps_below_a_frame(model, batch, videos_only):
+    hooks = count_hooks(model)
+    with pytest.raises(ValueError, match=r"'evs' compares each frame.*video_budget='per_frame'"):
+        vtc.compress(model, "evs", keep=10, video_budget="per_frame")
+    assert count_hooks(model) == hooks
+    with vtc.compress(model, "evs", keep=10) as handle:
+        for run in (lambda: logits(model, batch), lambda: greedy_generate(model, batch, 2)):
+            with (
+                recording_calls(model.model.language_model) as calls,
+                pytest.raises(ValueError, match=r"'evs' compares each frame.*this input holds images"),
+            ):
+                run()
+            assert not calls
+        logits(model, videos_only)  # still attached and working
+        assert handle.stats["videos"] == [1, 2]
+    with vtc.compress(model, "evs", keep=6), pytest.raises(ValueError, match=r"whole first frame.*keep >= 8"):
+        logits(model, videos_only)

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import vtc
-from tests.helpers import image_methods
 from vtc import geometry, loading
 from vtc.demo import core, samples
 from vtc.organisms import scenes
@@ -65,7 +64,7 @@ def test_answers_equal_direct_generate(request, family, method, options):
 
 def test_every_method_runs_on_llava(llava_dir):
     bundle = core.load_model(llava_dir)
-    for method in image_methods():
+    for method in vtc.list_methods(images=True):
         result = core.compare(bundle, SCENE.image, QUESTION, method, 16, max_new_tokens=2, repeats=1)
         assert result.tokens_after >= 16, method  # adaptive keeps at least its floor
         assert len(result.kept) == result.tokens_after

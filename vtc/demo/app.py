@@ -196,7 +196,9 @@ def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Bl
                     allow_custom_value=True,
                     elem_id="model",
                 )
-                method = gr.Dropdown(vtc.list_methods(), value=DEFAULT_METHOD, label="Method", elem_id="method")
+                method = gr.Dropdown(
+                    vtc.list_methods(images=True), value=DEFAULT_METHOD, label="Method", elem_id="method"
+                )
                 keep = gr.Slider(
                     1, limit, value=min(DEFAULT_KEEP, limit), step=1, label="Budget: visual tokens kept", elem_id="keep"
                 )
