@@ -108,3 +108,38 @@ def with_grid(signals: dict, method, video: bool = False, keep: int | None = Non
         return signals
     n = next(v.shape[1] if k == "features" else v.shape[-1] for k, v in signals.items() if k != "grid")
     return {**signals, "grid": video_grid(n, keep)}
+
+
+def assert_each_sample_alone_equals_its_row(model, batch: dict, handle, alone: list[dict], steps: int) -> None:
+    """The adapter bar's "batch == alone": with ``handle`` attached, each sample of ``batch`` run alone (``alone[b]``,
+    unpadded, with its own images / videos) generates what its row of the batch generates, keeps the same tokens, and
+    ends on the same logits."""
+    batched = greedy_generate(model, batch, steps)
+    batched_kept = handle.last_kept
+    with torch.no_grad():
+        batched_last = model(**batch).logits[:, -1]
+    for b, single in enumerate(alone):
+        assert torch.equal(greedy_generate(model, single, steps), batched[b : b + 1])
+        assert torch.equal(handle.last_kept[0], batched_kept[b])
+        with torch.no_grad():
+            last = model(**single).logits[:, -1]
+        torch.testing.assert_close(last, batched_last[b : b + 1], rtol=1e-4, atol=1e-4)
+
+
+def assert_remove_restores_the_model(model, batch: dict, attach: Callable[[], object]) -> torch.Tensor:
+    """The adapter bar's "remove() restores the model bit for bit": ``attach()`` (a vtc.compress call), a forward on
+    ``batch``, ``remove()``; the hooks, the logits and every weight are then as before. Returns the compressed
+    logits."""
+    with torch.no_grad():
+        before = model(**batch).logits
+    hooks = count_hooks(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = attach()
+    with torch.no_grad():
+        compressed = model(**batch).logits
+    handle.remove()
+    assert count_hooks(model) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    return compressed

@@ -8,14 +8,28 @@ images of the whole batch, then its videos; Qwen3-VL lays each frame out between
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import transformers
 
 import vtc
 from tests import helpers
-from tests.adapters.test_qwen2_vl import CASES, FAMILIES, logits, recording_calls
-from tests.helpers import Replay, count_hooks, greedy_generate
+from tests.adapters.test_qwen2_vl import (  # noqa: F401 - the autouse fixture applies here too
+    CASES,
+    FAMILIES,
+    _merging_is_refused_with_deepstack,
+    logits,
+    recording_calls,
+)
+from tests.helpers import (
+    Replay,
+    assert_each_sample_alone_equals_its_row,
+    assert_remove_restores_the_model,
+    count_hooks,
+    greedy_generate,
+)
 from vtc.methods import FastV
 from vtc.tiny import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, tiny_qwen_inputs
 
@@ -38,13 +52,6 @@ def family(request):
 @pytest.fixture(scope="module")
 def model(family):
     return FAMILIES[family]()
-
-
-@pytest.fixture(autouse=True)
-def _merging_is_refused_with_deepstack(request):
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if params.get("family") == "qwen3_vl" and params.get("options", {}).get("merge"):
-        pytest.skip("merging is refused on Qwen3-VL (DeepStack); test_qwen3_vl.py checks the refusal")
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +115,11 @@ def sample(inputs: dict, b: int) -> dict:
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_remove_restores_the_model_bit_for_bit(model, batch, name, options, budget):
-    before = logits(model, batch)
-    hooks = count_hooks(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = vtc.compress(model, name, keep=K, video_budget=budget, **options)
-    compressed = logits(model, batch)
-    handle.remove()
-    assert count_hooks(model) == hooks
+    attach = functools.partial(vtc.compress, model, name, keep=K, video_budget=budget, **options)
+    compressed = assert_remove_restores_the_model(model, batch, attach)
     kept = expected(budget, keep=K)
     dropped = [sum(n * f for n, f, _ in row) - sum(k) for row, k in zip(UNITS, kept, strict=True)]
-    assert compressed.shape[1] == before.shape[1] - min(dropped)
-    assert torch.equal(logits(model, batch), before)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert compressed.shape[1] == batch["input_ids"].shape[1] - min(dropped)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -165,14 +165,7 @@ def test_ratio_budgets_count_per_video_or_per_frame(model, batch, budget):
 def test_a_batch_mixing_videos_and_images_equals_each_sample_alone(model, batch, name, options, budget):
     """(random draws one score row per unit of a shape, so its choice depends on the batch: left out.)"""
     with vtc.compress(model, name, keep=K, video_budget=budget, **options) as handle:
-        batched = greedy_generate(model, batch, STEPS)
-        batched_kept = handle.last_kept
-        batched_last = logits(model, batch)[:, -1]
-        for b in range(2):
-            single = sample(batch, b)
-            assert torch.equal(greedy_generate(model, single, STEPS), batched[b : b + 1])
-            assert torch.equal(handle.last_kept[0], batched_kept[b])
-            torch.testing.assert_close(logits(model, single)[:, -1], batched_last[b : b + 1], rtol=1e-4, atol=1e-4)
+        assert_each_sample_alone_equals_its_row(model, batch, handle, [sample(batch, b) for b in range(2)], STEPS)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
