@@ -168,7 +168,7 @@ def llava():
     return model, inputs
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", vtc.list_methods("pre", images=True))
 def test_adapter_forward(llava, name):
     """Method.plan runs inside the forward: the same error (the NaN image is row 1 of its batched call),
     the hooks still come off; a method that reads no signal keeps its exact count."""
