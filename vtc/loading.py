@@ -96,7 +96,9 @@ class QwenProcessor:
     ``temporal_patch_size`` by repeating the last one, and the patches ordered (t, h / m, w / m, m, m) with features
     (C, temporal, patch, patch). The video settings are the checkpoint's video processor config where it has one
     (processor_config.json's ``video_processor``, else video_preprocessor_config.json), else its image processor's.
-    One difference: frames that need resizing are resized by PIL's bicubic here, by torchvision's there.
+    Differences: frames that need resizing are resized by PIL's bicubic here, by torchvision's there; and no
+    ``second_per_grid_ts`` is returned (Qwen2.5-VL's processor derives it from the video's fps), so Qwen2.5-VL takes
+    its default of one second per temporal patch for the M-RoPE time axis.
     """
 
     def __init__(

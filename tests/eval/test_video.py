@@ -218,3 +218,20 @@ def test_video_tasks_refuse_models_vtc_compresses_no_video_of(capsys, monkeypatc
     err = capsys.readouterr().err
     assert "moving_shapes asks about videos, but 'shapes-llava' is a LLaVA-1.5 model (llava)" in err
     assert "Qwen2-VL (qwen2_vl)" in err and "Qwen3-VL (qwen3_vl)" in err and "llava" not in err.split("run on")[1]
+
+
+def test_a_chat_template_without_video_parts_is_reported(checkpoint, tmp_path):
+    """A template that renders no {'type': 'video'} part (the organism's before it had one) leaves the prompt without
+    placeholders: every setting is skipped with that reason, rather than run on the text alone."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(checkpoint, copy)
+    template = (copy / "chat_template.jinja").read_text()
+    (copy / "chat_template.jinja").write_text(template.replace(build.VIDEO_BRANCH["qwen2vl"], ""))
+    summary, records = _run(
+        tmp_path, "--model", str(copy), "--task", "moving_shapes", "--methods", "none", "--limit", "1"
+    )
+    assert records == [] and summary["runs"] == []
+    [skipped] = summary["skipped"]
+    assert "holds no video placeholder" in skipped["reason"]
