@@ -35,21 +35,27 @@ SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 LLAVA_SPECIAL = ["<image>"]
 QWEN_SPECIAL = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
 PROMPT_WORDS = ["USER", "ASSISTANT", ":"]
-# The chat template renders user turns as "USER: <image> question ASSISTANT:" and assistant turns as " answer </s>".
+# The chat template renders user turns as "USER: <image> question ASSISTANT:" and assistant turns as " answer </s>";
+# the Qwen one renders a video part as "<|vision_start|> <|video_pad|> <|vision_end|>" (no organism is trained on
+# videos; vtc eval's moving_shapes task asks them about videos all the same).
 _TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}IMAGE {% else %}{{ part['text'] }} {% endif %}"
+    "{% if part['type'] == 'image' %}IMAGE VIDEO{% else %}{{ part['text'] }} {% endif %}"
     "{% endfor %}ASSISTANT:"
     "{% else %}{% for part in message['content'] %} {{ part['text'] }}{% endfor %} </s> {% endif %}"
     "{% endfor %}"
 )
 IMAGE_TEXT = {"llava": "<image>", "qwen2vl": "<|vision_start|> <|image_pad|> <|vision_end|>"}
+VIDEO_BRANCH = {
+    "llava": "",
+    "qwen2vl": "{% elif part['type'] == 'video' %}<|vision_start|> <|video_pad|> <|vision_end|> ",
+}
 
 
 def chat_template(family: str) -> str:
-    return _TEMPLATE.replace("IMAGE", IMAGE_TEXT[family])
+    return _TEMPLATE.replace("IMAGE", IMAGE_TEXT[family]).replace("VIDEO", VIDEO_BRANCH[family])
 
 
 def tokenizer(family: str) -> PreTrainedTokenizerFast:

@@ -70,8 +70,9 @@ def summarize(task: Task, samples: list[Sample], predictions: dict[str, str]) ->
 
 
 def test_registry_names_every_task():
-    assert list_tasks() == sorted([*BENCHMARKS, "shapes"])
+    assert list_tasks() == sorted([*BENCHMARKS, "shapes", "moving_shapes"])
     assert TASKS["shapes"] == "vtc.eval.tasks.shapes:ShapesTask"
+    assert TASKS["moving_shapes"] == "vtc.eval.tasks.moving_shapes:MovingShapesTask"
     for name in BENCHMARKS:
         task = get_task(name)
         assert task.name == name and task.needs_data and task.max_new_tokens == 16 and task.data_help

@@ -5,7 +5,8 @@
 
 --model is the shipped organism (shapes-llava), a local directory or a hub id. --methods are vtc
 method names (``python -c "import vtc; print(vtc.list_methods())"``), "none" for the uncompressed model, options
-after colons (``fastervlm:signal=attention_received``). --task is shapes (generated, offline) or a standard
+after colons (``fastervlm:signal=attention_received``). --task is shapes or moving_shapes (generated, offline;
+moving_shapes asks about videos: Qwen2-VL, Qwen2.5-VL and Qwen3-VL only) or a standard
 benchmark read from --data: gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench. The output directory receives
 samples.jsonl (one record per sample and setting), summary.json, summary.csv and accuracy_vs_tokens.png.
 Data-parallel: ``accelerate launch --num_processes N -m vtc.eval ...`` (results are gathered on the main process).
@@ -41,8 +42,14 @@ def build_parser(prog: str = "python -m vtc.eval") -> argparse.ArgumentParser:
         "(fastervlm:signal=attention_received)",
     )
     parser.add_argument("--keep", default="64", help="comma-separated visual tokens kept per image")
-    parser.add_argument("--task", default="shapes", help="shapes, gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench")
-    parser.add_argument("--data", help="the benchmark's local data (parquet file/dir or .jsonl); shapes: the split")
+    parser.add_argument(
+        "--task",
+        default="shapes",
+        help="shapes, moving_shapes (videos), gqa, vqav2, textvqa, pope, mme, scienceqa, mmbench",
+    )
+    parser.add_argument(
+        "--data", help="the benchmark's local data (parquet file/dir or .jsonl); shapes, moving_shapes: the split"
+    )
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--output", required=True, help="directory for the result files")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (default 16)")
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vtc.eval") -> int
         task = get_task(args.task)
         plan = runner.settings(args.method_specs, args.keeps)
         samples = task.samples(args.data, args.limit)
+        if any(sample.video is not None for sample in samples):
+            runner.check_video_model(task, args.model)
     except (ValueError, FileNotFoundError, extras.MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

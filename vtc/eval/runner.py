@@ -75,14 +75,66 @@ def _sync(model: torch.nn.Module) -> None:
         torch.cuda.synchronize()
 
 
-def prompt(processor, question: str) -> str:
-    """The model's chat template around one image and the question, ready for generation."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def prompt(processor, question: str, kind: str = "image") -> str:
+    """The model's chat template around one image (``kind="video"``: one video) and the question, ready for
+    generation."""
+    conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
 def image_token_id(model) -> int:
     return model.config.image_token_id
+
+
+def visual_token_ids(model) -> list[int]:
+    """The placeholder ids of images and, where the model has them, of videos."""
+    video = getattr(model.config, "video_token_id", None)
+    return [image_token_id(model)] + ([video] if video is not None else [])
+
+
+def video_families() -> list[str]:
+    """The model families whose videos vtc compresses, e.g. "Qwen2-VL (qwen2_vl)"."""
+    from vtc.registry import ADAPTERS
+
+    names = {
+        f"{adapter.model_types.get(model_type, model_type)} ({model_type})"
+        for model_type, adapter in ADAPTERS.items()
+        if adapter.compresses_video
+    }
+    return sorted(names)
+
+
+def check_video_model(task: Task, name: str) -> None:
+    """Refuse, from the model's config alone, a video task on a model whose videos vtc does not compress. A model
+    whose config cannot be read, or that vtc does not support at all, is left to the loader to refuse."""
+    from transformers import AutoConfig
+
+    from vtc import loading
+    from vtc.registry import ADAPTERS
+
+    try:
+        config = AutoConfig.from_pretrained(loading.resolve(name))
+    except (OSError, ValueError):
+        return
+    adapter = ADAPTERS.get(config.model_type)
+    if adapter is None or adapter.compresses_video:
+        return
+    family = adapter.model_types.get(config.model_type, config.model_type)
+    raise ValueError(
+        f"{task.name} asks about videos, but {name!r} is a {family} model ({config.model_type}), whose video inputs "
+        f"vtc does not compress; video tasks run on {', '.join(video_families())}"
+    )
+
+
+def _inputs(processor, batch: list[Sample], device: torch.device):
+    """The processor's tensors for a batch of image and/or video samples."""
+    images = [sample.image() for sample in batch if sample.video is None]
+    videos = [sample.video() for sample in batch if sample.video is not None]
+    media = {"images": images} if images else {}
+    if videos:
+        media["videos"] = videos
+    text = [prompt(processor, sample.question, "image" if sample.video is None else "video") for sample in batch]
+    return processor(**media, text=text, return_tensors="pt", padding=True).to(device)
 
 
 def run_setting(
@@ -110,13 +162,15 @@ def run_setting(
     try:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            inputs = processor(
-                images=[sample.image() for _, sample in batch],
-                text=[prompt(processor, sample.question) for _, sample in batch],
-                return_tensors="pt",
-                padding=True,
-            ).to(device)
-            tokens_in = (inputs["input_ids"] == image_token_id(model)).sum(1).tolist()
+            inputs = _inputs(processor, [sample for _, sample in batch], device)
+            visual = torch.isin(inputs["input_ids"], torch.tensor(visual_token_ids(model), device=device))
+            tokens_in = visual.sum(1).tolist()
+            for row, (_, sample) in enumerate(batch):
+                if sample.video is not None and tokens_in[row] == 0:
+                    raise ValueError(
+                        f"the prompt of video sample {sample.id!r} holds no video placeholder: the chat template of "
+                        "this model renders no {'type': 'video'} part"
+                    )
             timer.start()
             with torch.no_grad():
                 output = model.generate(

@@ -159,8 +159,8 @@ def _place(rng: random.Random, width: int, height: int, taken: list[tuple[int, i
     raise RuntimeError("could not place an object without overlap")  # not reached with these sizes
 
 
-def _draw(shapes: list[Shape], sign: str, sign_box, rng: np.random.Generator) -> Image.Image:
-    # Muted background: a random grey-brown tint, a smooth gradient, stripes and per-pixel noise.
+def background(rng: np.random.Generator) -> Image.Image:
+    """The muted background: a random grey-brown tint, a smooth gradient, stripes and per-pixel noise."""
     size = IMAGE_SIZE
     base = rng.uniform(90, 170) + rng.uniform(-15, 15, size=3)
     ys, xs = np.mgrid[0:size, 0:size] / size
@@ -168,21 +168,34 @@ def _draw(shapes: list[Shape], sign: str, sign_box, rng: np.random.Generator) ->
     stripes = rng.uniform(0, 10) * np.sin(2 * np.pi * (xs * rng.uniform(2, 8) + ys * rng.uniform(2, 8)))
     noise = rng.normal(0, 12, size=(size, size, 3))
     pixels = base + (gradient + stripes)[..., None] + noise
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def jitter(color: str, rng: np.random.Generator) -> tuple[int, ...]:
+    """The RGB of a named colour, each channel moved by up to 15."""
+    return tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLORS[color])
+
+
+def paint(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, ...]) -> None:
+    """Draw ``shape`` filling ``box`` (x0, y0, x1, y1 inclusive), without anti-aliasing."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # cross
+        third = (x1 - x0 + 1) / 3
+        draw.rectangle((x0 + third, y0, x1 - third, y1), fill=fill)
+        draw.rectangle((x0, y0 + third, x1, y1 - third), fill=fill)
+
+
+def _draw(shapes: list[Shape], sign: str, sign_box, rng: np.random.Generator) -> Image.Image:
+    image = background(rng)
     draw = ImageDraw.Draw(image)
     for obj in shapes:
-        color = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLORS[obj.color])
-        x0, y0, x1, y1 = obj.box
-        if obj.shape == "circle":
-            draw.ellipse(obj.box, fill=color)
-        elif obj.shape == "square":
-            draw.rectangle(obj.box, fill=color)
-        elif obj.shape == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
-        else:  # cross
-            third = (x1 - x0 + 1) / 3
-            draw.rectangle((x0 + third, y0, x1 - third, y1), fill=color)
-            draw.rectangle((x0, y0 + third, x1, y1 - third), fill=color)
+        paint(draw, obj.shape, obj.box, jitter(obj.color, rng))
     x0, y0, x1, y1 = sign_box
     draw.rectangle(sign_box, fill=(245, 245, 240))
     ink = (20, 20, 25)

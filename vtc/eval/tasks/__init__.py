@@ -19,6 +19,7 @@ TASKS: dict[str, str] = {
     "scienceqa": "vtc.eval.tasks.scienceqa:ScienceQATask",
     "mmbench": "vtc.eval.tasks.mmbench:MMBenchTask",
     "shapes": "vtc.eval.tasks.shapes:ShapesTask",
+    "moving_shapes": "vtc.eval.tasks.moving_shapes:MovingShapesTask",
 }
 
 

@@ -34,22 +34,28 @@ LETTER_PROMPT = "\nAnswer with the option's letter from the given choices direct
 
 @dataclass
 class Sample:
-    """One question about one image.
+    """One question about one image or one video.
 
     id: unique within the task (MMBench circular copies: ``f"{index}-r{k}"``).
     question: the full text the model sees after the image, instruction included.
     answer: the reference: a string, a list of strings (VQAv2/TextVQA's human answers) or an option letter.
     family: the breakdown key (question family, category or subject).
-    image: loads the RGB image when called.
+    image: loads the RGB image when called; None for a video sample.
     meta: JSON-serialisable fields that scoring and summarize() need later; the runner copies them into the record.
+    video: loads the video's RGB frames (a list of equal-sized images) when called; None for an image sample.
     """
 
     id: str
     question: str
     answer: Any
     family: str
-    image: Callable[[], Image.Image]
+    image: Callable[[], Image.Image] | None = None
     meta: dict = field(default_factory=dict)
+    video: Callable[[], list[Image.Image]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.video is None):
+            raise ValueError(f"sample {self.id!r} needs exactly one of image and video")
 
 
 class Task:
