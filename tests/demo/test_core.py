@@ -302,3 +302,53 @@ def test_llava_onevision_budgets_merges_and_a_downsampled_overlay(tmp_path):
         core.compare(bundle, image, "what is in the image ?", "random", 47)
     with pytest.raises(core.DemoError, match=r"no \[CLS\] token"):
         core.compare(bundle, image, "what is in the image ?", "fastervlm", 20)
+
+
+# -- video ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["per_video", "per_frame"])
+def test_a_clip_compared_keeps_exact_counts_and_answers_as_plain_generate(qwen_dir, budget):
+    """The video view on the Qwen organism's architecture: the clip's (t, h, w) grid, exact kept counts per video or
+    per frame, the frames the model saw, and the compressed answer that plain generate() gives with vtc attached."""
+    bundle = core.load_model(qwen_dir)
+    sample = samples.video_samples()[0]
+    frames = sample.load()
+    result = core.compare_video(bundle, frames, sample.question, "divprune", 40, video_budget=budget, repeats=1)
+    t, h, w = result.grid
+    assert t == len(frames) // 2 and result.tokens_before == t * h * w == 1024
+    kept = 40 if budget == "per_video" else t * min(40, h * w)
+    assert result.tokens_after == len(result.kept) == kept
+    assert sum(result.kept_per_frame) == kept
+    if budget == "per_frame":
+        assert result.kept_per_frame == [40] * t
+    vision = bundle.model.config.vision_config
+    side = vision.patch_size * vision.spatial_merge_size  # pixels per merged token
+    assert [frame.size for frame in result.frames] == [(w * side, h * side)] * t
+    model, processor = bundle.model, bundle.processor
+    inputs = processor(videos=[frames], text=[core.video_prompt(processor, sample.question)], return_tensors="pt")
+    with vtc.compress(model, "divprune", keep=40, video_budget=budget), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    assert result.compressed_answer == answer
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"frames": []}, "Add a clip"),
+        ({"question": " "}, "Type a question about the video"),
+        ({"method": "fastv"}, "The video view runs pre-LLM methods"),
+        ({"keep": 0}, "at least 1"),
+        ({"keep": 1025}, "budget \\(1025\\) is larger than the 1024 visual tokens of this clip"),
+        ({"method": "evs", "keep": 100}, "evs cannot run on this clip: .*keep >= 256"),
+        ({"method": "vtc_cls"}, "vtc_cls cannot run on .*no \\[CLS\\] token"),
+        ({"model": "llava"}, "takes no video here; the families that do: llava_onevision, qwen2_5_vl"),
+    ],
+)
+def test_bad_clip_input_gives_a_clear_message(request, qwen_dir, change, message):
+    directory = request.getfixturevalue("llava_dir") if change.pop("model", None) == "llava" else qwen_dir
+    sample = samples.video_samples()[0]
+    arguments = {"frames": sample.load(), "question": sample.question, "method": "divprune", "keep": 16, **change}
+    with pytest.raises(core.DemoError, match=message):
+        core.compare_video(core.load_model(directory), **arguments, repeats=1)

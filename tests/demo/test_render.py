@@ -114,3 +114,21 @@ def test_screenshot_png_is_reduced_under_the_limit():
     small = small_png(buffer.getvalue(), max_kb=150)
     assert small.startswith(b"\x89PNG") and len(small) <= 150 * 1024
     assert Image.open(io.BytesIO(small)).mode == "P"  # 256 colours
+
+
+def test_a_frame_strip_keeps_each_frames_kept_tokens_bright():
+    """Two temporal patches of a 2 x 2 token grid on 32 px frames: frame 0 keeps its token 0, frame 1 its token 3;
+    their 16 px squares keep their pixels, the others are dimmed; frames are laid left to right."""
+    frames = [Image.new("RGB", (32, 32), (200, 100, 50)), Image.new("RGB", (32, 32), (50, 100, 200))]
+    strip = render.frame_strip(frames, (2, 2, 2), torch.tensor([0, 7]))
+    scale = render.display_scale(frames[0], target=256)
+    pixels = np.asarray(strip).astype(int)
+    top = 18  # the label row above each frame
+    size, gap = 32 * scale, 4
+
+    def at(frame: int, row: int, col: int) -> np.ndarray:
+        return pixels[top + row * 16 * scale + 8 * scale, frame * (size + gap) + col * 16 * scale + 8 * scale]
+
+    assert at(0, 0, 0).tolist() == [200, 100, 50] and at(1, 1, 1).tolist() == [50, 100, 200]
+    for frame, row, col in ((0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 0, 1)):
+        assert at(frame, row, col).sum() < 0.5 * np.asarray(frames[frame].getpixel((0, 0))).sum()

@@ -167,6 +167,29 @@ def test_http_api_reports_bad_input_without_a_stack_trace(request, server, chang
     assert "Traceback" not in json.dumps(data)
 
 
+def test_http_api_compares_a_clip_and_refuses_a_model_without_video(request, server):
+    """The video section: a synthetic clip on the Qwen organism's architecture (the answer equals the core's), and
+    the LLaVA model refused with a message, not a stack trace."""
+    from vtc.demo import core, samples
+
+    qwen_dir = request.getfixturevalue("qwen_dir")
+    clip = samples.video_samples()[0]
+    arguments = [clip.label, clip.question, qwen_dir, "divprune", 64, "per_frame", 1]
+    event, data = call(server, arguments, api="compare_video")
+    assert event == "complete", data
+    summary, strip = data
+    direct = core.compare_video(core.load_model(qwen_dir), clip.load(), clip.question, "divprune", 64,
+                                video_budget="per_frame", repeats=1)  # fmt: skip
+    assert f"| answer | {direct.baseline_answer or '(no text'}" in summary
+    assert "| visual tokens | 1024 (4 temporal patches of 16 x 16) | 256 |" in summary
+    assert "| kept per temporal patch | 256 each | 64/64/64/64 |" in summary
+    assert httpx.get(strip["url"], timeout=10).content.startswith(b"\x89PNG")
+    event, data = call(
+        server, [clip.label, clip.question, server.model, "divprune", 64, "per_video", 1], "compare_video"
+    )
+    assert event == "error" and "takes no video here" in json.dumps(data) and "Traceback" not in json.dumps(data)
+
+
 @pytest.mark.skipif(  # CI installs chromium: there a missing browser is a failure, not a skip
     shutil.which("chromium") is None and not os.environ.get("CI"), reason="no chromium (apt-get install chromium)"
 )

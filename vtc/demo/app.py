@@ -17,6 +17,7 @@ import gradio as gr
 import vtc
 from vtc import organisms
 from vtc.adapters import llava_next
+from vtc.adapters.base import VIDEO_BUDGETS
 from vtc.demo import core, render, samples
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ HEADER = (
 OPTION_METHODS = {"merge": ("dart",), "signal": ("fastervlm",), "layer": ("fastv", "dart_llm")}
 DEFAULT_METHOD = "dart"
 DEFAULT_KEEP = 64
+VIDEO_MODEL = "shapes-qwen2vl"
+VIDEO_HEADER = (
+    "### Video\n"
+    "A short synthetic clip (shapes moving, one appearing late) and a question about it, answered with all of the "
+    "video's visual tokens and with a vtc method keeping a budget of them per video (or per frame). Below: the frames "
+    "as the model still sees them. The video families compress videos (Qwen2-VL / 2.5-VL / 3-VL here); the shipped "
+    "organism was trained on images only, so its answers about a video are guesses: watch which tokens survive."
+)
 
 
 def _model_choices(default: str) -> list[str]:
@@ -88,6 +97,26 @@ def summary(result: core.Comparison) -> str:
     ]
     lines += [f"Note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def video_summary(result: core.VideoComparison) -> str:
+    """A video comparison as a Markdown table."""
+    faster = f"**{result.speedup:.2f}x** faster" if result.speedup >= 1 else f"{1 / result.speedup:.2f}x slower"
+    t, h, w = result.grid
+    per_frame = "/".join(str(n) for n in result.kept_per_frame)
+    return "\n".join(
+        [
+            f"**{result.model}** · {result.method}, keep {result.keep} ({result.video_budget.replace('_', ' ')})",
+            "",
+            "| | without vtc | with vtc |",
+            "|---|---|---|",
+            f"| answer | {shown(result.baseline_answer)} | {shown(result.compressed_answer)} |",
+            f"| prefill latency (median of {result.repeats}) | {result.baseline_ms:.1f} ms | "
+            f"{result.compressed_ms:.1f} ms ({faster}) |",
+            f"| visual tokens | {result.tokens_before} ({t} temporal patches of {h} x {w}) | {result.tokens_after} |",
+            f"| kept per temporal patch | {h * w} each | {per_frame} |",
+        ]
+    )
 
 
 def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Blocks:
@@ -243,6 +272,47 @@ def build_app(default_model: str = "shapes-llava", device: str = "cpu") -> gr.Bl
                         interactive=False,
                         elem_id="chart",
                     )
+
+        clips = samples.video_samples()
+        gr.Markdown(VIDEO_HEADER)
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                clip = gr.Dropdown([c.label for c in clips], value=clips[0].label, label="Clip", elem_id="clip")
+                video_question = gr.Textbox(clips[0].question, label="Question", elem_id="video-question", max_lines=3)
+                video_model = gr.Dropdown(
+                    _model_choices(VIDEO_MODEL), value=VIDEO_MODEL, label="Model", allow_custom_value=True
+                )
+                video_method = gr.Dropdown(vtc.list_methods("pre"), value="evs", label="Method", elem_id="video-method")
+                video_keep = gr.Slider(1, 1024, value=384, step=1, label="Budget: visual tokens kept per video")
+                video_budget = gr.Dropdown(list(VIDEO_BUDGETS), value="per_video", label="video_budget")
+                video_button = gr.Button("Compare on the clip", variant="primary", elem_id="run-video")
+            with gr.Column(scale=3):
+                video_table = gr.Markdown(elem_id="video-summary")
+                strip = gr.Image(
+                    label="The clip as the model still sees it (one frame per temporal patch)",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    elem_id="strip",
+                )
+
+        def load_clip(label: str | None):
+            return gr.update() if not label else samples.video_by_label(label).question
+
+        def run_video(label, question, model_name, method, keep, budget, repeats):
+            try:
+                bundle = core.load_model(model_name, device)
+                frames = samples.video_by_label(label).load()
+                result = core.compare_video(
+                    bundle, frames, question, method, int(keep), video_budget=budget, repeats=int(repeats)
+                )
+            except Exception as error:  # every failure reaches the page as one message, never a stack trace
+                raise _error(error) from None
+            return video_summary(result), render.frame_strip(result.frames, result.grid, result.kept)
+
+        clip.input(load_clip, clip, video_question, api_name=False)
+        video_inputs = [clip, video_question, video_model, video_method, video_keep, video_budget, repeats]
+        video_button.click(run_video, video_inputs, [video_table, strip], api_name="compare_video")
 
         inputs = [image, question, model, method, keep, merge, signal, layer, next_budget, max_new_tokens, repeats]
         outputs = [status_box, baseline, compressed, table, overlay, chart]

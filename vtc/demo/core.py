@@ -25,7 +25,7 @@ import vtc
 from vtc import geometry, loading
 from vtc.methods.base import Budget
 from vtc.methods.keep_all import KeepAll
-from vtc.registry import LAYERWISE_METHODS, METHODS, get_adapter_class
+from vtc.registry import ADAPTERS, LAYERWISE_METHODS, METHODS, get_adapter_class
 
 CACHED_MODELS = 2  # models kept in memory at once (a hub model can take many GB)
 
@@ -266,7 +266,6 @@ def compare(
             f"The budget ({keep}) is larger than the {limit} visual tokens {bundle.name} makes of this image; "
             f"choose at most {limit}."
         )
-    model = bundle.model
     with bundle.lock, torch.no_grad():
         handle = _attach(bundle, method, keep, options)
         try:
@@ -278,23 +277,7 @@ def compare(
             handle.remove()
         baseline_answer = generate(bundle, inputs, max_new_tokens)
 
-        def prefill(compressed: bool) -> float:
-            handle = _attach(bundle, method, keep, options) if compressed else None
-            try:
-                _sync(bundle)
-                start = time.perf_counter()
-                model(**inputs)
-                _sync(bundle)
-                return (time.perf_counter() - start) * 1e3
-            finally:
-                if handle is not None:
-                    handle.remove()
-
-        prefill(False), prefill(True)  # warm-up
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(int(repeats)):
-            for compressed in (False, True):
-                times[compressed].append(prefill(compressed))
+        times = _time_prefills(bundle, inputs, method, keep, options, int(repeats))
 
     per_layer = stats.get("visual_tokens_per_layer")
     flops = stats.get("prefill_flops")
@@ -326,6 +309,152 @@ def compare(
         repeats=int(repeats),
         notes=notes,
     )
+
+
+@dataclass
+class VideoComparison:
+    """One question about a video answered with all visual tokens and with ``method`` keeping ``keep`` per video."""
+
+    model: str
+    method: str
+    keep: int
+    video_budget: str
+    question: str
+    frames: list[Image.Image]  # the first frame of each temporal patch, at the size the model saw it
+    grid: tuple[int, int, int]  # (temporal patches, rows, columns) of the video's visual tokens
+    baseline_answer: str
+    compressed_answer: str
+    baseline_ms: float
+    compressed_ms: float
+    tokens_before: int
+    tokens_after: int
+    kept: torch.Tensor  # [K] indices into the video's tokens (raster order, temporal patch after temporal patch)
+    repeats: int
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_ms / self.compressed_ms
+
+    @property
+    def kept_per_frame(self) -> list[int]:
+        t, h, w = self.grid
+        return torch.bincount(self.kept // (h * w), minlength=t).tolist()
+
+
+def video_prompt(processor: Any, question: str) -> str:
+    """The model's chat template around one video and the question, ready for generation."""
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def compare_video(
+    bundle: Bundle,
+    frames: list[Any],
+    question: str,
+    method: str,
+    keep: int,
+    *,
+    video_budget: str = "per_video",
+    max_new_tokens: int = 24,
+    repeats: int = 3,
+) -> VideoComparison:
+    """:func:`compare` for a short clip (a list of frames) on a model whose family compresses videos and lays them out
+    as Qwen does ((t, h, w) grids of merged tokens): both answers, prefill times, and which tokens of which frame the
+    method kept."""
+    if not bundle.adapter.compresses_video or "video_budget" not in bundle.adapter.options:
+        families = sorted(t for t, cls in ADAPTERS.items() if cls.compresses_video)
+        raise DemoError(f"{bundle.name} takes no video here; the families that do: {', '.join(families)}.")
+    if not frames:
+        raise DemoError("Add a clip: pick a sample video.")
+    if not isinstance(question, str) or not question.strip():
+        raise DemoError("Type a question about the video.")
+    if method not in vtc.list_methods("pre"):
+        raise DemoError(f"The video view runs pre-LLM methods; choose one of {', '.join(vtc.list_methods('pre'))}.")
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise DemoError(f"The budget is the number of visual tokens to keep, at least 1; got {keep!r}.")
+    if not 1 <= int(repeats) <= 50:
+        raise DemoError("Timing repeats must be between 1 and 50.")
+    frames = [as_rgb(frame) for frame in frames]
+    question = question.strip()
+    try:
+        inputs = bundle.processor(videos=[frames], text=[video_prompt(bundle.processor, question)], return_tensors="pt")
+    except (TypeError, ValueError) as error:
+        raise DemoError(f"{bundle.name}'s processor cannot prepare this clip: {error}") from None
+    if "video_grid_thw" not in inputs:
+        raise DemoError(f"The video view shows the Qwen families' (t, h, w) token grids; {bundle.name} has none.")
+    dtype = next(bundle.model.parameters()).dtype
+    inputs = {
+        key: value.to(bundle.device, dtype) if value.is_floating_point() else value.to(bundle.device)
+        for key, value in inputs.items()
+    }
+    merge = bundle.model.config.vision_config.spatial_merge_size
+    t, h, w = (int(v) for v in inputs["video_grid_thw"][0])
+    grid = (t, h // merge, w // merge)
+    limit = grid[0] * grid[1] * grid[2]
+    if keep > limit:
+        raise DemoError(
+            f"The budget ({keep}) is larger than the {limit} visual tokens of this clip; choose at most {limit}."
+        )
+    options = {"video_budget": video_budget}
+    with bundle.lock, torch.no_grad():
+        handle = _attach(bundle, method, keep, options)
+        try:
+            compressed_answer = generate(bundle, inputs, max_new_tokens)
+            kept = handle.last_kept[0].cpu()
+            stats = handle.stats
+        except ValueError as error:  # a refusal that depends on the clip (evs: keep below one frame)
+            raise DemoError(f"{method} cannot run on this clip: {error}") from None
+        finally:
+            handle.remove()
+        baseline_answer = generate(bundle, inputs, max_new_tokens)
+        times = _time_prefills(bundle, inputs, method, keep, options, int(repeats))
+    patch = bundle.model.config.vision_config.patch_size
+    size = (w * patch, h * patch)
+    step = max(1, len(frames) // t)  # frames per temporal patch
+    shown = [frames[min(i * step, len(frames) - 1)].resize(size, Image.Resampling.BICUBIC) for i in range(t)]
+    return VideoComparison(
+        model=bundle.name,
+        method=method,
+        keep=keep,
+        video_budget=video_budget,
+        question=question,
+        frames=shown,
+        grid=grid,
+        baseline_answer=baseline_answer,
+        compressed_answer=compressed_answer,
+        baseline_ms=statistics.median(times[False]),
+        compressed_ms=statistics.median(times[True]),
+        tokens_before=stats["visual_tokens_before"][0],
+        tokens_after=stats["visual_tokens_after"][0],
+        kept=kept,
+        repeats=int(repeats),
+    )
+
+
+def _time_prefills(
+    bundle: Bundle, inputs: dict, method: str, keep: int, options: dict, repeats: int
+) -> dict[bool, list[float]]:
+    """Prefill latencies in ms (vision encoder + language-model prefill), uncompressed (False) and compressed (True),
+    runs alternating after one warm-up each. The caller holds the bundle's lock."""
+
+    def prefill(compressed: bool) -> float:
+        handle = _attach(bundle, method, keep, options) if compressed else None
+        try:
+            _sync(bundle)
+            start = time.perf_counter()
+            bundle.model(**inputs)
+            _sync(bundle)
+            return (time.perf_counter() - start) * 1e3
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    prefill(False), prefill(True)  # warm-up
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for compressed in (False, True):
+            times[compressed].append(prefill(compressed))
+    return times
 
 
 def _merge_targets(plan: vtc.Plan | None, boxes: torch.Tensor) -> torch.Tensor | None:

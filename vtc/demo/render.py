@@ -99,6 +99,45 @@ def draw_overlay(
     return result
 
 
+def frame_strip(
+    frames: list[Image.Image], grid: tuple[int, int, int], kept: torch.Tensor, columns: int = 4
+) -> Image.Image:
+    """The frames of a video as the model still sees them, left to right and top to bottom: each frame (one per
+    temporal patch, at the model's input size) with its kept tokens bright and the rest dimmed, and its kept count.
+
+    Args:
+        frames: one image per temporal patch, each ``grid[2] x grid[1]`` tokens in size.
+        grid: (temporal patches, rows, columns) of the video's visual tokens.
+        kept: indices into the video's tokens, raster order, temporal patch after temporal patch.
+    """
+    t, h, w = grid
+    scale = display_scale(frames[0], target=256)
+    tiles = []
+    for i, frame in enumerate(frames[:t]):
+        sx, sy = frame.width / w, frame.height / h
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        boxes = torch.stack([cols * sx, rows * sy, (cols + 1) * sx, (rows + 1) * sy], -1).reshape(-1, 4).double()
+        own = kept[(kept >= i * h * w) & (kept < (i + 1) * h * w)] - i * h * w
+        tile = draw_overlay(frame, boxes, own, scale=scale)
+        label = Image.new("RGB", (tile.width, 18), "white")
+        ImageDraw.Draw(label).text(
+            (4, 2), f"frame {i}: {own.numel()} of {h * w} kept", fill=(60, 60, 70), font=_font(12)
+        )
+        tiles.append((tile, label))
+    columns = max(1, min(columns, len(tiles)))
+    cell_w = max(tile.width for tile, _ in tiles)
+    cell_h = max(tile.height for tile, _ in tiles) + 18
+    rows_needed = -(-len(tiles) // columns)
+    strip = Image.new(
+        "RGB", (columns * cell_w + (columns - 1) * 4, rows_needed * cell_h + (rows_needed - 1) * 4), "white"
+    )
+    for i, (tile, label) in enumerate(tiles):
+        x, y = (i % columns) * (cell_w + 4), (i // columns) * (cell_h + 4)
+        strip.paste(label, (x, y))
+        strip.paste(tile, (x, y + 18))
+    return strip
+
+
 def display_scale(image: Image.Image, target: int = 448) -> int:
     """The whole factor that brings a small image (the 128 px scenes) near ``target`` pixels; 1 for larger ones."""
     return max(1, target // max(image.width, image.height))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vtc.organisms import scenes
+from vtc.organisms import clips, scenes
 
 SCENES = 6  # test scenes 0..5, one question family each
 
@@ -80,6 +80,35 @@ def samples() -> tuple[Sample, ...]:
 
 def by_label(label: str) -> Sample:
     for sample in samples():
+        if sample.label == label:
+            return sample
+    raise KeyError(label)
+
+
+CLIPS = 6  # test clips 0..5, two of each question family
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    label: str
+    question: str
+    load: Callable[[], list[Image.Image]]  # the frames
+    answer: str
+
+
+def video_samples() -> tuple[VideoSample, ...]:
+    """Synthetic test clips (:mod:`vtc.organisms.clips`) with their questions."""
+    out = []
+    for index in range(CLIPS):
+        question = clips.question("test", index)
+        load = functools.partial(lambda i: list(clips.clip("test", i).frames), index)
+        out.append(VideoSample(f"clip {index} ({question.family}): {question.question}", question.question, load,
+                               question.answer))  # fmt: skip
+    return tuple(out)
+
+
+def video_by_label(label: str) -> VideoSample:
+    for sample in video_samples():
         if sample.label == label:
             return sample
     raise KeyError(label)
