@@ -394,7 +394,7 @@ def test_temporal_method_needs_a_video_grid(name, grid, given, batch):
     signals = {**make_signals(batch, 63), "grid": grid}
     message = (
         rf"method '{name}' is temporal: it needs a video unit with a \(T, H, W\) grid .*got {given}\. "
-        r"Images and budget='per_frame' hand \(H, W\) grids and cannot use it"
+        r"Images and video_budget='per_frame' hand \(H, W\) grids and cannot use it"
     )
     for keep in (21, 63):
         with pytest.raises(ValueError, match=message):

@@ -292,7 +292,7 @@ def check_video_grid(method: Method, grid: tuple[int, ...] | None) -> None:
     given = "no grid" if grid is None else f"the 2-D grid {grid}"
     raise ValueError(
         f"method {method.name!r} is temporal: it needs a video unit with a (T, H, W) grid (T frames of H x W "
-        f"tokens, T >= 2 to prune anything), got {given}. Images and budget='per_frame' hand (H, W) grids and "
+        f"tokens, T >= 2 to prune anything), got {given}. Images and video_budget='per_frame' hand (H, W) grids and "
         f"cannot use it; choose a spatial method for them (e.g. 'divprune', 'uniform')"
     )
 

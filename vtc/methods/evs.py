@@ -27,7 +27,7 @@ class EVS(ScoredMethod):
     first frame is always kept whole. The ``keep`` highest scores survive, one global choice over all
     frames; ties go to the earlier frame, then to raster order (a stable descending sort, as vLLM's);
     kept tokens return to original order. Only for videos (``temporal``): it needs the (T, H, W)
-    grid, and images or ``budget="per_frame"`` are refused.
+    grid, and images or ``video_budget="per_frame"`` are refused.
 
     No options: vLLM's pruning rate q is vtc's budget.
 
