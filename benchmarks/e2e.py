@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(model, inputs, settings, device, args)
     foreign = load.stop()
     title = (
-        f"{args.model}{f' (a video of {args.video} patches)' if video else ''}: {result['visual_tokens']} visual of "
+        f"{args.model}{f' (a video: {args.video})' if video else ''}: {result['visual_tokens']} visual of "
         f"{result['prompt_tokens']} prompt tokens, "
         f"{args.decode_tokens} new tokens; {info['device_name']}, {info['torch_threads']} threads, "
         f"median of {args.repeats}"

@@ -108,6 +108,7 @@ def test_default_is_the_shipped_organism_answering_a_scene(capsys):
         (["--repeats", "0"], "--repeats must be >= 1, got 0"),
         (["--methods", "foo"], "unknown method 'foo'"),
         (["--methods", "dart,foo"], "unknown method 'foo'"),
+        (["--methods", "divprune,evs"], "'evs' plans over a video's frames, and this command asks about an image"),
         (["--methods", " , "], "--methods names no method"),
         (["--methods", "fastervlm:signal=bogus"], "signal must be one of"),
         (["--methods", "dart:merge"], "must be key=value"),

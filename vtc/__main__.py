@@ -107,6 +107,8 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace):
             name, options = parse_method(spec)
         except ValueError as error:
             parser.error(f"--methods: {error}")
+        if name != "none" and vtc.get_method(name).temporal:
+            parser.error(f"--methods: {name!r} plans over a video's frames, and this command asks about an image")
         if name != "none":  # the uncompressed row is always shown
             methods.append((spec, name, options))
     if args.model == "tiny-qwen3-5":

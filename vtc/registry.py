@@ -71,7 +71,7 @@ def list_methods(stage: str | None = None, *, images: bool = False) -> list[str]
         raise ValueError(f"stage must be None, 'pre' or 'llm', got {stage!r}")
     names = ([] if stage == "llm" else list(METHODS)) + ([] if stage == "pre" else list(LAYERWISE_METHODS))
     known = {**METHODS, **LAYERWISE_METHODS}
-    return sorted(name for name in names if not (images and getattr(known[name], "temporal", False)))
+    return sorted(name for name in names if not (images and known[name].temporal))
 
 
 def list_models() -> list[str]:

@@ -218,3 +218,33 @@ def test_evs_keeps_what_evs_chooses_on_each_videos_frames_and_the_newline(model)
             chosen = vtc.select("evs", keep=keep, features=features, grid=(FRAMES, 2, 2))[0]
             expected += (chosen + start).tolist() + [start + VIDEO]  # and the newline
         assert handle.last_kept[b].tolist() == expected
+
+
+def test_beams_keep_each_rows_choice_on_videos_and_images(model):
+    """Beam search (transformers 5 encodes before it repeats the rows) over AnyRes images and videos: each beam keeps
+    what its row keeps in a plain forward. (On 4.57, transformers itself hands beams the wrong videos when a sample
+    has several; that sample has one here.)"""
+    inputs = tiny_llava_onevision_inputs(model, image_sizes=(((120, 150),), ((56, 112),)), videos=(1, 1), seed=3)
+    with vtc.compress(model, "divprune", keep=6) as handle:
+        logits(model, inputs)
+        alone = [k.tolist() for k in handle.last_kept]
+        model.generate(**inputs, max_new_tokens=2, num_beams=2, do_sample=False)
+    assert [k.tolist() for k in handle.last_kept] == [row for row in alone for _ in range(2)]
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_evs_refuses_images_and_small_budgets_before_the_vision_tower_runs(model, via):
+    images = tiny_llava_onevision_inputs(model, image_sizes=(((120, 150),),), seed=3)
+    videos = tiny_llava_onevision_inputs(model, image_sizes=((),), videos=(1,), frames=FRAMES, seed=3)
+    calls = []
+    for inputs, keep, message in ((images, 6, "this input holds images"), (videos, 3, "whole first frame")):
+        if via == "generate" and inputs is videos:
+            continue  # transformers 5's generate() encodes first: the budget is refused when evs plans
+        with vtc.compress(model, "evs", keep=keep):
+            spy = model.model.vision_tower.register_forward_pre_hook(lambda *args: calls.append(1))  # after vtc's
+            try:
+                with pytest.raises(ValueError, match=message):
+                    logits(model, inputs) if via == "forward" else greedy_generate(model, inputs, 2)
+            finally:
+                spy.remove()
+    assert not calls

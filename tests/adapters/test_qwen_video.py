@@ -445,3 +445,17 @@ def test_evs_refuses_images_and_per_frame_budgets_and_keeps_below_a_frame(model,
         assert handle.stats["videos"] == [1, 2]
     with vtc.compress(model, "evs", keep=6), pytest.raises(ValueError, match=r"whole first frame.*keep >= 8"):
         logits(model, videos_only)
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_evs_refuses_a_budget_below_one_frame_before_the_vision_tower_runs(model, videos_only, via):
+    calls = []
+    for budget in ({"keep": 6}, {"ratio": 0.2}):  # a 4 x 8 patch frame is 8 tokens; 0.2 of 16 is 3
+        with vtc.compress(model, "evs", **budget):
+            spy = model.model.visual.register_forward_pre_hook(lambda *args: calls.append(1))  # after vtc's
+            try:
+                with pytest.raises(ValueError, match=r"whole first frame"):
+                    logits(model, videos_only) if via == "forward" else greedy_generate(model, videos_only, 2)
+            finally:
+                spy.remove()
+    assert not calls

@@ -148,6 +148,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """An image pass starts afresh; a video pass (after the images' in the same call) keeps the images' captures
         and captures nothing itself."""
         if not self._encoding_video():
+            self._refuse_temporal_on_images()
             super()._vision_pre_hook(module, args, kwargs)
             return
         self._refuse_video_signals()
@@ -166,6 +167,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 "reads the features (divprune, dart, uniform, random, evs), or call handle.remove()"
             )
 
+    def _refuse_temporal_on_images(self) -> None:
+        if self.method.temporal:
+            raise ValueError(
+                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
+                "images, which have a single frame: give it videos only, or use another method for images"
+            )
+
     def _received_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.captured.get("video_pass"):
             return
@@ -180,14 +188,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             self._refuse_video_signals()
             if videos is not None:  # [videos, frames, C, H, W]
                 self._frames = int(videos.shape[1])
+                grid = (self._frames, *self.frame_grid)
+                if self.video_budget == "per_video":  # before the vision tower runs (in forward())
+                    self.method.check_video(grid, self.budget.cap(math.prod(grid)))
             else:  # pooled tokens [videos, frames * h * w + 1, D], the newline last
                 length = int(encoded["video"].pooler_output.shape[1]) - 1
                 self._frames = length // math.prod(self.frame_grid)
-        if self.method.temporal and (bound.get("pixel_values") is not None or encoded.get("image") is not None):
-            raise ValueError(
-                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
-                "images, which have a single frame: give it videos only, or use another method for images"
-            )
+        if bound.get("pixel_values") is not None or encoded.get("image") is not None:
+            self._refuse_temporal_on_images()
         super()._read_inputs(bound)
         counts = bound.get("batch_num_images")
         if counts is None:  # transformers' reading: every image is a single-image sample's

@@ -37,6 +37,7 @@ videos with ``video_budget="per_video"``: images and per-frame budgets are refus
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 from typing import Any, ClassVar
 
@@ -99,6 +100,7 @@ class Qwen2VLAdapter(Adapter):
         # encodes before the forward and passes the outputs back as mm_encoder_outputs, to every prefill (beams,
         # use_cache=False); the forward plans with the record of exactly the outputs it gets.
         self._encodings: list[tuple[weakref.ref, str, list[dict[str, Any]]]] = []
+        self._records_lock = threading.RLock()
         self._given: dict[str, Any] = {}  # the encoder outputs the forward in progress was passed, by kind
 
     def check(self) -> None:
@@ -170,13 +172,18 @@ class Qwen2VLAdapter(Adapter):
     def _vision_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         video = self._encoding_video()
         self._refuse_inputs(not video, video)
+        bound = self._vision_signature.bind_partial(*args, **kwargs).arguments
+        grid_thw = bound["grid_thw"]
+        if video and self.video_budget == "per_video":  # a budget the method cannot keep: before the tower runs
+            for t, h, w in grid_thw.tolist():
+                grid = (t, h // self.merge, w // self.merge)
+                self.method.check_video(grid, self.budget.cap(t * h * w // self.merge**2))
         images = self.captured.get("images") if video else None  # the image pass of this call comes first
         self._vision_starts(module)
         if images is not None:
             self.captured["images"] = images
         self.captured["encoding"] = "videos" if video else "images"
-        bound = self._vision_signature.bind_partial(*args, **kwargs).arguments
-        grid_thw = self.captured["grid_thw"] = bound["grid_thw"]
+        self.captured["grid_thw"] = grid_thw
         if self._needs_received and self.windowed:
             self.captured["window_index"] = self._windows(module, grid_thw)
         if self._needs_cls:
@@ -218,10 +225,13 @@ class Qwen2VLAdapter(Adapter):
             ref = weakref.ref(output, self._forget_encoding)
         except TypeError:
             return
-        self._encodings.append((ref, "video" if video else "image", images))
+        with self._records_lock:
+            self._encodings.append((ref, "video" if video else "image", images))
 
     def _forget_encoding(self, ref: weakref.ref) -> None:
-        self._encodings = [entry for entry in self._encodings if entry[0] is not ref]
+        """A recorded encoder output is gone (the callback may run in any thread, or in a garbage collection)."""
+        with self._records_lock:
+            self._encodings[:] = [entry for entry in self._encodings if entry[0] is not ref]
 
     def _windows(self, visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's window order of the merged groups (transformers 4.57 method, 5.x function)."""
@@ -284,7 +294,8 @@ class Qwen2VLAdapter(Adapter):
         (``given``), or of its own vision pass; None if they were encoded without vtc."""
         if given is None:
             return self.captured.get(f"{kind}s")
-        return next((record for ref, k, record in self._encodings if k == kind and ref() is given), None)
+        with self._records_lock:
+            return next((record for ref, k, record in self._encodings if k == kind and ref() is given), None)
 
     def _locate(self, marks: torch.Tensor, embeds: torch.Tensor, given: Any, video: bool) -> list[Image]:
         """The images (videos) of one kind: each sample's placeholders of that kind, in sequence order, cut into the

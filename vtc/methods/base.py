@@ -168,6 +168,10 @@ class Method(ABC):
             raise ValueError(f"{int(protected.sum(dim=1).max())} tokens are protected but only keep={keep} are kept")
         return self._plan(signals, keep)
 
+    def check_video(self, grid: tuple[int, int, int], keep: int) -> None:  # noqa: B027 - optional hook
+        """Raise if the method cannot keep ``keep`` tokens of a video of (T, H, W) ``grid`` (evs: fewer than one
+        frame's). Adapters call it once a video's grid is known, before its vision pass where they can."""
+
     def check_geometry(self, num_tokens: int | None, vision_layers: int | None) -> None:  # noqa: B027 - optional hook
         """Raise if the method's options cannot work with N tokens per image and ``vision_layers``
         vision layers up to the feature layer (each None if unknown or varying). Called at attach time."""

@@ -54,14 +54,17 @@ class EVS(ScoredMethod):
         first = change.new_full((features.shape[0], 1, height * width), FIRST_FRAME)
         return torch.cat([first, change], dim=1).flatten(1)  # [B, N]
 
-    def _plan(self, signals: dict[str, Any], keep: int) -> Plan:
-        frames, height, width = signals["grid"]
+    def check_video(self, grid: tuple[int, int, int], keep: int) -> None:
+        frames, height, width = grid
         if keep < height * width:
             raise ValueError(
                 f"method 'evs' keeps the whole first frame of a video: keep={keep} is below the {height * width} "
                 f"tokens of one {height} x {width} frame (grid {(frames, height, width)}); use keep >= "
                 f"{height * width} (vLLM keeps max(H*W, floor(N * (1 - q))))"
             )
+
+    def _plan(self, signals: dict[str, Any], keep: int) -> Plan:
+        self.check_video(signals["grid"], keep)
         score = self.score(signals, keep)
         protected = signals.get("protected")
         if protected is not None:

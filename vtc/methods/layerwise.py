@@ -47,6 +47,7 @@ class LayerwiseMethod(ABC):
     requires: ClassVar[tuple[str, ...]] = ()  # vision-side signals (none for the methods here)
     exact: ClassVar[bool] = True  # keeps exactly the scheduled count (False: adaptive)
     uses_hidden: ClassVar[bool] = True  # reads Stage.hidden (False spares the final norm at every drop)
+    temporal: ClassVar[bool] = False  # as Method.temporal: none of the in-LLM methods needs a video's frames
 
     @abstractmethod
     def schedule(self, num_layers: int) -> list[int]:
