@@ -279,9 +279,8 @@ class Qwen2VLAdapter(Adapter):
         return units
 
     def _locate_images(self, visual: torch.Tensor, embeds: torch.Tensor) -> list[Image]:
-        """Images are the <|image_pad|> tokens, videos the <|video_pad|> ones; each sample's tokens of a kind, in
-        sequence order, are the tokens of its images (videos) one after another, matched to what the vision tower
-        saw in order, or by their first token when generate() repeated them (beams)."""
+        """Images are the <|image_pad|> tokens, videos the <|video_pad|> ones (see :meth:`_locate`), in sequence
+        order."""
         videos, self._video_marks = self._video_marks, None
         given, self._given = self._given, {}
         found = self._locate(visual if videos is None else visual & ~videos, embeds, given.get("image"), video=False)
