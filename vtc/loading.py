@@ -149,6 +149,14 @@ class QwenProcessor:
             merge = self.image_processor.merge_size**2
             texts = _expand(texts, self.image_token, (data["image_grid_thw"].prod(-1) // merge).tolist())
         if videos is not None:
+            import transformers
+
+            if transformers.__version__.startswith("4."):
+                raise ValueError(
+                    f"vtc's QwenProcessor prepares videos with transformers 5's PIL image processor, whose resizing "
+                    f"matches the video processor's; transformers {transformers.__version__}'s sizes them otherwise. "
+                    "Use transformers >= 5 for videos, or the model's own processor (it needs torchvision)"
+                )
             pixels, grids = zip(*(self._video(frames) for frames in videos), strict=True)
             data["pixel_values_videos"] = torch.cat(pixels)
             data["video_grid_thw"] = torch.tensor(grids)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from training import build
@@ -87,11 +88,19 @@ def test_a_sample_holds_an_image_or_a_video():
 
 # QwenProcessor's videos
 
+FIVE = pytest.mark.skipif(
+    transformers.__version__.startswith("4."), reason="QwenProcessor prepares videos on transformers >= 5 only"
+)
+
 
 def _image_processor(**size):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    """The PIL image processor QwenProcessor builds on (transformers 5's PIL class; 4.57's default one)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as images
+    except ImportError:  # transformers 4.x
+        from transformers import Qwen2VLImageProcessor as images
 
-    return Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL, size=size or None)
+    return images(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL, size=size or None)
 
 
 def reference_video(frames, processor) -> tuple[torch.Tensor, list[int]]:
@@ -125,6 +134,14 @@ def _text(processor, kinds: list[str]) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="transformers 4.x only")
+def test_videos_are_refused_by_qwen_processor_on_transformers_4(checkpoint):
+    processor = loading.QwenProcessor.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="prepares videos with transformers 5's PIL image processor"):
+        processor(videos=[_noise_frames(2, 32, 32, seed=0)], text=[_text(processor, ["video"])])
+
+
+@FIVE
 def test_video_patches_match_the_video_processors_layout():
     """Two videos (3 frames of 32 x 48, padded to 4 with the last; 4 frames of 16 x 16) and an image in one batch:
     patches as the reference lays them out, one <|video_pad|> per merged token, mm_token_type_ids 1 / 2."""
@@ -148,6 +165,7 @@ def test_video_patches_match_the_video_processors_layout():
     assert torch.equal(types, (ids == image_id).long() + 2 * (ids == video_id).long())
 
 
+@FIVE
 def test_video_frames_are_resized_like_images_and_must_agree():
     processor = _processor()
     out = processor(videos=[_noise_frames(2, 100, 60, seed=3)], text=[_text(processor, ["video"])])
@@ -159,6 +177,7 @@ def test_video_frames_are_resized_like_images_and_must_agree():
         )
 
 
+@FIVE
 def test_video_settings_come_from_the_video_processor_config(tmp_path, checkpoint):
     """The organism has no video config: its image processor's settings. A video_preprocessor_config.json wins."""
     organism = loading.QwenProcessor.from_pretrained(checkpoint)
@@ -167,7 +186,8 @@ def test_video_settings_come_from_the_video_processor_config(tmp_path, checkpoin
         (tmp_path / name).write_bytes((Path(checkpoint) / name).read_bytes())
     (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"max_pixels": 64 * 64, "patch_size": 4}))
     own = loading.QwenProcessor.from_pretrained(tmp_path)
-    assert (own.video_processor.size.longest_edge, own.video_processor.size.shortest_edge) == (64 * 64, 128 * 28 * 28)
+    size = dict(own.video_processor.size)  # a SizeDict on transformers 5, a dict on 4.57
+    assert (size["longest_edge"], size["shortest_edge"]) == (64 * 64, 128 * 28 * 28)
     out = own(videos=[_noise_frames(2, 128, 128, seed=6)], text=[_text(own, ["video"])])
     assert out["video_grid_thw"].tolist() == [[1, 16, 16]]
 
@@ -189,6 +209,7 @@ def test_transformers_video_processor_agrees_where_it_runs():
 # vtc eval end to end
 
 
+@FIVE
 def test_moving_shapes_end_to_end_on_a_tiny_qwen2_vl(checkpoint, tmp_path):
     """Every clip is 1024 video tokens entering the model; divprune keep=16 keeps 16 of them (one selection over the
     whole video). Accuracy is computed and consistent with the predictions, and meaningless on random weights."""
@@ -222,6 +243,7 @@ def test_video_tasks_refuse_models_vtc_compresses_no_video_of(capsys, monkeypatc
     assert "(llava)" not in families
 
 
+@FIVE
 def test_a_chat_template_without_video_parts_is_reported(checkpoint, tmp_path):
     """A template that renders no {'type': 'video'} part (the organism's before it had one) leaves the prompt without
     placeholders: every setting is skipped with that reason, rather than run on the text alone."""
