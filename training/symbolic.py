@@ -77,11 +77,12 @@ class Vocabulary:
 
 
 class Example:
-    """One sequence: per position two word ids (the second 0 = none), a grid cell (-1 = none), a position id and the
-    target of the NEXT-token prediction made at that position (IGNORE = no loss)."""
+    """One sequence: per position two word ids (the second 0 = none), a grid cell (-1 = none), a position id, the
+    target of the NEXT-token prediction made at that position (IGNORE = no loss) and, on a question word that
+    completes an object's name, that object's grid cell (``where``, -1 = none; the ``--aux`` loss)."""
 
     def __init__(self):
-        self.first, self.second, self.grid, self.position, self.target = [], [], [], [], []
+        self.first, self.second, self.grid, self.position, self.target, self.where = [], [], [], [], [], []
         self.kinds: list[str] = []  # the family of each answer, in order
 
     def add(self, word: int, position: int, second: int = 0, grid: int = -1) -> None:
@@ -90,6 +91,7 @@ class Example:
         self.grid.append(grid)
         self.position.append(position)
         self.target.append(IGNORE)
+        self.where.append(-1)
 
     def __len__(self) -> int:
         return len(self.first)
@@ -120,8 +122,10 @@ def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos
                 else:
                     ex.add(first, position + index, second=second, grid=index)
             position += IMAGE_TOKENS
-        for word in vocab.ids(q.question) + [vocab.id["ASSISTANT"], vocab.id[":"]]:
+        named = mentions(q, shapes, sign_box)
+        for i, word in enumerate(vocab.ids(q.question) + [vocab.id["ASSISTANT"], vocab.id[":"]]):
             ex.add(word, position)
+            ex.where[-1] = named.get(i, -1)
             position += 1
         ex.target[-1] = vocab.id[q.answer]
         ex.kinds.append(q.family)
@@ -134,10 +138,31 @@ def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos
     return ex
 
 
+def mentions(q: scenes.Question, shapes, sign_box) -> dict[int, int]:
+    """{index of the question word that completes an object's name: that object's grid cell}: the shape word of
+    "red circle" (exists when present, both objects of position), the shape of colour questions, the colour of shape
+    questions, "sign" of read questions. Count names no object; an absent object of exists has no cell."""
+    words = q.question.split()
+    by_name = {s.name: s for s in shapes}
+    out = {}
+    if q.family == "color":
+        out[4] = cell(next(s.box for s in shapes if s.shape == words[4]))
+    elif q.family == "shape":
+        out[4] = cell(next(s.box for s in shapes if s.color == words[4]))
+    elif q.family == "exists" and " ".join(words[3:5]) in by_name:
+        out[4] = cell(by_name[" ".join(words[3:5])].box)
+    elif q.family == "position":
+        out[3] = cell(by_name[" ".join(words[2:4])].box)
+        out[len(words) - 2] = cell(by_name[" ".join(words[-3:-1])].box)
+    elif q.family == "read":
+        out[words.index("sign")] = cell(sign_box)
+    return out
+
+
 def prompt(scene, question, vocab: Vocabulary, split_objects: bool) -> Example:
     """The single-turn evaluation prompt, ending at ``ASSISTANT:`` (the answer is predicted at the last position)."""
     ex = example(scene, [question], vocab, split_objects)
-    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target):
+    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target, ex.where):
         del field[-2:]
     return ex
 
@@ -151,6 +176,7 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         "grid": torch.full((len(examples), length), -1, dtype=torch.long),
         "position": torch.zeros(len(examples), length, dtype=torch.long),
         "target": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+        "where": torch.full((len(examples), length), -1, dtype=torch.long),
         "mask": torch.zeros(len(examples), length, dtype=torch.long),
         "last": torch.tensor([len(e) - 1 for e in examples]),
     }
@@ -159,6 +185,7 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         for key, values in (("first", e.first), ("second", e.second), ("grid", e.grid), ("position", e.position)):
             out[key][row, :n] = torch.tensor(values)
         out["target"][row, :n] = torch.tensor(e.target)
+        out["where"][row, :n] = torch.tensor(e.where)
         out["mask"][row, :n] = 1
     return out
 
@@ -167,11 +194,20 @@ class Symbolic(nn.Module):
     """The language model plus what stands in for vision: learned row / column embeddings of the grid cells."""
 
     def __init__(
-        self, lm: LlamaForCausalLM, grid: bool, pairs: bool = False, vocab: Vocabulary | None = None, coords=False
+        self,
+        lm: LlamaForCausalLM,
+        grid: bool,
+        pairs: bool = False,
+        vocab: Vocabulary | None = None,
+        coords=False,
+        aux_layer: int | None = None,
     ):
         super().__init__()
         self.lm = lm
         width = lm.config.hidden_size
+        # --aux: linear heads reading a named object's row and column off a question word's hidden state
+        self.aux_layer = aux_layer
+        self.where = nn.Linear(width, 2 * SIDE) if aux_layer is not None else None
         self.row = nn.Embedding(SIDE, width) if grid else None
         self.column = nn.Embedding(SIDE, width) if grid else None
         # --coords: an ordinal 2-D signal, a learned linear map of the cell's (x, y) in [-1, 1]
@@ -184,8 +220,8 @@ class Symbolic(nn.Module):
                 for s, shape in enumerate(scenes.SHAPES):
                     index[vocab.id[color], vocab.id[shape]] = c * len(scenes.SHAPES) + s
         self.register_buffer("pair_index", index, persistent=False)
-        for table in (self.row, self.column, self.pair):
-            if table is not None:
+        for table in (self.row, self.column, self.pair, self.coords):
+            if table is not None:  # the scale of the word embeddings (Llama's initializer_range)
                 nn.init.normal_(table.weight, std=0.02)
 
     def embed(self, batch: dict) -> torch.Tensor:
@@ -205,8 +241,25 @@ class Symbolic(nn.Module):
         return x
 
     def forward(self, batch: dict, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.outputs(batch, embeds)[0]
+
+    def outputs(self, batch: dict, embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(next-token logits, the --aux loss or None)."""
         embeds = self.embed(batch) if embeds is None else embeds
-        return self.lm(inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=batch["position"]).logits
+        hidden = self.where is not None and self.training
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=batch["mask"],
+            position_ids=batch["position"],
+            output_hidden_states=hidden,
+        )
+        if not hidden:
+            return out.logits, None
+        on = batch["where"] >= 0
+        guess = self.where(out.hidden_states[self.aux_layer][on]).view(-1, 2, SIDE)
+        cells = batch["where"][on]
+        aux = F.cross_entropy(guess[:, 0], cells // SIDE) + F.cross_entropy(guess[:, 1], cells % SIDE)
+        return out.logits, aux / 2
 
 
 def language_model(args, vocab_size: int) -> LlamaForCausalLM:
@@ -226,6 +279,22 @@ def language_model(args, vocab_size: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(text)
 
 
+def symbolic_model(args, vocab: Vocabulary) -> Symbolic:
+    lm = language_model(args, len(vocab.words))
+    aux_layer = None
+    if args.aux:  # hidden_states[k] is the output of layer k; default: the input of the last layer
+        aux_layer = args.aux_layer if args.aux_layer is not None else lm.config.num_hidden_layers - 1
+    return Symbolic(lm, args.grid, args.objects == "pair", vocab, args.coords, aux_layer)
+
+
+def initialise(model: Symbolic, path: str, log) -> None:
+    """Load a state dict saved by ``--save``; modules it lacks (e.g. ``--coords`` added now) keep their fresh init."""
+    missing, unexpected = model.load_state_dict(torch.load(path), strict=False)
+    if unexpected:
+        raise ValueError(f"{path} has parameters this model lacks: {unexpected}")
+    log({"stage": "init", "path": path, "fresh": missing})
+
+
 def schedule(optimizer, steps: int, warmup: int):
     """Linear warm-up, then cosine decay to 5 % at the last step (as ``training.organisms``)."""
 
@@ -241,20 +310,42 @@ def loss_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
 
 
+def position_question(shapes, rng: random.Random, relations) -> scenes.Question | None:
+    """``scenes._position`` with the relation drawn from ``relations`` only (``--relations``): a pair whose centres
+    differ by at least 12 px along the relation's axis, yes or no half each; None if the scene has no such pair."""
+    pairs = [(a, b) for a in shapes for b in shapes if a is not b]
+    rng.shuffle(pairs)
+    want = rng.random() < 0.5
+    relation = rng.choice(relations)
+    axis = 0 if relation in ("left of", "right of") else 1
+    for a, b in pairs:
+        delta = a.center[axis] - b.center[axis]
+        holds = delta < 0 if relation in ("left of", "above") else delta > 0
+        if abs(delta) >= 12 and holds == want:
+            return scenes.Question("position", f"is the {a.name} {relation} the {b.name} ?", "yes" if want else "no")
+    return None
+
+
 class Batches:
     """Training sequences from fresh train scenes: multi-turn (each scene's six questions in random order, as
-    ``training.organisms``) or single-turn (one random question per scene). ``families`` limits the questions."""
+    ``training.organisms``) or single-turn (one random question per scene). ``families`` limits the questions;
+    ``relations`` (a subset of ``scenes.RELATIONS``) replaces each scene's position question by one asking only
+    those relations (scenes without a suitable pair keep theirs)."""
 
     def __init__(self, vocab: Vocabulary, args):
         self.vocab, self.args = vocab, args
         self.next_index = args.scene_offset
         self.rng = random.Random(args.seed + 1)
 
-    def __call__(self, families) -> list[Example]:
+    def __call__(self, families, relations=scenes.RELATIONS) -> list[Example]:
         out = []
         while len(out) < self.args.batch:
             scene = layout("train", self.next_index)
             self.next_index += 1
+            if tuple(relations) != scenes.RELATIONS:
+                asked = position_question(scene[0], self.rng, relations)
+                if asked is not None:
+                    scene = (*scene[:3], tuple(asked if q.family == "position" else q for q in scene[3]))
             questions = [q for q in scene[3] if q.family in families]
             self.rng.shuffle(questions)
             if self.args.turns == "single":
@@ -268,6 +359,7 @@ def evaluate(model: Symbolic, vocab: Vocabulary, args, count: int, features=None
     """Single-turn test accuracy per family (argmax over the whole vocabulary at ``ASSISTANT:``)."""
     model.eval()
     right = {f: 0 for f in scenes.FAMILIES}
+    by_relation = {r: [0, 0] for r in scenes.RELATIONS}  # position questions: [right, asked] per relation
     for start in range(0, count, 100):
         chunk = [layout("test", i) for i in range(start, min(count, start + 100))]
         for family_index, family in enumerate(scenes.FAMILIES):
@@ -281,10 +373,16 @@ def evaluate(model: Symbolic, vocab: Vocabulary, args, count: int, features=None
             guess = logits[torch.arange(len(chunk)), batch["last"]].argmax(-1)
             truth = torch.tensor([vocab.id[s[3][family_index].answer] for s in chunk])
             right[family] += int((guess == truth).sum())
+            if family == "position":
+                for s, hit in zip(chunk, (guess == truth).tolist(), strict=True):
+                    relation = next(r for r in scenes.RELATIONS if f" {r} the " in s[3][family_index].question)
+                    by_relation[relation][0] += hit
+                    by_relation[relation][1] += 1
     model.train()
     out = {f: round(r / count, 3) for f, r in right.items()}
     out["overall"] = round(sum(right.values()) / (count * len(scenes.FAMILIES)), 3)
     out["min"] = min(out[f] for f in scenes.FAMILIES)
+    out["relations"] = {r: round(hit / max(1, n), 3) for r, (hit, n) in by_relation.items()}
     return out
 
 
@@ -357,6 +455,7 @@ def _all_tokens(e: Example) -> Example:
     for i in range(slots[-1] + 1, len(e)):
         out.add(e.first[i], e.position[i])
         out.target[-1] = e.target[i]
+        out.where[-1] = e.where[i]
     return out
 
 
@@ -376,9 +475,9 @@ def stage0(args, vocab: Vocabulary, log) -> None:
         raise ValueError("Stage 0 puts one visual token per object: use --objects sum or pair")
     organism = AutoModelForImageTextToText.from_pretrained(organisms.path("shapes-llava")).float()
     organism.requires_grad_(False)
-    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
+    model = symbolic_model(args, vocab)
     if args.init:
-        model.load_state_dict(torch.load(args.init))
+        initialise(model, args.init, log)
     started = time.time()
     features = Features(organism, {"train": args.pixels, "test": args.eval_scenes}, args.keep)
     log({"stage": "cache", "train": args.pixels, "test": args.eval_scenes, "cache_s": round(time.time() - started, 1)})
@@ -436,6 +535,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--objects", choices=("sum", "split", "pair"), default="sum")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="row/col embeddings")
     parser.add_argument("--coords", action="store_true", help="add a linear map of the cell's (x, y) to objects")
+    parser.add_argument("--aux", type=float, default=0.0, help="weight of the named-object row/column loss")
+    parser.add_argument("--aux-layer", type=int, default=None, help="hidden state it reads (default: layers - 1)")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
@@ -444,6 +545,10 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--families", default=",".join(scenes.FAMILIES), help="families trained on")
     parser.add_argument("--first", default="", help="families trained on alone for the first --first-steps")
     parser.add_argument("--first-steps", type=int, default=0)
+    parser.add_argument(
+        "--relations", default=",".join(scenes.RELATIONS), help="relations of the training position questions"
+    )
+    parser.add_argument("--relations-steps", type=int, default=0, help="--relations for these first steps (0: all)")
     parser.add_argument("--scene-offset", type=int, default=0, help="index of the first train scene")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=500)
@@ -493,27 +598,36 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args, vocab: Vocabulary, log) -> None:
-    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
+    model = symbolic_model(args, vocab)
     if args.init:  # continue a symbolic run (with --scene-offset past the scenes it saw)
-        model.load_state_dict(torch.load(args.init))
+        initialise(model, args.init, log)
     log({"stage": "model", "parameters": sum(p.numel() for p in model.parameters())})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     sched = schedule(optimizer, args.steps, args.warmup)
     batches = Batches(vocab, args)
     families = tuple(args.families.split(","))
     first = tuple(args.first.split(",")) if args.first else families
+    relations = tuple(args.relations.split(","))
+    if not set(relations) <= set(scenes.RELATIONS):
+        raise ValueError(f"--relations: choose from {scenes.RELATIONS}")
     model.train()
     for step in range(args.steps):
-        examples = batches(first if step < args.first_steps else families)
+        asked = relations if not args.relations_steps or step < args.relations_steps else scenes.RELATIONS
+        examples = batches(first if step < args.first_steps else families, asked)
         batch = collate(examples)
-        loss = loss_of(model(batch), batch["target"])
+        logits, aux = model.outputs(batch)
+        answers = loss_of(logits, batch["target"])
+        loss = answers if aux is None else answers + args.aux * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sched.step()
         if step % 100 == 0:
-            log({"stage": "train", "step": step, "loss": round(loss.item(), 4)})
+            entry = {"stage": "train", "step": step, "loss": round(answers.item(), 4)}
+            if aux is not None:
+                entry["aux"] = round(aux.item(), 4)
+            log(entry)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             log({"stage": "test", "step": step + 1, **evaluate(model, vocab, args, args.eval_scenes)})
     if args.save:
