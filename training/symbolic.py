@@ -79,10 +79,13 @@ class Vocabulary:
 class Example:
     """One sequence: per position two word ids (the second 0 = none), a grid cell (-1 = none), a position id, the
     target of the NEXT-token prediction made at that position (IGNORE = no loss) and, on a question word that
-    completes an object's name, that object's grid cell (``where``, -1 = none; the ``--aux`` loss)."""
+    completes an object's name, that object's grid cell (``where``, -1 = none; the ``--aux`` loss) and, where a
+    position question's answer is predicted, whether its first object's centre is left of / above the second's
+    (``order``: 1 * left + 2 * above, -1 = none; the ``--aux-order`` loss)."""
 
     def __init__(self):
         self.first, self.second, self.grid, self.position, self.target, self.where = [], [], [], [], [], []
+        self.order: list[int] = []
         self.kinds: list[str] = []  # the family of each answer, in order
 
     def add(self, word: int, position: int, second: int = 0, grid: int = -1) -> None:
@@ -92,6 +95,7 @@ class Example:
         self.position.append(position)
         self.target.append(IGNORE)
         self.where.append(-1)
+        self.order.append(-1)
 
     def __len__(self) -> int:
         return len(self.first)
@@ -128,6 +132,8 @@ def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos
             ex.where[-1] = named.get(i, -1)
             position += 1
         ex.target[-1] = vocab.id[q.answer]
+        if q.family == "position":
+            ex.order[-1] = order(q, shapes)
         ex.kinds.append(q.family)
         ex.add(vocab.id[q.answer], position)
         position += 1
@@ -159,10 +165,18 @@ def mentions(q: scenes.Question, shapes, sign_box) -> dict[int, int]:
     return out
 
 
+def order(q: scenes.Question, shapes) -> int:
+    """1 * (first object's centre left of the second's) + 2 * (above it), for a position question."""
+    words = q.question.split()
+    by_name = {s.name: s for s in shapes}
+    (xa, ya), (xb, yb) = by_name[" ".join(words[2:4])].center, by_name[" ".join(words[-3:-1])].center
+    return int(xa < xb) + 2 * int(ya < yb)
+
+
 def prompt(scene, question, vocab: Vocabulary, split_objects: bool) -> Example:
     """The single-turn evaluation prompt, ending at ``ASSISTANT:`` (the answer is predicted at the last position)."""
     ex = example(scene, [question], vocab, split_objects)
-    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target, ex.where):
+    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target, ex.where, ex.order):
         del field[-2:]
     return ex
 
@@ -177,6 +191,7 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         "position": torch.zeros(len(examples), length, dtype=torch.long),
         "target": torch.full((len(examples), length), IGNORE, dtype=torch.long),
         "where": torch.full((len(examples), length), -1, dtype=torch.long),
+        "order": torch.full((len(examples), length), -1, dtype=torch.long),
         "mask": torch.zeros(len(examples), length, dtype=torch.long),
         "last": torch.tensor([len(e) - 1 for e in examples]),
     }
@@ -186,6 +201,7 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
             out[key][row, :n] = torch.tensor(values)
         out["target"][row, :n] = torch.tensor(e.target)
         out["where"][row, :n] = torch.tensor(e.where)
+        out["order"][row, :n] = torch.tensor(e.order)
         out["mask"][row, :n] = 1
     return out
 
@@ -201,13 +217,16 @@ class Symbolic(nn.Module):
         vocab: Vocabulary | None = None,
         coords=False,
         aux_layer: int | None = None,
+        heads: tuple[str, ...] = (),
     ):
         super().__init__()
         self.lm = lm
         width = lm.config.hidden_size
-        # --aux: linear heads reading a named object's row and column off a question word's hidden state
+        # --aux: linear heads reading a named object's row and column off a question word's hidden state;
+        # --aux-order: a linear head reading the two objects' left / above order where the answer is predicted
         self.aux_layer = aux_layer
-        self.where = nn.Linear(width, 2 * SIDE) if aux_layer is not None else None
+        self.where = nn.Linear(width, 2 * SIDE) if "where" in heads else None
+        self.order = nn.Linear(width, 2) if "order" in heads else None
         self.row = nn.Embedding(SIDE, width) if grid else None
         self.column = nn.Embedding(SIDE, width) if grid else None
         # --coords: an ordinal 2-D signal, a learned linear map of the cell's (x, y) in [-1, 1]
@@ -243,10 +262,10 @@ class Symbolic(nn.Module):
     def forward(self, batch: dict, embeds: torch.Tensor | None = None) -> torch.Tensor:
         return self.outputs(batch, embeds)[0]
 
-    def outputs(self, batch: dict, embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(next-token logits, the --aux loss or None)."""
+    def outputs(self, batch: dict, embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(next-token logits, {"aux": the --aux loss, "order": the --aux-order loss} when training with them)."""
         embeds = self.embed(batch) if embeds is None else embeds
-        hidden = self.where is not None and self.training
+        hidden = self.aux_layer is not None and self.training
         out = self.lm(
             inputs_embeds=embeds,
             attention_mask=batch["mask"],
@@ -254,12 +273,23 @@ class Symbolic(nn.Module):
             output_hidden_states=hidden,
         )
         if not hidden:
-            return out.logits, None
-        on = batch["where"] >= 0
-        guess = self.where(out.hidden_states[self.aux_layer][on]).view(-1, 2, SIDE)
-        cells = batch["where"][on]
-        aux = F.cross_entropy(guess[:, 0], cells // SIDE) + F.cross_entropy(guess[:, 1], cells % SIDE)
-        return out.logits, aux / 2
+            return out.logits, {}
+        states = out.hidden_states[self.aux_layer]
+        losses = {}
+        if self.where is not None:
+            on = batch["where"] >= 0
+            guess = self.where(states[on]).view(-1, 2, SIDE)
+            cells = batch["where"][on]
+            losses["aux"] = (
+                F.cross_entropy(guess[:, 0], cells // SIDE) + F.cross_entropy(guess[:, 1], cells % SIDE)
+            ) / 2
+        if self.order is not None:
+            on = batch["order"] >= 0
+            bits = torch.stack([batch["order"][on] % 2, batch["order"][on] // 2], -1).float()
+            losses["order"] = (
+                F.binary_cross_entropy_with_logits(self.order(states[on]), bits) if on.any() else 0 * states.sum()
+            )
+        return out.logits, losses
 
 
 def language_model(args, vocab_size: int) -> LlamaForCausalLM:
@@ -282,14 +312,19 @@ def language_model(args, vocab_size: int) -> LlamaForCausalLM:
 def symbolic_model(args, vocab: Vocabulary) -> Symbolic:
     lm = language_model(args, len(vocab.words))
     aux_layer = None
-    if args.aux:  # hidden_states[k] is the output of layer k; default: the input of the last layer
+    if args.aux or args.aux_order:  # hidden_states[k] is the output of layer k; default: the last layer's input
         aux_layer = args.aux_layer if args.aux_layer is not None else lm.config.num_hidden_layers - 1
-    return Symbolic(lm, args.grid, args.objects == "pair", vocab, args.coords, aux_layer)
+    heads = ("where",) * bool(args.aux) + ("order",) * bool(args.aux_order)
+    return Symbolic(lm, args.grid, args.objects == "pair", vocab, args.coords, aux_layer, heads)
 
 
 def initialise(model: Symbolic, path: str, log) -> None:
-    """Load a state dict saved by ``--save``; modules it lacks (e.g. ``--coords`` added now) keep their fresh init."""
-    missing, unexpected = model.load_state_dict(torch.load(path), strict=False)
+    """Load a state dict saved by ``--save``; modules it lacks (e.g. ``--coords`` added now) keep their fresh init, and
+    its ``--aux`` / ``--aux-order`` heads are dropped when this run has none."""
+    state = torch.load(path)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("where.", "order."))}  # training heads
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path} has parameters this model lacks: {unexpected}")
     log({"stage": "init", "path": path, "fresh": missing})
@@ -337,12 +372,13 @@ class Batches:
         self.next_index = args.scene_offset
         self.rng = random.Random(args.seed + 1)
 
-    def __call__(self, families, relations=scenes.RELATIONS) -> list[Example]:
+    def __call__(self, families, relations=scenes.RELATIONS, share: float = 1.0) -> list[Example]:
+        """``share``: the fraction of scenes whose position question is restricted to ``relations``."""
         out = []
         while len(out) < self.args.batch:
             scene = layout("train", self.next_index)
             self.next_index += 1
-            if tuple(relations) != scenes.RELATIONS:
+            if tuple(relations) != scenes.RELATIONS and self.rng.random() < share:
                 asked = position_question(scene[0], self.rng, relations)
                 if asked is not None:
                     scene = (*scene[:3], tuple(asked if q.family == "position" else q for q in scene[3]))
@@ -456,6 +492,7 @@ def _all_tokens(e: Example) -> Example:
         out.add(e.first[i], e.position[i])
         out.target[-1] = e.target[i]
         out.where[-1] = e.where[i]
+        out.order[-1] = e.order[i]
     return out
 
 
@@ -536,6 +573,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="row/col embeddings")
     parser.add_argument("--coords", action="store_true", help="add a linear map of the cell's (x, y) to objects")
     parser.add_argument("--aux", type=float, default=0.0, help="weight of the named-object row/column loss")
+    parser.add_argument(
+        "--aux-order", type=float, default=0.0, help="weight of the position pair's left/above loss at the answer"
+    )
     parser.add_argument("--aux-layer", type=int, default=None, help="hidden state it reads (default: layers - 1)")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -549,6 +589,7 @@ def arguments() -> argparse.ArgumentParser:
         "--relations", default=",".join(scenes.RELATIONS), help="relations of the training position questions"
     )
     parser.add_argument("--relations-steps", type=int, default=0, help="--relations for these first steps (0: all)")
+    parser.add_argument("--relations-ramp", type=int, default=0, help="then mixed in with all four over these steps")
     parser.add_argument("--scene-offset", type=int, default=0, help="index of the first train scene")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=500)
@@ -612,12 +653,15 @@ def train(args, vocab: Vocabulary, log) -> None:
         raise ValueError(f"--relations: choose from {scenes.RELATIONS}")
     model.train()
     for step in range(args.steps):
-        asked = relations if not args.relations_steps or step < args.relations_steps else scenes.RELATIONS
-        examples = batches(first if step < args.first_steps else families, asked)
+        # --relations for --relations-steps, then their share falls linearly to 0 over --relations-ramp steps
+        share = 1.0
+        if args.relations_steps and step >= args.relations_steps:
+            share = max(0.0, 1 - (step - args.relations_steps + 1) / (args.relations_ramp + 1))
+        examples = batches(first if step < args.first_steps else families, relations, share)
         batch = collate(examples)
         logits, aux = model.outputs(batch)
         answers = loss_of(logits, batch["target"])
-        loss = answers if aux is None else answers + args.aux * aux
+        loss = answers + args.aux * aux.get("aux", 0) + args.aux_order * aux.get("order", 0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -625,8 +669,7 @@ def train(args, vocab: Vocabulary, log) -> None:
         sched.step()
         if step % 100 == 0:
             entry = {"stage": "train", "step": step, "loss": round(answers.item(), 4)}
-            if aux is not None:
-                entry["aux"] = round(aux.item(), 4)
+            entry.update({k: round(v.item(), 4) for k, v in aux.items()})
             log(entry)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             log({"stage": "test", "step": step + 1, **evaluate(model, vocab, args, args.eval_scenes)})
