@@ -222,11 +222,6 @@ class Symbolic(nn.Module):
         super().__init__()
         self.lm = lm
         width = lm.config.hidden_size
-        # --aux: linear heads reading a named object's row and column off a question word's hidden state;
-        # --aux-order: a linear head reading the two objects' left / above order where the answer is predicted
-        self.aux_layer = aux_layer
-        self.where = nn.Linear(width, 2 * SIDE) if "where" in heads else None
-        self.order = nn.Linear(width, 2) if "order" in heads else None
         self.row = nn.Embedding(SIDE, width) if grid else None
         self.column = nn.Embedding(SIDE, width) if grid else None
         # --coords: an ordinal 2-D signal, a learned linear map of the cell's (x, y) in [-1, 1]
@@ -242,6 +237,12 @@ class Symbolic(nn.Module):
         for table in (self.row, self.column, self.pair, self.coords):
             if table is not None:  # the scale of the word embeddings (Llama's initializer_range)
                 nn.init.normal_(table.weight, std=0.02)
+        # --aux: linear heads reading a named object's row and column off a question word's hidden state;
+        # --aux-order: a linear head reading the two objects' left / above order where the answer is predicted.
+        # Made last, so that the rest starts as without them (same random draws)
+        self.aux_layer = aux_layer
+        self.where = nn.Linear(width, 2 * SIDE) if "where" in heads else None
+        self.order = nn.Linear(width, 2) if "order" in heads else None
 
     def embed(self, batch: dict) -> torch.Tensor:
         table = self.lm.get_input_embeddings()
@@ -576,6 +577,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument(
         "--aux-order", type=float, default=0.0, help="weight of the position pair's left/above loss at the answer"
     )
+    parser.add_argument("--aux-order-start", type=int, default=0, help="step from which --aux-order counts")
     parser.add_argument("--aux-layer", type=int, default=None, help="hidden state it reads (default: layers - 1)")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -661,7 +663,8 @@ def train(args, vocab: Vocabulary, log) -> None:
         batch = collate(examples)
         logits, aux = model.outputs(batch)
         answers = loss_of(logits, batch["target"])
-        loss = answers + args.aux * aux.get("aux", 0) + args.aux_order * aux.get("order", 0)
+        order = args.aux_order if step >= args.aux_order_start else 0.0
+        loss = answers + args.aux * aux.get("aux", 0) + order * aux.get("order", 0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
