@@ -16,6 +16,13 @@ and column embedding of its 8 x 8 px grid cell (what a vision tower's position e
 one token per visual token, to test whether the summed vector is what blocks binding. ``--objects pair`` adds a
 learned vector per (colour, shape) conjunction; ``--coords`` a learned linear map of the cell's (x, y).
 
+Position aids (training only; the language model stays a plain ``LlamaForCausalLM``): ``--aux-order`` adds a linear
+head on the last layer's input where a position question's answer is predicted, trained to tell whether the first
+named object's centre is left of / above the second's (the answer is that order XOR the relation's direction, so
+the answer loss alone gives the order no gradient while the four relations are balanced); ``--aux`` a head reading
+each named object's row and column at the question word completing its name; ``--relations`` (with
+``--relations-steps`` / ``--relations-ramp``) asks only some relations at first.
+
 Training scenes are fresh every step (scenes are a pure function of ``(split, index)``: step s uses train scenes
 ``s * batch ...``); evaluation is single-turn on the ``test`` split, the argmax answer token after ``ASSISTANT:``,
 per question family. The language model is ``LlamaForCausalLM`` with the organism's text config
