@@ -16,6 +16,13 @@ and column embedding of its 8 x 8 px grid cell (what a vision tower's position e
 one token per visual token, to test whether the summed vector is what blocks binding. ``--objects pair`` adds a
 learned vector per (colour, shape) conjunction; ``--coords`` a learned linear map of the cell's (x, y).
 
+Position aids (training only; the language model stays a plain ``LlamaForCausalLM``): ``--aux-order`` adds a linear
+head on the last layer's input where a position question's answer is predicted, trained to tell whether the first
+named object's centre is left of / above the second's (the answer is that order XOR the relation's direction, so
+the answer loss alone gives the order no gradient while the four relations are balanced); ``--aux`` a head reading
+each named object's row and column at the question word completing its name; ``--relations`` (with
+``--relations-steps`` / ``--relations-ramp``) asks only some relations at first.
+
 Training scenes are fresh every step (scenes are a pure function of ``(split, index)``: step s uses train scenes
 ``s * batch ...``); evaluation is single-turn on the ``test`` split, the argmax answer token after ``ASSISTANT:``,
 per question family. The language model is ``LlamaForCausalLM`` with the organism's text config
@@ -77,11 +84,15 @@ class Vocabulary:
 
 
 class Example:
-    """One sequence: per position two word ids (the second 0 = none), a grid cell (-1 = none), a position id and the
-    target of the NEXT-token prediction made at that position (IGNORE = no loss)."""
+    """One sequence: per position two word ids (the second 0 = none), a grid cell (-1 = none), a position id, the
+    target of the NEXT-token prediction made at that position (IGNORE = no loss) and, on a question word that
+    completes an object's name, that object's grid cell (``where``, -1 = none; the ``--aux`` loss) and, where a
+    position question's answer is predicted, whether its first object's centre is left of / above the second's
+    (``order``: 1 * left + 2 * above, -1 = none; the ``--aux-order`` loss)."""
 
     def __init__(self):
-        self.first, self.second, self.grid, self.position, self.target = [], [], [], [], []
+        self.first, self.second, self.grid, self.position, self.target, self.where = [], [], [], [], [], []
+        self.order: list[int] = []
         self.kinds: list[str] = []  # the family of each answer, in order
 
     def add(self, word: int, position: int, second: int = 0, grid: int = -1) -> None:
@@ -90,6 +101,8 @@ class Example:
         self.grid.append(grid)
         self.position.append(position)
         self.target.append(IGNORE)
+        self.where.append(-1)
+        self.order.append(-1)
 
     def __len__(self) -> int:
         return len(self.first)
@@ -120,10 +133,14 @@ def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos
                 else:
                     ex.add(first, position + index, second=second, grid=index)
             position += IMAGE_TOKENS
-        for word in vocab.ids(q.question) + [vocab.id["ASSISTANT"], vocab.id[":"]]:
+        named = mentions(q, shapes, sign_box)
+        for i, word in enumerate(vocab.ids(q.question) + [vocab.id["ASSISTANT"], vocab.id[":"]]):
             ex.add(word, position)
+            ex.where[-1] = named.get(i, -1)
             position += 1
         ex.target[-1] = vocab.id[q.answer]
+        if q.family == "position":
+            ex.order[-1] = order(q, shapes)
         ex.kinds.append(q.family)
         ex.add(vocab.id[q.answer], position)
         position += 1
@@ -134,10 +151,39 @@ def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos
     return ex
 
 
+def mentions(q: scenes.Question, shapes, sign_box) -> dict[int, int]:
+    """{index of the question word that completes an object's name: that object's grid cell}: the shape word of
+    "red circle" (exists when present, both objects of position), the shape of colour questions, the colour of shape
+    questions, "sign" of read questions. Count names no object; an absent object of exists has no cell."""
+    words = q.question.split()
+    by_name = {s.name: s for s in shapes}
+    out = {}
+    if q.family == "color":
+        out[4] = cell(next(s.box for s in shapes if s.shape == words[4]))
+    elif q.family == "shape":
+        out[4] = cell(next(s.box for s in shapes if s.color == words[4]))
+    elif q.family == "exists" and " ".join(words[3:5]) in by_name:
+        out[4] = cell(by_name[" ".join(words[3:5])].box)
+    elif q.family == "position":
+        out[3] = cell(by_name[" ".join(words[2:4])].box)
+        out[len(words) - 2] = cell(by_name[" ".join(words[-3:-1])].box)
+    elif q.family == "read":
+        out[words.index("sign")] = cell(sign_box)
+    return out
+
+
+def order(q: scenes.Question, shapes) -> int:
+    """1 * (first object's centre left of the second's) + 2 * (above it), for a position question."""
+    words = q.question.split()
+    by_name = {s.name: s for s in shapes}
+    (xa, ya), (xb, yb) = by_name[" ".join(words[2:4])].center, by_name[" ".join(words[-3:-1])].center
+    return int(xa < xb) + 2 * int(ya < yb)
+
+
 def prompt(scene, question, vocab: Vocabulary, split_objects: bool) -> Example:
     """The single-turn evaluation prompt, ending at ``ASSISTANT:`` (the answer is predicted at the last position)."""
     ex = example(scene, [question], vocab, split_objects)
-    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target):
+    for field in (ex.first, ex.second, ex.grid, ex.position, ex.target, ex.where, ex.order):
         del field[-2:]
     return ex
 
@@ -151,6 +197,8 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         "grid": torch.full((len(examples), length), -1, dtype=torch.long),
         "position": torch.zeros(len(examples), length, dtype=torch.long),
         "target": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+        "where": torch.full((len(examples), length), -1, dtype=torch.long),
+        "order": torch.full((len(examples), length), -1, dtype=torch.long),
         "mask": torch.zeros(len(examples), length, dtype=torch.long),
         "last": torch.tensor([len(e) - 1 for e in examples]),
     }
@@ -159,6 +207,8 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         for key, values in (("first", e.first), ("second", e.second), ("grid", e.grid), ("position", e.position)):
             out[key][row, :n] = torch.tensor(values)
         out["target"][row, :n] = torch.tensor(e.target)
+        out["where"][row, :n] = torch.tensor(e.where)
+        out["order"][row, :n] = torch.tensor(e.order)
         out["mask"][row, :n] = 1
     return out
 
@@ -167,7 +217,14 @@ class Symbolic(nn.Module):
     """The language model plus what stands in for vision: learned row / column embeddings of the grid cells."""
 
     def __init__(
-        self, lm: LlamaForCausalLM, grid: bool, pairs: bool = False, vocab: Vocabulary | None = None, coords=False
+        self,
+        lm: LlamaForCausalLM,
+        grid: bool,
+        pairs: bool = False,
+        vocab: Vocabulary | None = None,
+        coords=False,
+        aux_layer: int | None = None,
+        heads: tuple[str, ...] = (),
     ):
         super().__init__()
         self.lm = lm
@@ -184,9 +241,15 @@ class Symbolic(nn.Module):
                 for s, shape in enumerate(scenes.SHAPES):
                     index[vocab.id[color], vocab.id[shape]] = c * len(scenes.SHAPES) + s
         self.register_buffer("pair_index", index, persistent=False)
-        for table in (self.row, self.column, self.pair):
-            if table is not None:
+        for table in (self.row, self.column, self.pair, self.coords):
+            if table is not None:  # the scale of the word embeddings (Llama's initializer_range)
                 nn.init.normal_(table.weight, std=0.02)
+        # --aux: linear heads reading a named object's row and column off a question word's hidden state;
+        # --aux-order: a linear head reading the two objects' left / above order where the answer is predicted.
+        # Made last, so that the rest starts as without them (same random draws)
+        self.aux_layer = aux_layer
+        self.where = nn.Linear(width, 2 * SIDE) if "where" in heads else None
+        self.order = nn.Linear(width, 2) if "order" in heads else None
 
     def embed(self, batch: dict) -> torch.Tensor:
         table = self.lm.get_input_embeddings()
@@ -205,8 +268,36 @@ class Symbolic(nn.Module):
         return x
 
     def forward(self, batch: dict, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.outputs(batch, embeds)[0]
+
+    def outputs(self, batch: dict, embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(next-token logits, {"aux": the --aux loss, "order": the --aux-order loss} when training with them)."""
         embeds = self.embed(batch) if embeds is None else embeds
-        return self.lm(inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=batch["position"]).logits
+        hidden = self.aux_layer is not None and self.training
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=batch["mask"],
+            position_ids=batch["position"],
+            output_hidden_states=hidden,
+        )
+        if not hidden:
+            return out.logits, {}
+        states = out.hidden_states[self.aux_layer]
+        losses = {}
+        if self.where is not None:
+            on = batch["where"] >= 0
+            guess = self.where(states[on]).view(-1, 2, SIDE)
+            cells = batch["where"][on]
+            losses["aux"] = (
+                F.cross_entropy(guess[:, 0], cells // SIDE) + F.cross_entropy(guess[:, 1], cells % SIDE)
+            ) / 2
+        if self.order is not None:
+            on = batch["order"] >= 0
+            bits = torch.stack([batch["order"][on] % 2, batch["order"][on] // 2], -1).float()
+            losses["order"] = (
+                F.binary_cross_entropy_with_logits(self.order(states[on]), bits) if on.any() else 0 * states.sum()
+            )
+        return out.logits, losses
 
 
 def language_model(args, vocab_size: int) -> LlamaForCausalLM:
@@ -226,6 +317,27 @@ def language_model(args, vocab_size: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(text)
 
 
+def symbolic_model(args, vocab: Vocabulary) -> Symbolic:
+    lm = language_model(args, len(vocab.words))
+    aux_layer = None
+    if args.aux or args.aux_order:  # hidden_states[k] is the output of layer k; default: the last layer's input
+        aux_layer = args.aux_layer if args.aux_layer is not None else lm.config.num_hidden_layers - 1
+    heads = ("where",) * bool(args.aux) + ("order",) * bool(args.aux_order)
+    return Symbolic(lm, args.grid, args.objects == "pair", vocab, args.coords, aux_layer, heads)
+
+
+def initialise(model: Symbolic, path: str, log) -> None:
+    """Load a state dict saved by ``--save``; modules it lacks (e.g. ``--coords`` added now) keep their fresh init, and
+    its ``--aux`` / ``--aux-order`` heads are dropped when this run has none."""
+    state = torch.load(path)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("where.", "order."))}  # training heads
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{path} has parameters this model lacks: {unexpected}")
+    log({"stage": "init", "path": path, "fresh": missing})
+
+
 def schedule(optimizer, steps: int, warmup: int):
     """Linear warm-up, then cosine decay to 5 % at the last step (as ``training.organisms``)."""
 
@@ -241,20 +353,43 @@ def loss_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
 
 
+def position_question(shapes, rng: random.Random, relations) -> scenes.Question | None:
+    """``scenes._position`` with the relation drawn from ``relations`` only (``--relations``): a pair whose centres
+    differ by at least 12 px along the relation's axis, yes or no half each; None if the scene has no such pair."""
+    pairs = [(a, b) for a in shapes for b in shapes if a is not b]
+    rng.shuffle(pairs)
+    want = rng.random() < 0.5
+    relation = rng.choice(relations)
+    axis = 0 if relation in ("left of", "right of") else 1
+    for a, b in pairs:
+        delta = a.center[axis] - b.center[axis]
+        holds = delta < 0 if relation in ("left of", "above") else delta > 0
+        if abs(delta) >= 12 and holds == want:
+            return scenes.Question("position", f"is the {a.name} {relation} the {b.name} ?", "yes" if want else "no")
+    return None
+
+
 class Batches:
     """Training sequences from fresh train scenes: multi-turn (each scene's six questions in random order, as
-    ``training.organisms``) or single-turn (one random question per scene). ``families`` limits the questions."""
+    ``training.organisms``) or single-turn (one random question per scene). ``families`` limits the questions;
+    ``relations`` (a subset of ``scenes.RELATIONS``) replaces each scene's position question by one asking only
+    those relations (scenes without a suitable pair keep theirs)."""
 
     def __init__(self, vocab: Vocabulary, args):
         self.vocab, self.args = vocab, args
         self.next_index = args.scene_offset
         self.rng = random.Random(args.seed + 1)
 
-    def __call__(self, families) -> list[Example]:
+    def __call__(self, families, relations=scenes.RELATIONS, share: float = 1.0) -> list[Example]:
+        """``share``: the fraction of scenes whose position question is restricted to ``relations``."""
         out = []
         while len(out) < self.args.batch:
             scene = layout("train", self.next_index)
             self.next_index += 1
+            if tuple(relations) != scenes.RELATIONS and self.rng.random() < share:
+                asked = position_question(scene[0], self.rng, relations)
+                if asked is not None:
+                    scene = (*scene[:3], tuple(asked if q.family == "position" else q for q in scene[3]))
             questions = [q for q in scene[3] if q.family in families]
             self.rng.shuffle(questions)
             if self.args.turns == "single":
@@ -268,6 +403,7 @@ def evaluate(model: Symbolic, vocab: Vocabulary, args, count: int, features=None
     """Single-turn test accuracy per family (argmax over the whole vocabulary at ``ASSISTANT:``)."""
     model.eval()
     right = {f: 0 for f in scenes.FAMILIES}
+    by_relation = {r: [0, 0] for r in scenes.RELATIONS}  # position questions: [right, asked] per relation
     for start in range(0, count, 100):
         chunk = [layout("test", i) for i in range(start, min(count, start + 100))]
         for family_index, family in enumerate(scenes.FAMILIES):
@@ -281,10 +417,16 @@ def evaluate(model: Symbolic, vocab: Vocabulary, args, count: int, features=None
             guess = logits[torch.arange(len(chunk)), batch["last"]].argmax(-1)
             truth = torch.tensor([vocab.id[s[3][family_index].answer] for s in chunk])
             right[family] += int((guess == truth).sum())
+            if family == "position":
+                for s, hit in zip(chunk, (guess == truth).tolist(), strict=True):
+                    relation = next(r for r in scenes.RELATIONS if f" {r} the " in s[3][family_index].question)
+                    by_relation[relation][0] += hit
+                    by_relation[relation][1] += 1
     model.train()
     out = {f: round(r / count, 3) for f, r in right.items()}
     out["overall"] = round(sum(right.values()) / (count * len(scenes.FAMILIES)), 3)
     out["min"] = min(out[f] for f in scenes.FAMILIES)
+    out["relations"] = {r: round(hit / max(1, n), 3) for r, (hit, n) in by_relation.items()}
     return out
 
 
@@ -357,6 +499,8 @@ def _all_tokens(e: Example) -> Example:
     for i in range(slots[-1] + 1, len(e)):
         out.add(e.first[i], e.position[i])
         out.target[-1] = e.target[i]
+        out.where[-1] = e.where[i]
+        out.order[-1] = e.order[i]
     return out
 
 
@@ -376,9 +520,9 @@ def stage0(args, vocab: Vocabulary, log) -> None:
         raise ValueError("Stage 0 puts one visual token per object: use --objects sum or pair")
     organism = AutoModelForImageTextToText.from_pretrained(organisms.path("shapes-llava")).float()
     organism.requires_grad_(False)
-    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
+    model = symbolic_model(args, vocab)
     if args.init:
-        model.load_state_dict(torch.load(args.init))
+        initialise(model, args.init, log)
     started = time.time()
     features = Features(organism, {"train": args.pixels, "test": args.eval_scenes}, args.keep)
     log({"stage": "cache", "train": args.pixels, "test": args.eval_scenes, "cache_s": round(time.time() - started, 1)})
@@ -436,6 +580,12 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--objects", choices=("sum", "split", "pair"), default="sum")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="row/col embeddings")
     parser.add_argument("--coords", action="store_true", help="add a linear map of the cell's (x, y) to objects")
+    parser.add_argument("--aux", type=float, default=0.0, help="weight of the named-object row/column loss")
+    parser.add_argument(
+        "--aux-order", type=float, default=0.0, help="weight of the position pair's left/above loss at the answer"
+    )
+    parser.add_argument("--aux-order-start", type=int, default=0, help="step from which --aux-order counts")
+    parser.add_argument("--aux-layer", type=int, default=None, help="hidden state it reads (default: layers - 1)")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
@@ -444,6 +594,11 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--families", default=",".join(scenes.FAMILIES), help="families trained on")
     parser.add_argument("--first", default="", help="families trained on alone for the first --first-steps")
     parser.add_argument("--first-steps", type=int, default=0)
+    parser.add_argument(
+        "--relations", default=",".join(scenes.RELATIONS), help="relations of the training position questions"
+    )
+    parser.add_argument("--relations-steps", type=int, default=0, help="--relations for these first steps (0: all)")
+    parser.add_argument("--relations-ramp", type=int, default=0, help="then mixed in with all four over these steps")
     parser.add_argument("--scene-offset", type=int, default=0, help="index of the first train scene")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=500)
@@ -493,27 +648,39 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args, vocab: Vocabulary, log) -> None:
-    model = Symbolic(language_model(args, len(vocab.words)), args.grid, args.objects == "pair", vocab, args.coords)
+    model = symbolic_model(args, vocab)
     if args.init:  # continue a symbolic run (with --scene-offset past the scenes it saw)
-        model.load_state_dict(torch.load(args.init))
+        initialise(model, args.init, log)
     log({"stage": "model", "parameters": sum(p.numel() for p in model.parameters())})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     sched = schedule(optimizer, args.steps, args.warmup)
     batches = Batches(vocab, args)
     families = tuple(args.families.split(","))
     first = tuple(args.first.split(",")) if args.first else families
+    relations = tuple(args.relations.split(","))
+    if not set(relations) <= set(scenes.RELATIONS):
+        raise ValueError(f"--relations: choose from {scenes.RELATIONS}")
     model.train()
     for step in range(args.steps):
-        examples = batches(first if step < args.first_steps else families)
+        # --relations for --relations-steps, then their share falls linearly to 0 over --relations-ramp steps
+        share = 1.0
+        if args.relations_steps and step >= args.relations_steps:
+            share = max(0.0, 1 - (step - args.relations_steps + 1) / (args.relations_ramp + 1))
+        examples = batches(first if step < args.first_steps else families, relations, share)
         batch = collate(examples)
-        loss = loss_of(model(batch), batch["target"])
+        logits, aux = model.outputs(batch)
+        answers = loss_of(logits, batch["target"])
+        order = args.aux_order if step >= args.aux_order_start else 0.0
+        loss = answers + args.aux * aux.get("aux", 0) + order * aux.get("order", 0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sched.step()
         if step % 100 == 0:
-            log({"stage": "train", "step": step, "loss": round(loss.item(), 4)})
+            entry = {"stage": "train", "step": step, "loss": round(answers.item(), 4)}
+            entry.update({k: round(v.item(), 4) for k, v in aux.items()})
+            log(entry)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             log({"stage": "test", "step": step + 1, **evaluate(model, vocab, args, args.eval_scenes)})
     if args.save:
