@@ -479,6 +479,14 @@ class Adapter(ABC):
             out[name] = kept if isinstance(value, (list, tuple)) else kept[0]
         return out
 
+    def _refuse_temporal_on_images(self) -> None:
+        """A temporal method (evs) plans over a video's frames: an input that holds images is refused."""
+        if self.method.temporal:
+            raise ValueError(
+                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
+                "images, which have a single frame: give it videos only, or use another method for images"
+            )
+
     def _encoding_video(self) -> bool:
         """Whether the vision pass starting now encodes videos: the model runs it from its get_video_features
         (transformers 4.57 and 5.x, in forward() and in 5.x's generate(), which encode images first, then videos;

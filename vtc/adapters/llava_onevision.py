@@ -167,13 +167,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 "reads the features (divprune, dart, uniform, random, evs), or call handle.remove()"
             )
 
-    def _refuse_temporal_on_images(self) -> None:
-        if self.method.temporal:
-            raise ValueError(
-                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
-                "images, which have a single frame: give it videos only, or use another method for images"
-            )
-
     def _received_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.captured.get("video_pass"):
             return

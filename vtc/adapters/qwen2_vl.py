@@ -143,11 +143,8 @@ class Qwen2VLAdapter(Adapter):
                 "needs no [CLS] attention for videos (divprune, dart, uniform, evs, or fastervlm with "
                 "signal='attention_received'), or call handle.remove() to run them uncompressed"
             )
-        if images and self.method.temporal:
-            raise ValueError(
-                f"method {self.method.name!r} compares each frame of a video with the one before, and this input holds "
-                "images, which have a single frame: give it videos only, or use another method for images"
-            )
+        if images:
+            self._refuse_temporal_on_images()
 
     def _read_inputs(self, bound: dict[str, Any]) -> None:
         encoded = bound.get("mm_encoder_outputs") or {}

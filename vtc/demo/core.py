@@ -252,10 +252,7 @@ def compare(
         raise DemoError(f"Unknown method {method!r}; choose one of {', '.join(vtc.list_methods())}.")
     if isinstance(keep, float) and keep.is_integer():
         keep = int(keep)
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise DemoError(f"The budget is the number of visual tokens to keep, at least 1; got {keep!r}.")
-    if not 1 <= int(repeats) <= 50:
-        raise DemoError("Timing repeats must be between 1 and 50.")
+    _check_budget_and_repeats(keep, repeats)
     image = as_rgb(image)
     question = question.strip()
     inputs = prepare(bundle, image, question)
@@ -370,10 +367,7 @@ def compare_video(
         raise DemoError("Type a question about the video.")
     if method not in vtc.list_methods("pre"):
         raise DemoError(f"The video view runs pre-LLM methods; choose one of {', '.join(vtc.list_methods('pre'))}.")
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise DemoError(f"The budget is the number of visual tokens to keep, at least 1; got {keep!r}.")
-    if not 1 <= int(repeats) <= 50:
-        raise DemoError("Timing repeats must be between 1 and 50.")
+    _check_budget_and_repeats(keep, repeats)
     frames = [as_rgb(frame) for frame in frames]
     question = question.strip()
     try:
@@ -429,6 +423,14 @@ def compare_video(
         kept=kept,
         repeats=int(repeats),
     )
+
+
+def _check_budget_and_repeats(keep: Any, repeats: Any) -> None:
+    """The checks :func:`compare` and :func:`compare_video` share: a whole budget >= 1, 1..50 timing repeats."""
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise DemoError(f"The budget is the number of visual tokens to keep, at least 1; got {keep!r}.")
+    if not 1 <= int(repeats) <= 50:
+        raise DemoError("Timing repeats must be between 1 and 50.")
 
 
 def _time_prefills(
