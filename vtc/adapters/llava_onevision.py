@@ -114,7 +114,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         side = config.vision_config.image_size // config.vision_config.patch_size
         self.frame_grid = (math.ceil(side / 2), math.ceil(side / 2))  # a video frame's tokens, after the 2 x 2 pooling
         self._frames: int | None = None  # frames per video of the forward in progress
-        self._images_located = 0  # images (not videos) among the prefill's, which come first
 
     @property
     def _needs_received(self) -> bool:
@@ -280,7 +279,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """The images in sequence order, then the videos."""
         videos, self._video_marks = self._video_marks, None
         images = self._locate_only_images(visual if videos is None else visual & ~videos, embeds)
-        self._images_located = len(images)
         return images + ([] if videos is None else self._locate_videos(videos))
 
     def _locate_videos(self, marks: torch.Tensor) -> list[Image]:
@@ -392,7 +390,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # -- units ------------------------------------------------------------------------------------
 
     def _units(self, embeds: torch.Tensor, images: list[Image]) -> list[Unit]:
-        images, videos = images[: self._images_located], images[self._images_located :]
+        images, videos = [i for i in images if not i.video], [i for i in images if i.video]
         received = self._packed_received(embeds, images) if self._needs_received and images else None
         units = []
         for i, image in enumerate(images):
@@ -404,8 +402,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _complete_keep(self, keep: torch.Tensor, images: list[Image]) -> torch.Tensor:
         """Newlines as LLaVA-NeXT's for the images; a video's newline is always kept."""
-        keep = super()._complete_keep(keep, images[: self._images_located])
-        for video in images[self._images_located :]:
+        keep = super()._complete_keep(keep, [image for image in images if not image.video])
+        for video in (image for image in images if image.video):
             keep[video.sample, video.positions[-1]] = True
         return keep
 
