@@ -7,6 +7,8 @@ patches + [CLS]), the Qwen2-VL one through 4 px patches merged 2 x 2 (32 x 32 pa
 from __future__ import annotations
 
 import inspect
+import json
+import time
 
 import torch
 from transformers import (
@@ -283,3 +285,15 @@ def legacy_rope(config_path) -> None:
         text["rope_theta"] = rope["rope_theta"]
         text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
         Path(config_path).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def run_log(start: float, history: list[dict]):
+    """A training run's logger: each entry gets its ``seconds`` since ``start``, goes into ``history`` and is printed
+    as a JSON line."""
+
+    def log(entry: dict) -> None:
+        entry["seconds"] = round(time.time() - start, 1)
+        history.append(entry)
+        print(json.dumps(entry), flush=True)
+
+    return log

@@ -452,11 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     output.mkdir(parents=True, exist_ok=True)
     start = time.time()
     history = []
-
-    def log(entry: dict) -> None:
-        entry["seconds"] = round(time.time() - start, 1)
-        history.append(entry)
-        print(json.dumps(entry), flush=True)
+    log = build.run_log(start, history)
 
     tokenizer = build.tokenizer(args.family)
     model = build.model(args.family, len(tokenizer), seed=args.seed)

@@ -628,11 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.time()
     history = []
-
-    def log(entry: dict) -> None:
-        entry["seconds"] = round(time.time() - start, 1)
-        history.append(entry)
-        print(json.dumps(entry), flush=True)
+    log = build.run_log(start, history)
 
     log({"stage": "config", **vars(args)})
     if args.pixels:

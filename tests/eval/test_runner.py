@@ -28,13 +28,19 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def untrained_organism(tmp_path_factory, family: str) -> str:
+    """An untrained checkpoint of the organism ``family`` ("llava", "qwen2vl") with its processor, saved to a temp
+    directory: the real loading path, on random weights."""
+    directory = tmp_path_factory.mktemp(f"shapes-{family}-untrained")
+    tokenizer = build.tokenizer(family)
+    build.model(family, len(tokenizer), seed=0).save_pretrained(directory)
+    build.save_processor(family, directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("shapes-llava-untrained")
-    tokenizer = build.tokenizer("llava")
-    build.model("llava", len(tokenizer), seed=0).save_pretrained(directory)
-    build.save_processor("llava", directory)
-    return str(directory)
+    return untrained_organism(tmp_path_factory, "llava")
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict, list[dict]]:

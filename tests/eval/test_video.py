@@ -21,6 +21,7 @@ import torch
 import transformers
 from PIL import Image
 
+from tests.eval.test_runner import _run, untrained_organism
 from training import build
 from vtc import loading
 from vtc.eval.__main__ import main
@@ -34,19 +35,7 @@ TOKENS_PER_CLIP = (8 // TEMPORAL) * (128 // PATCH // MERGE) ** 2  # 4 temporal p
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("shapes-qwen2vl-untrained")
-    tokenizer = build.tokenizer("qwen2vl")
-    build.model("qwen2vl", len(tokenizer), seed=0).save_pretrained(directory)
-    build.save_processor("qwen2vl", directory)
-    return str(directory)
-
-
-def _run(tmp_path: Path, *args: str) -> tuple[dict, list[dict]]:
-    output = tmp_path / "out"
-    assert main([*args, "--output", str(output)]) == 0
-    summary = json.loads((output / "summary.json").read_text())
-    records = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
-    return summary, records
+    return untrained_organism(tmp_path_factory, "qwen2vl")
 
 
 # The task
