@@ -73,11 +73,24 @@ def cell(box) -> int:
 
 
 class Vocabulary:
-    def __init__(self):
-        self.tokenizer = build.tokenizer("llava")
+    """An organism family's tokenizer and image span: LLaVA's 256 ``<image>`` tokens at 1-D positions, or Qwen2-VL's
+    ``<|vision_start|>`` 256 x ``<|image_pad|>`` ``<|vision_end|>`` whose M-RoPE positions are (t, t + row, t + col)
+    and take 16 positions."""
+
+    def __init__(self, family: str = "llava"):
+        self.family = family
+        self.tokenizer = build.tokenizer(family)
         self.words = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         self.id = {w: i for i, w in enumerate(self.words)}
         self.eos = self.tokenizer.eos_token_id
+        self.mrope = family == "qwen2vl"
+        self.image_open = [self.id["<|vision_start|>"]] if self.mrope else []
+        self.image_close = [self.id["<|vision_end|>"]] if self.mrope else []
+        self.image_span = SIDE if self.mrope else IMAGE_TOKENS
+
+    def cell_position(self, base: int, cell: int) -> int:
+        """The (1-D, or M-RoPE temporal) position of visual token ``cell`` of an image starting at ``base``."""
+        return base if self.mrope else base + cell
 
     def ids(self, text: str) -> list[int]:
         return [self.id[w] for w in text.split()]
@@ -126,13 +139,19 @@ def example(scene, questions, vocab: Vocabulary, split_objects: bool, answer_eos
         ex.add(vocab.id[":"], position + 1)
         position += 2
         if turn == 0:
+            for word in vocab.image_open:
+                ex.add(word, position)
+                position += 1
             for index, first, second in objects(shapes, sign, sign_box, vocab):
                 if split_objects:
-                    ex.add(first, position + index, grid=index)
-                    ex.add(second, position + index, grid=index)
+                    ex.add(first, vocab.cell_position(position, index), grid=index)
+                    ex.add(second, vocab.cell_position(position, index), grid=index)
                 else:
-                    ex.add(first, position + index, second=second, grid=index)
-            position += IMAGE_TOKENS
+                    ex.add(first, vocab.cell_position(position, index), second=second, grid=index)
+            position += vocab.image_span
+            for word in vocab.image_close:
+                ex.add(word, position)
+                position += 1
         named = mentions(q, shapes, sign_box)
         for i, word in enumerate(vocab.ids(q.question) + [vocab.id["ASSISTANT"], vocab.id[":"]]):
             ex.add(word, position)
@@ -188,8 +207,9 @@ def prompt(scene, question, vocab: Vocabulary, split_objects: bool) -> Example:
     return ex
 
 
-def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; padding has id 0 (<pad>), mask 0."""
+def collate(examples: list[Example], mrope: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding has id 0 (<pad>), mask 0. ``mrope``: positions [3, b, L] (t, h, w), a visual
+    token's h and w its cell's row and column past its temporal position."""
     length = max(len(e) for e in examples)
     out = {
         "first": torch.zeros(len(examples), length, dtype=torch.long),
@@ -210,6 +230,11 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         out["where"][row, :n] = torch.tensor(e.where)
         out["order"][row, :n] = torch.tensor(e.order)
         out["mask"][row, :n] = 1
+    if mrope:
+        grid, position = out["grid"], out["position"]
+        on = grid >= 0
+        cell = grid.clamp(min=0)
+        out["position"] = torch.stack([position, position + on * (cell // SIDE), position + on * (cell % SIDE)])
     return out
 
 
@@ -300,8 +325,39 @@ class Symbolic(nn.Module):
         return out.logits, losses
 
 
+class QwenLanguageModel(nn.Module):
+    """The Qwen2-VL organism's language model (``Qwen2VLTextModel`` + its head) behind ``LlamaForCausalLM``'s call."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        from transformers import Qwen2VLForConditionalGeneration
+
+        full = Qwen2VLForConditionalGeneration(build.config("qwen2vl", vocab_size))
+        self.model, self.lm_head = full.model.language_model, full.lm_head
+        self.config = self.model.config
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, output_hidden_states=False):
+        from types import SimpleNamespace
+
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+        )
+        return SimpleNamespace(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
 def language_model(args, vocab_size: int) -> LlamaForCausalLM:
-    """The organism's language model (``build.config("llava", ...).text_config``), with the overrides in ``args``."""
+    """The organism's language model (``build.config(family, ...).text_config``), with the overrides in ``args``."""
+    if args.family == "qwen2vl":
+        if any((args.width, args.heads, args.layers, args.tie, args.rope_theta)):
+            raise ValueError("--family qwen2vl takes the organism's language model as it is: no size overrides")
+        torch.manual_seed(args.seed)
+        return QwenLanguageModel(vocab_size)
     text = build.config("llava", vocab_size).text_config
     width = args.width or text.hidden_size
     heads = args.heads or text.num_attention_heads
@@ -395,7 +451,7 @@ class Batches:
             if self.args.turns == "single":
                 questions = questions[:1]
             out.append(example(scene, questions, self.vocab, self.args.objects == "split", self.args.eos))
-        return out
+        return [_all_tokens(e, self.vocab) for e in out] if self.args.span == "all" else out
 
 
 @torch.no_grad()
@@ -409,7 +465,8 @@ def evaluate(model: Symbolic, vocab: Vocabulary, args, count: int, features=None
         for family_index, family in enumerate(scenes.FAMILIES):
             examples = [prompt(s, s[3][family_index], vocab, args.objects == "split") for s in chunk]
             if features is None:
-                batch = collate(examples)
+                spans = [_all_tokens(e, vocab) for e in examples] if args.span == "all" else examples
+                batch = collate(spans, vocab.mrope)
                 logits = model(batch)
             else:
                 batch, embeds, _, _ = features.inputs(model, examples, range(start, start + len(chunk)), "test")
@@ -474,7 +531,7 @@ class Features:
     def inputs(self, model: Symbolic, examples: list[Example], indices, split: str):
         """(batch tensors, input embeddings, the symbolic vectors the visual slots replace, the object-slot mask)."""
         if self.keep == "all":
-            examples = [_all_tokens(e) for e in examples]
+            examples = [_all_tokens(e, Vocabulary()) for e in examples]
         batch = collate(examples)
         symbolic = model.embed(batch)
         features = self.projector(self.cache[split][list(indices)].float())  # [b, 256, D]
@@ -484,18 +541,18 @@ class Features:
         return batch, embeds, symbolic, visual & (batch["first"] > 0)
 
 
-def _all_tokens(e: Example) -> Example:
+def _all_tokens(e: Example, vocab: Vocabulary) -> Example:
     """The first turn's object slots replaced by all 256 visual tokens, at their original positions."""
     out = Example()
     out.kinds = e.kinds
     slots = [i for i, g in enumerate(e.grid) if g >= 0]
     for i in range(slots[0]):
         out.add(e.first[i], e.position[i])
-    base = e.position[slots[0]] - e.grid[slots[0]]
+    base = e.position[slots[0]] - (0 if vocab.mrope else e.grid[slots[0]])
     words = {e.grid[i]: (e.first[i], e.second[i]) for i in slots}  # the object cells keep their words (alignment)
     for index in range(IMAGE_TOKENS):
         first, second = words.get(index, (0, 0))
-        out.add(first, base + index, second=second, grid=index)
+        out.add(first, vocab.cell_position(base, index), second=second, grid=index)
     for i in range(slots[-1] + 1, len(e)):
         out.add(e.first[i], e.position[i])
         out.target[-1] = e.target[i]
@@ -570,6 +627,7 @@ def arguments() -> argparse.ArgumentParser:
         prog="python -m training.symbolic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--name", default="run", help="label of the run in the log")
+    parser.add_argument("--family", choices=build.FAMILIES, default="llava", help="whose prompt and language model")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64, help="sequences (= fresh scenes) per step")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -599,6 +657,9 @@ def arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--relations-steps", type=int, default=0, help="--relations for these first steps (0: all)")
     parser.add_argument("--relations-ramp", type=int, default=0, help="then mixed in with all four over these steps")
+    parser.add_argument(
+        "--span", choices=("objects", "all"), default="objects", help="image span: object tokens only, or all 256"
+    )
     parser.add_argument("--scene-offset", type=int, default=0, help="index of the first train scene")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=500)
@@ -619,7 +680,7 @@ def arguments() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
     torch.set_num_threads(1)
-    vocab = Vocabulary()
+    vocab = Vocabulary(args.family)
     for i in range(20):  # layout() must reproduce scenes.scene()
         s = scenes.scene("test", i)
         assert layout("test", i) == (list(s.shapes), s.sign, s.sign_box, s.questions)
@@ -630,6 +691,11 @@ def main(argv: list[str] | None = None) -> None:
     history = []
     log = build.run_log(start, history)
 
+    if vocab.mrope and (args.grid or args.coords or args.pixels):
+        raise ValueError(
+            "--family qwen2vl: its vision tower has no absolute positions (use --no-grid, no --coords) and Stage 0 "
+            "(--pixels) is LLaVA's"
+        )
     log({"stage": "config", **vars(args)})
     if args.pixels:
         stage0(args, vocab, log)
@@ -657,13 +723,15 @@ def train(args, vocab: Vocabulary, log) -> None:
     if not set(relations) <= set(scenes.RELATIONS):
         raise ValueError(f"--relations: choose from {scenes.RELATIONS}")
     model.train()
+    if args.steps == 0:  # evaluate the --init weights only
+        log({"stage": "test", "step": 0, **evaluate(model, vocab, args, args.eval_scenes)})
     for step in range(args.steps):
         # --relations for --relations-steps, then their share falls linearly to 0 over --relations-ramp steps
         share = 1.0
         if args.relations_steps and step >= args.relations_steps:
             share = max(0.0, 1 - (step - args.relations_steps + 1) / (args.relations_ramp + 1))
         examples = batches(first if step < args.first_steps else families, relations, share)
-        batch = collate(examples)
+        batch = collate(examples, vocab.mrope)
         logits, aux = model.outputs(batch)
         answers = loss_of(logits, batch["target"])
         order = args.aux_order if step >= args.aux_order_start else 0.0

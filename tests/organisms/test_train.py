@@ -144,6 +144,8 @@ def test_model_card_command_reproduces_the_recorded_arguments(init):
         "0.5",
         "--eval-scenes",
         "40",
+        "--recipe",
+        "captions",
     ]
     argv += ["--init", init] if init else []
     args = vars(train.arguments().parse_args(argv))
@@ -154,3 +156,24 @@ def test_model_card_command_reproduces_the_recorded_arguments(init):
     assert {**again, "output": "out", "threads": None} == {**args, "threads": None}
     assert again["threads"] == 2
     assert ("--init" in command) == bool(init)
+
+
+def test_model_card_command_of_the_symbolic_recipe_names_only_its_options():
+    argv = ["--family", "llava", "--output", "out", "--work", "w", "--scenes", "300", "--eval-scenes", "40"]
+    args = vars(train.arguments().parse_args(argv))
+    command = train.command({"family": "llava", "arguments": args, "threads": 1})
+    options = {word for word in command.split() if word.startswith("--")}
+    assert options == {"--family", "--output", "--scenes", "--eval-scenes", "--threads", "--seed", "--recipe", "--work"}
+    assert "--recipe symbolic" in command and "--threads 1" in command
+    again = vars(train.arguments().parse_args(command.split()[3:]))
+    assert {**again, "output": "out", "threads": None} == {**args, "threads": None}
+
+
+def test_a_record_without_a_recipe_was_trained_by_the_captions_recipe():
+    """Records from before --recipe existed (shapes-qwen2vl's) reproduce with --recipe captions."""
+    args = vars(train.arguments().parse_args(["--family", "qwen2vl", "--output", "out", "--steps", "1200"]))
+    del args["recipe"], args["work"]
+    command = train.command({"family": "qwen2vl", "arguments": args, "threads": 2})
+    assert "--recipe captions" in command
+    again = vars(train.arguments().parse_args(command.split()[3:]))
+    assert again["recipe"] == "captions" and again["steps"] == 1200

@@ -1,0 +1,131 @@
+"""The symbolic recipe's pieces: symbolic sequences are the real prompts' sequences, the language model moves into the
+VLM unchanged, the tower's regression targets, and ``python -m training.organisms`` end to end on tiny stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training import build, organisms, pixels, symbolic
+from vtc.organisms import scenes
+
+
+def _arguments(family: str, *extra: str):
+    options = ["--family", family, *extra] + (["--no-grid"] if family == "qwen2vl" else [])
+    return symbolic.arguments().parse_args(options)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_a_symbolic_prompt_with_every_visual_token_is_the_real_prompt_with_its_positions(family):
+    """Token for token and position for position (Qwen: its own M-RoPE index), except that the image span holds the
+    objects' words (and nothing on background cells) instead of the image token."""
+    vocab = symbolic.Vocabulary(family)
+    scene = symbolic.layout("test", 3)
+    conv = organisms.Conversations(family, vocab.tokenizer)
+    model = build.model(family, len(vocab.words))
+    for question in scene[3]:
+        sym = symbolic.collate(
+            [symbolic._all_tokens(symbolic.prompt(scene, question, vocab, False), vocab)], vocab.mrope
+        )
+        ids = torch.tensor([conv.prompt_ids(question.question, True)])
+        assert sym["first"].shape == ids.shape
+        image = ids == conv.image_id
+        assert torch.equal(sym["first"][~image], ids[~image])
+        assert torch.equal(sym["grid"][image], torch.arange(256))
+        objects = {cell: first for cell, first, _ in symbolic.objects(*scene[:3], vocab)}
+        assert sym["first"][image].tolist() == [objects.get(cell, 0) for cell in range(256)]
+        if family == "llava":
+            assert torch.equal(sym["position"], torch.arange(ids.shape[1])[None])
+        else:
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            inputs.update(organisms._mm_types(conv, ids))
+            real, _ = model.model.get_rope_index(image_grid_thw=torch.tensor([[1, 32, 32]]), **inputs)
+            assert torch.equal(sym["position"], real)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_the_symbolic_language_model_moves_into_the_vlm_unchanged(family):
+    """The VLM fed the symbolic vectors as input embeddings, at the same positions, gives the symbolic logits."""
+    vocab = symbolic.Vocabulary(family)
+    model = symbolic.symbolic_model(_arguments(family), vocab).eval()
+    torch.manual_seed(1)
+    for parameter in model.parameters():  # away from the zero-initialised rows and biases
+        parameter.data.add_(torch.randn_like(parameter) * 0.02)
+    scene = symbolic.layout("test", 0)
+    batch = symbolic.collate([symbolic.example(scene, scene[3], vocab, False)], vocab.mrope)
+    vlm = build.model(family, len(vocab.words)).eval()
+    missing, unexpected = vlm.load_state_dict(pixels.language_model_state(model.state_dict()), strict=False)
+    assert not unexpected and all(not k.startswith(("model.language_model.", "lm_head.")) for k in missing)
+    with torch.no_grad():
+        embeds = model.embed(batch)
+        expected = model(batch)
+        got = vlm(inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=batch["position"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tower_targets_are_the_cell_vectors_plus_the_words_at_each_centre():
+    vocab = symbolic.Vocabulary("llava")
+    torch.manual_seed(0)
+    width = 8
+    state = {
+        "lm.model.embed_tokens.weight": torch.randn(len(vocab.words), width),
+        "row.weight": torch.randn(16, width),
+        "column.weight": torch.randn(16, width),
+    }
+    targets, centres = pixels.Targets(state, vocab)("train", [5, 6])
+    for row, index in enumerate([5, 6]):
+        shapes, sign, sign_box, _ = symbolic.layout("train", index)
+        assert int(centres[row].sum()) == len(shapes) + 1
+        grid = state["row.weight"][torch.arange(256) // 16] + state["column.weight"][torch.arange(256) % 16]
+        expected = grid.clone()
+        words = state["lm.model.embed_tokens.weight"]
+        for obj in shapes:
+            expected[symbolic.cell(obj.box)] += words[vocab.id[obj.color]] + words[vocab.id[obj.shape]]
+        expected[symbolic.cell(sign_box)] += words[vocab.id["sign"]] + words[vocab.id[sign]]
+        torch.testing.assert_close(targets[row], expected)
+    qwen = symbolic.Vocabulary("qwen2vl")
+    state = {"lm.model.embed_tokens.weight": torch.randn(len(qwen.words), width)}  # no row / column: M-RoPE
+    targets, centres = pixels.Targets(state, qwen)("train", [5])
+    assert torch.equal(targets[0][~centres[0]], torch.zeros(int((~centres[0]).sum()), width))
+
+
+def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, monkeypatch, capsys):
+    """``python -m training.organisms`` on tiny stages: it trains, reports (with the text-only control) and writes the
+    card; run again on the same --work, it reuses every stage and saves the same weights."""
+    from safetensors.torch import load_file
+
+    tiny = "--batch 4 --eval-scenes 6 --eval-every 2"
+    monkeypatch.setitem(
+        organisms.LANGUAGE_STAGES,
+        "llava",
+        (("a", f"--steps 2 {tiny}"), ("b", f"--steps 1 --span all --aux-order 1 {tiny}")),
+    )
+    monkeypatch.setattr(
+        organisms,
+        "VISION_STAGES",
+        (("tower", "--steps 2 --batch 4 --eval-scenes 6"), ("vlm", "--vlm-steps 2 --vlm-batch 2 --eval-scenes 6")),
+    )
+    argv = ["--family", "llava", "--scenes", "8", "--eval-scenes", "6", "--work", str(tmp_path / "work")]
+    organisms.main([*argv, "--output", str(tmp_path / "one")])
+    first = json.loads((tmp_path / "one" / "training.json").read_text())
+    assert [s["name"] for s in first["stages"]] == ["a", "b", "tower", "vlm"]
+    assert not any(s["reused"] for s in first["stages"])
+    assert set(first["text_only"]) == {*scenes.FAMILIES, "overall"}
+    card = (tmp_path / "one" / "README.md").read_text()
+    assert "test, text only" in card and "--recipe symbolic" in card and "--pretrain-steps" not in card
+    assert "**Status: under-trained.**" in card
+    capsys.readouterr()
+    organisms.main([*argv, "--output", str(tmp_path / "two")])
+    second = json.loads((tmp_path / "two" / "training.json").read_text())
+    assert all(s["reused"] for s in second["stages"])
+    assert [s["seconds"] for s in second["stages"]] == [s["seconds"] for s in first["stages"]]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert second["test"] == first["test"]
+
+
+def test_symbolic_recipe_refuses_init():
+    with pytest.raises(ValueError, match="--init continues the captions recipe"):
+        organisms.main(["--family", "llava", "--output", "unused", "--init", "vtc/organisms/shapes-llava"])
