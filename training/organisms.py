@@ -485,13 +485,18 @@ LANGUAGE_COMMON = {
     "qwen2vl": "--family qwen2vl --no-grid --lr 5e-4 --eval-every 500",
 }
 # Then training.pixels: the tower learns to regress the language model's symbolic vectors, then the whole VLM trains.
-VISION_STAGES = (("tower", "--steps 1500 --eval-every 500"), ("vlm", "--vlm-steps 600 --eval-every 150"))
+# Each from the previous stage's VLM (--start), the tower stage from the language model alone.
+VISION_STAGES = (
+    ("tower", "--steps 1500 --eval-every 500"),
+    ("vlm", "--vlm-steps 600 --eval-every 150"),
+    ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1"),
+)
 VISION_COMMON = {"llava": "--contrastive 1 --eval-scenes 100", "qwen2vl": "--family qwen2vl --eval-scenes 100"}
 
 
 def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
     """The VLM of the symbolic recipe and its stages ({name, seconds, reused}); each stage's weights and time go to
-    ``--work``, and a stage found there is reused instead of trained again."""
+    ``--work``, and a stage found there is reused instead of trained again (up to the first stage that is not)."""
     from training import pixels, symbolic
 
     work = Path(args.work or f"build/organism-{args.family}")
@@ -499,8 +504,9 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
     stages = []
 
     def stage(name: str, done: Path, train) -> None:
+        """Reuse the stage's saved weights, unless an earlier stage was trained now (they would be stale)."""
         timing = work / f"{name}.json"
-        if done.exists() and timing.is_file():
+        if done.exists() and timing.is_file() and not any(not s["reused"] for s in stages):
             stages.append({"name": name, "seconds": json.loads(timing.read_text())["seconds"], "reused": True})
             log({"stage": name, "reused": str(done)})
             return
@@ -517,12 +523,12 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
         argv += ["--seed", str(args.seed)] + (["--init", str(previous)] if previous else [])
         stage(name, path, lambda argv=argv: symbolic.main(argv))
         previous = path
-    model = None
+    model, language = None, previous
     for name, options in VISION_STAGES:
         path = work / name
-        argv = [*VISION_COMMON[args.family].split(), *options.split(), "--init", str(previous)]
+        argv = [*VISION_COMMON[args.family].split(), *options.split(), "--init", str(language)]
         argv += ["--seed", str(args.seed), "--scenes", str(args.scenes)]
-        argv += ["--start", str(work / "tower")] if name == "vlm" else []
+        argv += ["--start", str(previous)] if previous != language else []
 
         def train(argv=argv, path=path) -> None:
             nonlocal model
@@ -530,9 +536,11 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
             build.save(model, args.family, path)
 
         stage(name, path / "model.safetensors", train)
-    if model is None:  # every stage reused
+        previous = path
+        model = None if stages[-1]["reused"] else model
+    if model is None:  # the last stage was reused
         cls = LlavaForConditionalGeneration if args.family == "llava" else Qwen2VLForConditionalGeneration
-        model = cls.from_pretrained(work / "vlm")
+        model = cls.from_pretrained(previous)
     return model.eval(), stages
 
 

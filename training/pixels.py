@@ -109,6 +109,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--vlm-batch", type=int, default=32)
     parser.add_argument("--vlm-lr", type=float, default=5e-4)
     parser.add_argument("--vlm-regression", type=float, default=1.0)
+    parser.add_argument("--round", type=int, default=0, help="a later --vlm-steps round: other batches")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -201,7 +202,7 @@ def tune(model, args, pool, conv, targets: Targets, log) -> None:
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     schedule = organisms._schedule(optimizer, args.vlm_steps, warmup=50)
-    rng = random.Random(args.seed + 4)
+    rng = random.Random(args.seed + 4 + 1000 * args.round)
     model.train()
     for step in range(args.vlm_steps):
         rows = rng.sample(range(len(pool)), args.vlm_batch)

@@ -93,7 +93,8 @@ def test_tower_targets_are_the_cell_vectors_plus_the_words_at_each_centre():
 
 def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, monkeypatch, capsys):
     """``python -m training.organisms`` on tiny stages: it trains, reports (with the text-only control) and writes the
-    card; run again on the same --work, it reuses every stage and saves the same weights."""
+    card; run again on the same --work, it reuses every stage and saves the same weights; a stage missing there is
+    trained again with every stage after it."""
     from safetensors.torch import load_file
 
     tiny = "--batch 4 --eval-scenes 6 --eval-every 2"
@@ -124,6 +125,10 @@ def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, mo
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert second["test"] == first["test"]
+    (tmp_path / "work" / "b.json").unlink()  # stage b is trained again, and every stage after it
+    organisms.main([*argv, "--output", str(tmp_path / "three")])
+    third = json.loads((tmp_path / "three" / "training.json").read_text())
+    assert [s["reused"] for s in third["stages"]] == [True, False, False, False]
 
 
 def test_symbolic_recipe_refuses_init():
