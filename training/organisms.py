@@ -489,7 +489,7 @@ LANGUAGE_COMMON = {
 VISION_STAGES = (
     ("tower", "--steps 1500 --eval-every 500"),
     ("vlm", "--vlm-steps 600 --eval-every 150"),
-    ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1"),
+    ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1 --count-weight 3"),
 )
 VISION_COMMON = {"llava": "--contrastive 1 --eval-scenes 100", "qwen2vl": "--family qwen2vl --eval-scenes 100"}
 
@@ -750,7 +750,8 @@ index), scenes 0-{args["scenes"] - 1} for the vision stages.
    language model's symbolic vector (relative squared error, plus 4x that of the object and sign centre
    tokens){contrastive}; the language model is frozen.
 3. **Whole VLM**: the real model on multi-turn conversations (answer loss, the tower at 0.3x the learning rate), the
-   regression kept as an auxiliary loss.
+   regression kept as an auxiliary loss; two rounds, the second on other batches with count answers weighted 3x
+   (counting over every visual token is what imperfect background tokens blur most).
 
 | stage | options | time |
 |---|---|---|

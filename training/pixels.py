@@ -109,6 +109,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--vlm-batch", type=int, default=32)
     parser.add_argument("--vlm-lr", type=float, default=5e-4)
     parser.add_argument("--vlm-regression", type=float, default=1.0)
+    parser.add_argument("--count-weight", type=float, default=1.0, help="weight of count answers in --vlm-steps")
     parser.add_argument("--round", type=int, default=0, help="a later --vlm-steps round: other batches")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -187,6 +188,23 @@ def train(args, log):
     return model.eval()
 
 
+def weighted_answer_loss(logits: torch.Tensor, inputs: dict, conv, count_weight: float) -> torch.Tensor:
+    """The answer loss (next-token cross-entropy on the labelled tokens), the answers of count questions (and their
+    end-of-turn token) weighted ``count_weight``: a turn asks for a count when its question has the word "many"."""
+    labels = inputs["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    many, user = conv.tokenizer.convert_tokens_to_ids(["many", "USER"])
+    ids = inputs["input_ids"]
+    turn = torch.cumsum(ids == user, dim=1)  # the turn of each token
+    weights = torch.ones_like(losses)
+    for row in range(len(ids)):
+        counting = set(turn[row][ids[row] == many].tolist())
+        for t in counting:
+            weights[row][(turn[row, 1:] == t) & (labels[row] != -100)] = count_weight
+    mask = (labels != -100).float()
+    return (losses * weights * mask).sum() / (weights * mask).sum()
+
+
 def tune(model, args, pool, conv, targets: Targets, log) -> None:
     """The whole VLM on multi-turn scene conversations (answer loss), the tower at 0.3x the learning rate, with the
     per-token regression kept as an auxiliary loss (weight ``--vlm-regression``)."""
@@ -209,7 +227,7 @@ def tune(model, args, pool, conv, targets: Targets, log) -> None:
         examples = [conv.example(pool.questions[r], rng) for r in rows]
         inputs = organisms.batch_inputs(args.family, conv, pool.images[rows], examples)
         captured.clear()
-        answers = model(**inputs).loss
+        answers = weighted_answer_loss(model(**inputs).logits, inputs, conv, args.count_weight)
         target, centres = targets("train", rows)
         losses = regression(captured[-1].reshape(target.shape), target, centres, args.centre)
         loss = answers + args.vlm_regression * losses["loss"]

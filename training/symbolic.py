@@ -328,11 +328,18 @@ class Symbolic(nn.Module):
 class QwenLanguageModel(nn.Module):
     """The Qwen2-VL organism's language model (``Qwen2VLTextModel`` + its head) behind ``LlamaForCausalLM``'s call."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, rope_theta: float | None = None):
         super().__init__()
         from transformers import Qwen2VLForConditionalGeneration
 
-        full = Qwen2VLForConditionalGeneration(build.config("qwen2vl", vocab_size))
+        config = build.config("qwen2vl", vocab_size)
+        if rope_theta:  # transformers 5.x keeps it in rope_parameters, 4.x in rope_theta
+            text = config.text_config
+            if getattr(text, "rope_parameters", None):
+                text.rope_parameters["rope_theta"] = rope_theta
+            else:
+                text.rope_theta = rope_theta
+        full = Qwen2VLForConditionalGeneration(config)
         self.model, self.lm_head = full.model.language_model, full.lm_head
         self.config = self.model.config
 
@@ -354,10 +361,10 @@ class QwenLanguageModel(nn.Module):
 def language_model(args, vocab_size: int) -> LlamaForCausalLM:
     """The organism's language model (``build.config(family, ...).text_config``), with the overrides in ``args``."""
     if args.family == "qwen2vl":
-        if any((args.width, args.heads, args.layers, args.tie, args.rope_theta)):
+        if any((args.width, args.heads, args.layers, args.tie)):
             raise ValueError("--family qwen2vl takes the organism's language model as it is: no size overrides")
         torch.manual_seed(args.seed)
-        return QwenLanguageModel(vocab_size)
+        return QwenLanguageModel(vocab_size, args.rope_theta)
     text = build.config("llava", vocab_size).text_config
     width = args.width or text.hidden_size
     heads = args.heads or text.num_attention_heads

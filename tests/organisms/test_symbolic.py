@@ -134,3 +134,35 @@ def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, mo
 def test_symbolic_recipe_refuses_init():
     with pytest.raises(ValueError, match="--init continues the captions recipe"):
         organisms.main(["--family", "llava", "--output", "unused", "--init", "vtc/organisms/shapes-llava"])
+
+
+def test_count_weight_scales_exactly_the_count_answers():
+    """weighted_answer_loss at weight 1 is the model's own loss; at weight w it is the same per-token losses with each
+    count answer and its end-of-turn token counted w times."""
+    import random
+
+    tok = build.tokenizer("llava")
+    conv = organisms.Conversations("llava", tok)
+    chosen = [scenes.scene("train", i) for i in range(3)]
+    examples = [conv.example(s.questions, random.Random(i)) for i, s in enumerate(chosen)]
+    images = torch.stack([torch.from_numpy(organisms._array(s.image)) for s in chosen])
+    inputs = organisms.batch_inputs("llava", conv, images, examples)
+    model = build.model("llava", len(tok)).eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.testing.assert_close(pixels.weighted_answer_loss(out.logits, inputs, conv, 1.0), out.loss)
+    labels = inputs["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels, reduction="none")
+    weights = torch.ones_like(losses)
+    for row, scene in enumerate(chosen):  # the count answer is the label token after "how many shapes are there ?"
+        ids = inputs["input_ids"][row].tolist()
+        start = next(i for i in range(len(ids)) if tok.convert_ids_to_tokens(ids[i : i + 2]) == ["how", "many"])
+        answer = next(i for i in range(start, len(ids) - 1) if labels[row, i] != -100)
+        assert tok.convert_ids_to_tokens(labels[row, answer : answer + 2].tolist()) == [
+            scene.questions[0].answer,
+            "</s>",
+        ]
+        weights[row, answer : answer + 2] = 3.0
+    mask = (labels != -100).float()
+    expected = (losses * weights * mask).sum() / (weights * mask).sum()
+    torch.testing.assert_close(pixels.weighted_answer_loss(out.logits, inputs, conv, 3.0), expected)
