@@ -726,8 +726,8 @@ greedy first answer token (answers are one token):
 def _symbolic_training(record: dict) -> str:
     family, args = record["family"], record["arguments"]
     stages = "\n".join(
-        f"| {s['name']} | `{_stage_options(family, s['name'])}` | {s['seconds'] / 60:.1f} min |"
-        + (" (reused)" if s.get("reused") else "")
+        f"| {s['name']} | `{_stage_options(family, s['name'])}` | {s['seconds'] / 60:.1f} min"
+        + (" (an earlier run's, reused) |" if s.get("reused") else " |")
         for s in record["stages"]
     )
     minutes = record["train_seconds"] / 60
