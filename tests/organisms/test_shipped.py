@@ -80,3 +80,11 @@ def test_an_unknown_name_lists_the_shipped_ones():
         ValueError, match="unknown organism 'shapes-bogus'; the shipped ones are shapes-llava, shapes-qwen2vl"
     ):
         organisms.path("shapes-bogus")
+
+
+def test_model_card_is_the_one_its_training_record_writes(organism):
+    """The README.md shipped next to the weights says what training.json records (accuracy, command, stages)."""
+    from training.organisms import model_card
+
+    name, _, _, record = organism
+    assert (organisms.path(name) / "README.md").read_text() == model_card(record)
