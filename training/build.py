@@ -287,6 +287,16 @@ def legacy_rope(config_path) -> None:
         Path(config_path).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, schedule, parameters, clip: float = 1.0) -> None:
+    """One training step of every training loop here: the gradients of ``loss``, clipped to total norm ``clip``, then
+    an optimizer and a learning-rate schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, clip)
+    optimizer.step()
+    schedule.step()
+
+
 def run_log(start: float, history: list[dict]):
     """A training run's logger: each entry gets its ``seconds`` since ``start``, goes into ``history`` and is printed
     as a JSON line."""

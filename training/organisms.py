@@ -174,11 +174,7 @@ def pretrain(model, family: str, pool: Pool, steps: int, batch: int, lr: float, 
         labels = pool.labels[rows]  # [b, 3, 256]
         dense_loss = sum(F.cross_entropy(h(tokens).transpose(1, 2), labels[:, i]) for i, h in enumerate(dense)) / 3
         loss = contrastive + dense_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        build.optimizer_step(loss, optimizer, schedule, params)
         if step % 25 == 0 or step == steps - 1:
             accuracy = (logits.argmax(1) == target).float().mean().item()
             log(
@@ -314,11 +310,7 @@ def finetune(
             features = captured[-1].reshape(len(rows), -1, captured[-1].shape[-1])  # [b, 256, D]
             embedding = model.get_input_embeddings()
             loss = loss + align * alignment_loss(features, pool.labels[rows], targets, embedding)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        build.optimizer_step(loss, optimizer, schedule, model.parameters())
         if step % 25 == 0 or step == steps - 1:
             log({"stage": "vlm", "step": step, "loss": round(answers.item(), 4), "total": round(loss.item(), 4),
                  "background": round(background, 3)})  # fmt: skip

@@ -171,11 +171,7 @@ def train(args, log):
             labels = torch.arange(len(rows))
             losses["contrastive"] = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
             loss = loss + args.contrastive * losses["contrastive"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params + extra, 1.0)
-        optimizer.step()
-        schedule.step()
+        build.optimizer_step(loss, optimizer, schedule, params + extra)
         if step % 50 == 0:
             log({"stage": "tower", "step": step, **{k: round(v.item(), 4) for k, v in losses.items()}})
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
@@ -231,11 +227,7 @@ def tune(model, args, pool, conv, targets: Targets, log) -> None:
         target, centres = targets("train", rows)
         losses = regression(captured[-1].reshape(target.shape), target, centres, args.centre)
         loss = answers + args.vlm_regression * losses["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        build.optimizer_step(loss, optimizer, schedule, model.parameters())
         if step % 25 == 0:
             entry = {"answers": round(answers.item(), 4), "centre": round(losses["centre"].item(), 4)}
             log({"stage": "vlm", "step": step, **entry})

@@ -618,11 +618,7 @@ def stage0(args, vocab: Vocabulary, log) -> None:
         target = symbolic[objects].detach()
         align = F.mse_loss(embeds[objects], target) / target.pow(2).mean()  # relative squared error
         loss = answers + args.align * align
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        sched.step()
+        build.optimizer_step(loss, optimizer, sched, params)
         if step % 100 == 0:
             log({"stage": "pixels", "step": step, "loss": round(answers.item(), 4), "align": round(align.item(), 4)})
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
@@ -743,11 +739,7 @@ def train(args, vocab: Vocabulary, log) -> None:
         answers = loss_of(logits, batch["target"])
         order = args.aux_order if step >= args.aux_order_start else 0.0
         loss = answers + args.aux * aux.get("aux", 0) + order * aux.get("order", 0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
+        build.optimizer_step(loss, optimizer, sched, model.parameters())
         if step % 100 == 0:
             entry = {"stage": "train", "step": step, "loss": round(answers.item(), 4)}
             entry.update({k: round(v.item(), 4) for k, v in aux.items()})
