@@ -85,7 +85,24 @@ def tokenizer(family: str) -> PreTrainedTokenizerFast:
     return tok
 
 
-def config(family: str, vocab_size: int):
+def config(family: str, vocab_size: int, rope_theta: float | None = None):
+    """The organism's config; ``rope_theta`` replaces its language model's rotary base (the default: Llama's 1e4,
+    Qwen2-VL's 1e6)."""
+    made = _config(family, vocab_size)
+    if rope_theta is not None:
+        set_rope_theta(made.text_config, rope_theta)
+    return made
+
+
+def set_rope_theta(text_config, theta: float) -> None:
+    """Set a text config's rotary base: transformers 5.x keeps it in ``rope_parameters``, 4.x in ``rope_theta``."""
+    if getattr(text_config, "rope_parameters", None):
+        text_config.rope_parameters["rope_theta"] = theta
+    else:
+        text_config.rope_theta = theta
+
+
+def _config(family: str, vocab_size: int):
     if family == "llava":
         vision = CLIPVisionConfig(
             hidden_size=HIDDEN,
@@ -143,10 +160,10 @@ def config(family: str, vocab_size: int):
     raise ValueError(f"unknown organism family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def model(family: str, vocab_size: int, seed: int = 0):
+def model(family: str, vocab_size: int, seed: int = 0, rope_theta: float | None = None):
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if family == "llava" else Qwen2VLForConditionalGeneration
-    net = cls(config(family, vocab_size))
+    net = cls(config(family, vocab_size, rope_theta))
     net.generation_config.pad_token_id = 0
     net.generation_config.eos_token_id = 2
     net.generation_config.bos_token_id = 1

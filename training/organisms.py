@@ -1,32 +1,38 @@
-"""Train a shapes organism: CLIP-style pretraining of the vision tower, then the VLM on multi-turn scene questions.
+"""Train a shapes organism, then report its accuracy and write its model card.
 
-    python -m training.organisms --family llava --output vtc/organisms/shapes-llava
-    python -m training.organisms --family qwen2vl --output vtc/organisms/shapes-qwen2vl
+    python -m training.organisms --family llava --output vtc/organisms/shapes-llava --threads 1
+    python -m training.organisms --family qwen2vl --output vtc/organisms/shapes-qwen2vl --recipe captions
     python -m training.record_check vtc/organisms/shapes-llava   # then record the accuracy check the tests recompute
 
 Run from the repository root: training is not part of the vtc distribution.
 
-Stage 1 (as CLIP): the vision tower and a small text encoder learn matching scene captions ("3 shapes . small red
-circle left top . ... sign 7") with a symmetric contrastive loss. The image embedding is the tower's [CLS] output
-(LLaVA: CLIP's post-layernorm [CLS]) or an attention pool of its merged tokens (Qwen2-VL has no [CLS]). This gives
-the [CLS] token a reason to attend to the objects, as in real CLIP towers; without it [CLS] attention means nothing.
-Next to it, a dense objective: linear heads on the tokens the language model will read predict, per 8 x 8 px
-token, the colour and shape of what covers it and the sign's glyph. Real CLIP patch features carry such semantics
-after web-scale training; a small tower trained on captions alone does not, and the VLM stage then stays at the
-answer prior for a long time (seen here: 900 steps without it).
-Stage 2 (as LLaVA's instruction tuning): the whole VLM learns to answer the scene's six questions as one
-multi-turn conversation (loss on the answers and their end-of-turn token only), first turn in the exact format
-the evaluation prompts use, with two aids for a language model trained from scratch (``finetune``): a curriculum
-that brings the background visual tokens back gradually, and a loss aligning object tokens with their words'
-embeddings. The text encoder is thrown away; the VLM is saved with its tokenizer and processor.
+--recipe symbolic (the default; shapes-llava's): the language model learns the task first, then a vision tower learns
+to feed it. Its stages (``LANGUAGE_STAGES``, ``VISION_STAGES``) run in this process, each saved under ``--work``:
+  1. ``training.symbolic``: the language model answers from symbolic scenes, one token per object at the position of
+     the visual token covering its centre, its vector the sum of its words' embeddings; the last language stage
+     brings every visual token back (a background token is its position vector alone);
+  2. ``training.pixels``: a fresh tower and projector regress, per visual token, the vector the language model was
+     trained on; then the whole VLM trains on multi-turn conversations, in two rounds.
+A rerun reuses every stage whose options and input weights are unchanged (the stage's NAME.json under --work), so an
+interrupted run resumes where it stopped. training/SYMBOLIC_NOTES.md has the runs behind each stage.
+
+--recipe captions (shapes-qwen2vl's): CLIP-style pretraining of the tower (a contrastive loss against scene captions,
+plus dense per-token colour / shape / glyph targets), then the whole VLM on multi-turn conversations with a
+background-token curriculum and a loss aligning object tokens with their words' embeddings (``finetune``). It left
+shapes-qwen2vl at 40% on the test split (its model card), which is why the symbolic recipe exists.
+
+Either way the VLM is saved with its tokenizer and processor, next to training.json (the record: arguments, stages,
+times, validation / test / text-only accuracy) and README.md (the model card written from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -424,39 +430,72 @@ def arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--family", choices=build.FAMILIES, required=True)
     parser.add_argument("--output", required=True, help="directory for the checkpoint")
-    parser.add_argument("--scenes", type=int, default=16000, help="training scenes (rendered once)")
-    parser.add_argument("--pretrain-steps", type=int, default=250)
-    parser.add_argument("--pretrain-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--align", type=float, default=1.0, help="weight of the feature-to-word alignment loss")
-    parser.add_argument(
-        "--ramp", type=float, default=0.4, help="share of the VLM steps over which the background tokens return"
-    )
-    parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--init", help="start from this checkpoint's weights (same family) instead of a random init")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
         default="symbolic",
-        help="symbolic: language model first, on symbolic scenes, then a tower that feeds it (the module docstring); "
-        "captions: CLIP-style pretraining, then the whole VLM (--pretrain-*, --steps, --batch, --lr, --align, --ramp, "
-        "--init)",
+        help="symbolic: the language model first, on symbolic scenes, then a tower that feeds it; captions "
+        "(shapes-qwen2vl's): CLIP-style pretraining, then the whole VLM. See the module docstring",
     )
-    parser.add_argument(
+    parser.add_argument("--scenes", type=int, default=16000, help="training scenes for the pixel stages")
+    parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    symbolic = parser.add_argument_group("symbolic recipe")
+    symbolic.add_argument(
         "--work",
-        help="symbolic recipe: where each stage's weights go (default build/organism-FAMILY); a rerun reuses "
-        "the stages it finds there, so an interrupted run resumes",
+        help="where each stage's weights go (default build/organism-FAMILY); a rerun reuses a stage found there when "
+        "its options and its input weights are the same, so an interrupted run resumes",
     )
+    captions = parser.add_argument_group("captions recipe (defaults in brackets)")
+    for option, kind, text in CAPTIONS_OPTIONS:
+        default = CAPTIONS_DEFAULTS.get(option.replace("-", "_"))
+        captions.add_argument(f"--{option}", type=kind, help=f"{text} [{default}]")
     return parser
 
 
 RECIPES = ("symbolic", "captions")
+CAPTIONS_OPTIONS = (
+    ("pretrain-steps", int, "CLIP-style pretraining steps"),
+    ("pretrain-batch", int, "scene-caption pairs per pretraining step"),
+    ("steps", int, "VLM steps"),
+    ("batch", int, "scenes per VLM step"),
+    ("lr", float, "learning rate"),
+    ("align", float, "weight of the feature-to-word alignment loss"),
+    ("ramp", float, "share of the VLM steps over which the background tokens return"),
+    ("init", str, "start from this checkpoint's weights (same family) instead of a random init"),
+)
+CAPTIONS_DEFAULTS = {
+    "pretrain_steps": 250,
+    "pretrain_batch": 32,
+    "steps": 2000,
+    "batch": 32,
+    "lr": 1e-3,
+    "align": 1.0,
+    "ramp": 0.4,
+    "init": None,
+}
+
+
+def resolve(args) -> None:
+    """Refuse options of the other recipe; fill in the captions recipe's defaults."""
+    captions = [f"--{o}" for o, _, _ in CAPTIONS_OPTIONS if getattr(args, o.replace("-", "_")) is not None]
+    if args.recipe == "symbolic":
+        if captions:
+            raise ValueError(
+                f"{', '.join(captions)}: options of --recipe captions; the symbolic recipe's stages are fixed "
+                "(LANGUAGE_STAGES and VISION_STAGES in training/organisms.py) and it resumes from --work"
+            )
+    else:
+        if args.work is not None:
+            raise ValueError("--work: the symbolic recipe's stage directory; --recipe captions has no stages")
+        for key, value in CAPTIONS_DEFAULTS.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+
+
 # The symbolic recipe's language model: training.symbolic runs, each from the previous one's weights with a new
 # warm-up and cosine, on train scenes past those already seen (training/SYMBOLIC_NOTES.md, runs 12, 27, 28, 30).
+# Qwen2-VL's M-RoPE needs a smaller rotary base for columns to be told apart (runs q1-q8).
 LANGUAGE_STAGES = {
     "llava": (
         ("binding", "--steps 2500"),
@@ -464,17 +503,16 @@ LANGUAGE_STAGES = {
         ("order-2", "--aux-order 1 --steps 1000 --scene-offset 240000"),
         ("background", "--aux-order 1 --span all --batch 32 --steps 800 --scene-offset 320000"),
     ),
-    # Not yet a recipe that passes: position stays near chance without row / column embeddings (SYMBOLIC_NOTES.md)
     "qwen2vl": (
         ("binding", "--steps 2500"),
-        ("where", "--aux 1 --aux-order 1 --steps 1000 --scene-offset 160000"),
-        ("where-2", "--aux 1 --aux-order 1 --steps 1500 --scene-offset 240000"),
+        ("order", "--aux-order 1 --steps 1000 --scene-offset 160000"),
+        ("order-2", "--aux-order 1 --steps 1500 --scene-offset 240000"),
         ("background", "--aux-order 1 --span all --batch 32 --steps 800 --scene-offset 400000"),
     ),
 }
 LANGUAGE_COMMON = {
     "llava": "--lr 5e-4 --eval-every 500",
-    "qwen2vl": "--family qwen2vl --no-grid --lr 5e-4 --eval-every 500",
+    "qwen2vl": "--family qwen2vl --no-grid --rope-theta 100 --lr 5e-4 --eval-every 500",
 }
 # Then training.pixels: the tower learns to regress the language model's symbolic vectors, then the whole VLM trains.
 # Each from the previous stage's VLM (--start), the tower stage from the language model alone.
@@ -484,56 +522,73 @@ VISION_STAGES = (
     ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1 --count-weight 3"),
 )
 VISION_COMMON = {"llava": "--contrastive 1 --eval-scenes 100", "qwen2vl": "--family qwen2vl --eval-scenes 100"}
+PATH_OPTIONS = ("--name", "--save", "--init", "--start")  # where a stage reads and writes, not how it trains
+
+
+def stage_commands(family: str, work: Path, seed: int, scene_count: int) -> list[tuple[str, str, list[str], Path]]:
+    """(name, module, argv, weights file) of each stage of the symbolic recipe, in order."""
+    out, previous = [], None
+    for name, options in LANGUAGE_STAGES[family]:
+        weights = work / f"{name}.pt"
+        argv = [*LANGUAGE_COMMON[family].split(), *options.split(), "--seed", str(seed), "--name", name]
+        argv += ["--save", str(weights)] + (["--init", str(previous)] if previous else [])
+        out.append((name, "training.symbolic", argv, weights))
+        previous = weights
+    language = previous
+    for name, options in VISION_STAGES:
+        argv = [*VISION_COMMON[family].split(), *options.split(), "--seed", str(seed), "--scenes", str(scene_count)]
+        argv += ["--init", str(language)] + (["--start", str(previous.parent)] if previous != language else [])
+        weights = work / name / "model.safetensors"
+        out.append((name, "training.pixels", argv, weights))
+        previous = weights
+    return out
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
-    """The VLM of the symbolic recipe and its stages ({name, seconds, reused}); each stage's weights and time go to
-    ``--work``, and a stage found there is reused instead of trained again (up to the first stage that is not)."""
+    """The VLM of the symbolic recipe and its stages ({name, module, argv, seconds, threads, reused}).
+
+    Each stage's weights go to ``--work`` with NAME.json: its module, argv, the digest of the weights it started from
+    and of those it wrote, its time and threads. A rerun reuses a stage whose record matches what it would run now,
+    from the same input weights, and whose weights are the ones recorded; any other stage trains (its old record is
+    removed first, so an interrupted stage is never taken for a finished one)."""
     from training import pixels, symbolic
 
     work = Path(args.work or f"build/organism-{args.family}")
     work.mkdir(parents=True, exist_ok=True)
-    stages = []
-
-    def stage(name: str, done: Path, train) -> None:
-        """Reuse the stage's saved weights, unless an earlier stage was trained now (they would be stale)."""
-        timing = work / f"{name}.json"
-        if done.exists() and timing.is_file() and not any(not s["reused"] for s in stages):
-            stages.append({"name": name, "seconds": json.loads(timing.read_text())["seconds"], "reused": True})
-            log({"stage": name, "reused": str(done)})
-            return
+    stages, model, previous = [], None, None
+    for name, module, argv, weights in stage_commands(args.family, work, args.seed, args.scenes):
+        identity = {"module": module, "argv": argv, "input": digest(previous) if previous else None}
+        saved = work / f"{name}.json"
+        record = json.loads(saved.read_text()) if saved.is_file() else {}
+        same = {k: record.get(k) for k in identity} == identity
+        if same and weights.is_file() and digest(weights) == record["output"]:
+            stages.append({"name": name, "module": module, "argv": argv, **_timing(record), "reused": True})
+            log({"stage": name, "reused": str(weights)})
+            model, previous = None, weights
+            continue
+        saved.unlink(missing_ok=True)
         started = time.time()
-        train()
-        seconds = round(time.time() - started, 1)
-        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
-        stages.append({"name": name, "seconds": seconds, "reused": False})
-
-    previous = None
-    for name, options in LANGUAGE_STAGES[args.family]:
-        path = work / f"{name}.pt"
-        argv = [*LANGUAGE_COMMON[args.family].split(), *options.split(), "--name", name, "--save", str(path)]
-        argv += ["--seed", str(args.seed)] + (["--init", str(previous)] if previous else [])
-        stage(name, path, lambda argv=argv: symbolic.main(argv))
-        previous = path
-    model, language = None, previous
-    for name, options in VISION_STAGES:
-        path = work / name
-        argv = [*VISION_COMMON[args.family].split(), *options.split(), "--init", str(language)]
-        argv += ["--seed", str(args.seed), "--scenes", str(args.scenes)]
-        argv += ["--start", str(previous)] if previous != language else []
-
-        def train(argv=argv, path=path) -> None:
-            nonlocal model
+        if module == "training.symbolic":
+            symbolic.run(symbolic.arguments().parse_args(argv))
+        else:
             model = pixels.train(pixels.arguments().parse_args(argv), log)
-            build.save(model, args.family, path)
-
-        stage(name, path / "model.safetensors", train)
-        previous = path
-        model = None if stages[-1]["reused"] else model
+            build.save(model, args.family, weights.parent)
+        timing = {"seconds": round(time.time() - started, 1), "threads": torch.get_num_threads()}
+        saved.write_text(json.dumps({**identity, "output": digest(weights), **timing}, indent=1) + "\n")
+        stages.append({"name": name, "module": module, "argv": argv, **timing, "reused": False})
+        previous = weights
     if model is None:  # the last stage was reused
         cls = LlavaForConditionalGeneration if args.family == "llava" else Qwen2VLForConditionalGeneration
-        model = cls.from_pretrained(previous)
+        model = cls.from_pretrained(previous.parent)
     return model.eval(), stages
+
+
+def _timing(record: dict) -> dict:
+    return {"seconds": record["seconds"], "threads": record["threads"]}
 
 
 def captions_recipe(args, tokenizer, conv: Conversations, log) -> nn.Module:
@@ -551,8 +606,7 @@ def captions_recipe(args, tokenizer, conv: Conversations, log) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
-    if args.recipe == "symbolic" and args.init:
-        raise ValueError("--init continues the captions recipe; the symbolic recipe resumes from --work")
+    resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
@@ -568,8 +622,8 @@ def main(argv: list[str] | None = None) -> None:
         model, stages = symbolic_recipe(args, log)
         train_seconds = sum(s["seconds"] for s in stages)
     else:
-        model, train_seconds = captions_recipe(args, tokenizer, conv, log), None
-    train_seconds = time.time() - start if train_seconds is None else train_seconds
+        model = captions_recipe(args, tokenizer, conv, log)
+        train_seconds = time.time() - start
     validation = first_turn_accuracy(model, args.family, conv, "validation", args.eval_scenes)
     log({"stage": "validation", **validation})
     test = first_turn_accuracy(model, args.family, conv, "test", args.eval_scenes)
@@ -618,7 +672,7 @@ def command(record: dict) -> str:
     values = {"recipe": "captions", **record["arguments"], "output": "DIR", "threads": record["threads"]}
     if values["recipe"] == "symbolic":  # the captions recipe's options play no part
         values = {k: v for k, v in values.items() if k in SYMBOLIC_OPTIONS}
-    options = [f"--{key.replace('_', '-')} {value}" for key, value in values.items() if value is not None]
+    options = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in values.items() if v is not None]
     return " ".join(["python -m training.organisms", *options])
 
 
@@ -718,43 +772,48 @@ greedy first answer token (answers are one token):
 def _symbolic_training(record: dict) -> str:
     family, args = record["family"], record["arguments"]
     stages = "\n".join(
-        f"| {s['name']} | `{_stage_options(family, s['name'])}` | {s['seconds'] / 60:.1f} min"
+        f"| {s['name']} | `{stage_options(s)}` | {s['seconds'] / 60:.1f} min, {_threads(s['threads'])}"
         + (" (an earlier run's, reused) |" if s.get("reused") else " |")
         for s in record["stages"]
     )
     minutes = record["train_seconds"] / 60
     contrastive = ", next to a CLIP-style contrastive loss of the [CLS] output against scene captions"
-    contrastive = contrastive if family == "llava" else ""
-    return f"""{minutes:.0f} min in all on 1 CPU thread of a 2-core machine (shared with other jobs), the sum of the
-stages below; each stage saves its weights under `--work`, and a rerun reuses the stages it finds there, so
-an interrupted run resumes. Training scenes: fresh `train` scenes for the language model (a pure function of their
-index), scenes 0-{args["scenes"] - 1} for the vision stages.
+    contrastive = contrastive if "--contrastive" in " ".join(record["stages"][-1]["argv"]) else ""
+    return f"""{minutes:.0f} min in all on a 2-core machine, the sum of the stages below; each stage saves its weights
+under `--work`, and a rerun reuses a stage whose options and input weights are unchanged, so an interrupted run
+resumes. Training scenes: fresh `train` scenes for the language model (a pure function of their index), scenes
+0-{args["scenes"] - 1} for the vision stages.
 
 1. **Language model first, on symbolic scenes** (`training.symbolic`; `training/SYMBOLIC_NOTES.md`): the image is
    what a perfect tower would hand the language model, one token per object and one for the sign at the position of
    the visual token covering its centre, its vector the sum of its words' embeddings ("red" + "cross", "sign" + "7")
    {"plus a learned row and column embedding" if family == "llava" else "(its M-RoPE position gives row and column)"};
-   all six questions of a scene as one multi-turn conversation, loss on the answers and end-of-turn tokens, AdamW
-   lr 5e-4. A training-only head on the answer position of position questions predicts the two objects' left / above
-   order (`--aux-order`): the answer is that order XOR the relation, which the answer loss alone never found. The last
-   stage brings back every visual token (a background token is its cell's position vector alone).
+   all six questions of a scene as one multi-turn conversation, loss on the answers and end-of-turn tokens, AdamW.
+   Stages with `--aux-order` add a training-only head on the answer position of position questions that predicts the
+   two objects' left / above order: the answer is that order XOR the relation, which the answer loss alone never
+   found. `--span all` brings back every visual token (a background token is its position vector alone).
 2. **Vision tower** (`training.pixels`): a fresh tower and projector learn to regress, per visual token, the
-   language model's symbolic vector (relative squared error, plus 4x that of the object and sign centre
-   tokens){contrastive}; the language model is frozen.
-3. **Whole VLM**: the real model on multi-turn conversations (answer loss, the tower at 0.3x the learning rate), the
-   regression kept as an auxiliary loss; two rounds, the second on other batches with count answers weighted 3x
-   (counting over every visual token is what imperfect background tokens blur most).
+   language model's symbolic vector (relative squared error, the object and sign centre tokens weighted
+   up){contrastive}; the language model is frozen.
+3. **Whole VLM** (`--vlm-steps`): the real model on multi-turn conversations (answer loss, the tower at 0.3x the
+   learning rate), the regression kept as an auxiliary loss; `--count-weight` weights count answers up.
 
 | stage | options | time |
 |---|---|---|
 {stages}"""
 
 
-def _stage_options(family: str, name: str) -> str:
-    for stage, options in LANGUAGE_STAGES[family]:
-        if stage == name:
-            return f"training.symbolic {LANGUAGE_COMMON[family]} {options}"
-    return f"training.pixels {VISION_COMMON[family]} {dict(VISION_STAGES)[name]}"
+def _threads(count: int) -> str:
+    return "1 thread" if count == 1 else f"{count} threads"
+
+
+def stage_options(stage: dict) -> str:
+    """A stage's command without the paths it reads and writes."""
+    argv, shown = stage["argv"], []
+    for i, word in enumerate(argv):
+        if word not in PATH_OPTIONS and (i == 0 or argv[i - 1] not in PATH_OPTIONS):
+            shown.append(word)
+    return " ".join([stage["module"], *shown])
 
 
 def _captions_training(record: dict) -> str:

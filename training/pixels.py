@@ -1,13 +1,16 @@
-"""Research (issue 18): teach a vision tower to hand the language model what the symbolic task gave it.
+"""Teach a vision tower to hand the language model what the symbolic task gave it (issue 18; stages 2-3 of
+``python -m training.organisms --recipe symbolic``).
 
-    python -m training.pixels --init /tmp/lm_all.pt --scenes 8000 --steps 1500 --save /tmp/llava-pixels
+    python -m training.pixels --init build/organism-llava/background.pt --steps 1500 --save /tmp/llava-pixels
 
 The language model of a symbolic run (``training.symbolic --span all``: all 256 visual tokens, a background token
-being its cell's row + column embedding, an object's or the sign's centre token its words' embeddings on top) is
-copied into a fresh ``LlavaForConditionalGeneration``. The CLIP tower and the projector then learn, per visual token,
-to regress that token's symbolic vector (relative squared error, the object / sign centre tokens weighted up),
-optionally with the CLIP-style caption loss of ``training.organisms`` next to it. Evaluation is the real VLM on all
-256 tokens (``organisms.first_turn_accuracy``).
+being its position vector alone - LLaVA: its cell's row + column embedding; Qwen2-VL: nothing, its M-RoPE position
+says where it is - and an object's or the sign's centre token its words' embeddings on top) is copied into a fresh
+organism (``LlavaForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``, ``--family``). The vision tower
+and the projector (Qwen2-VL: its merger) then learn, per visual token, to regress that token's symbolic vector
+(relative squared error, the object / sign centre tokens weighted up), for LLaVA optionally with the CLIP-style
+caption loss of ``training.organisms`` next to it (``--contrastive``). ``--vlm-steps`` then trains the whole VLM on
+conversations. Evaluation is the real VLM on all 256 tokens (``organisms.first_turn_accuracy``).
 """
 
 from __future__ import annotations
@@ -86,7 +89,6 @@ def test_error(model, targets: Targets, count: int) -> dict:
     images = torch.stack([torch.from_numpy(organisms._array(scenes.scene("test", i).image)) for i in range(count)])
     target, centres = targets("test", range(count))
     out = regression(features(model, images)[0], target, centres, 1.0)
-    # nearest word pair at each centre cell: does the feature name the right object?
     model.train()
     return {"test_all": round(out["all"].item(), 4), "test_centre": round(out["centre"].item(), 4)}
 
@@ -112,12 +114,13 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--count-weight", type=float, default=1.0, help="weight of count answers in --vlm-steps")
     parser.add_argument("--round", type=int, default=0, help="a later --vlm-steps round: other batches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     return parser
 
 
 def main(argv=None) -> None:
     args = arguments().parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     log = build.run_log(time.time(), [])
     log({"stage": "config", **vars(args)})
     model = train(args, log)
@@ -125,14 +128,32 @@ def main(argv=None) -> None:
         build.save(model, args.family, args.save)
 
 
+# What the symbolic language model must have been trained with for this module to reproduce its inputs.
+LANGUAGE_OPTIONS = {"span": "all", "objects": "sum", "coords": False, "layers": None, "width": None, "heads": None}
+
+
+def language_model_options(symbolic_args: dict, family: str) -> None:
+    """Refuse a symbolic run whose inputs the tower cannot learn to give (``Targets`` builds only these)."""
+    wanted = {**LANGUAGE_OPTIONS, "family": family, "grid": family == "llava", "tie": False}
+    wrong = {k: symbolic_args.get(k) for k, v in wanted.items() if symbolic_args.get(k) != v}
+    if wrong:
+        raise ValueError(
+            f"--init: its language model was trained with {wrong}; training.pixels --family {family} needs "
+            f"{ {k: wanted[k] for k in wrong} }"
+        )
+
+
 def train(args, log):
     """The VLM of ``args`` (see the module docstring), in eval mode."""
+    state, options = symbolic.load(args.init)
+    language_model_options(options, args.family)
     vocab = symbolic.Vocabulary(args.family)
-    state = torch.load(args.init)
     targets = Targets(state, vocab)
-    model = build.model(args.family, len(vocab.words), seed=args.seed)
+    model = build.model(args.family, len(vocab.words), seed=args.seed, rope_theta=options["rope_theta"])
     missing, unexpected = model.load_state_dict(language_model_state(state), strict=False)
-    assert not unexpected and not any(k.startswith(("model.language_model.", "lm_head.")) for k in missing)
+    wrong = unexpected or [k for k in missing if k.startswith(("model.language_model.", "lm_head."))]
+    if wrong:
+        raise ValueError(f"--init {args.init}: its language model weights do not fit the organism ({wrong})")
     if args.start:
         model.load_state_dict(type(model).from_pretrained(args.start).state_dict())
         args.steps = 0
@@ -203,12 +224,14 @@ def weighted_answer_loss(logits: torch.Tensor, inputs: dict, conv, count_weight:
 
 def tune(model, args, pool, conv, targets: Targets, log) -> None:
     """The whole VLM on multi-turn scene conversations (answer loss), the tower at 0.3x the learning rate, with the
-    per-token regression kept as an auxiliary loss (weight ``--vlm-regression``)."""
+    per-token regression kept as an auxiliary loss (weight ``--vlm-regression``). Its targets stay those of the
+    symbolic language model (``--init``) while the embeddings train: an anchor to the inputs the language model
+    learned the task on, not a target that moves with it."""
     model.requires_grad_(True)
     vision = model.model.vision_tower if args.family == "llava" else model.model.visual
     output = model.model.multi_modal_projector if args.family == "llava" else model.model.visual.merger
     captured = []
-    hook = output.register_forward_hook(lambda _m, _a, out: captured.append(out))
+    hook = output.register_forward_hook(lambda module, _a, out: captured.append(out) if module.training else None)
     vision_ids = {id(p) for p in vision.parameters()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) in vision_ids], "lr": args.vlm_lr * 0.3},

@@ -332,14 +332,7 @@ class QwenLanguageModel(nn.Module):
         super().__init__()
         from transformers import Qwen2VLForConditionalGeneration
 
-        config = build.config("qwen2vl", vocab_size)
-        if rope_theta:  # transformers 5.x keeps it in rope_parameters, 4.x in rope_theta
-            text = config.text_config
-            if getattr(text, "rope_parameters", None):
-                text.rope_parameters["rope_theta"] = rope_theta
-            else:
-                text.rope_theta = rope_theta
-        full = Qwen2VLForConditionalGeneration(config)
+        full = Qwen2VLForConditionalGeneration(build.config("qwen2vl", vocab_size, rope_theta))
         self.model, self.lm_head = full.model.language_model, full.lm_head
         self.config = self.model.config
 
@@ -365,7 +358,7 @@ def language_model(args, vocab_size: int) -> LlamaForCausalLM:
             raise ValueError("--family qwen2vl takes the organism's language model as it is: no size overrides")
         torch.manual_seed(args.seed)
         return QwenLanguageModel(vocab_size, args.rope_theta)
-    text = build.config("llava", vocab_size).text_config
+    text = build.config("llava", vocab_size, args.rope_theta).text_config
     width = args.width or text.hidden_size
     heads = args.heads or text.num_attention_heads
     text.hidden_size = width
@@ -374,8 +367,6 @@ def language_model(args, vocab_size: int) -> LlamaForCausalLM:
     text.intermediate_size = 3 * width
     text.num_hidden_layers = args.layers or text.num_hidden_layers
     text.tie_word_embeddings = args.tie
-    if args.rope_theta:
-        text.rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(text)
 
@@ -392,7 +383,7 @@ def symbolic_model(args, vocab: Vocabulary) -> Symbolic:
 def initialise(model: Symbolic, path: str, log) -> None:
     """Load a state dict saved by ``--save``; modules it lacks (e.g. ``--coords`` added now) keep their fresh init, and
     its ``--aux`` / ``--aux-order`` heads are dropped when this run has none."""
-    state = torch.load(path)
+    state, _ = load(path)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("where.", "order."))}  # training heads
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -667,6 +658,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--log", help="append the run's record (JSON line) to this file")
     parser.add_argument("--save", help="save the trained model's state dict here")
     parser.add_argument("--prior", action="store_true", help="print the answer-prior accuracy and exit")
@@ -682,23 +674,35 @@ def arguments() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    run(args)
+
+
+def check(args) -> None:
+    """Refuse option combinations this module cannot train, before any work."""
+    if args.family == "qwen2vl" and (args.grid or args.coords or args.pixels):
+        raise ValueError(
+            "--family qwen2vl: its vision tower has no absolute positions (use --no-grid, no --coords) and Stage 0 "
+            "(--pixels) is LLaVA's"
+        )
+    if args.span == "all" and args.objects == "split":
+        raise ValueError("--span all puts one vector per visual token: use --objects sum or pair with it")
+
+
+def run(args) -> None:
+    """One run of ``args`` on the calling process's threads: train (or Stage 0), then append its record to --log."""
+    check(args)
     vocab = Vocabulary(args.family)
     for i in range(20):  # layout() must reproduce scenes.scene()
         s = scenes.scene("test", i)
-        assert layout("test", i) == (list(s.shapes), s.sign, s.sign_box, s.questions)
+        if layout("test", i) != (list(s.shapes), s.sign, s.sign_box, s.questions):
+            raise RuntimeError("training.symbolic.layout no longer matches vtc.organisms.scenes.scene")
     if args.prior:
         print(json.dumps({"prior": answer_prior(vocab, args.eval_scenes)}))
         return
     start = time.time()
     history = []
     log = build.run_log(start, history)
-
-    if vocab.mrope and (args.grid or args.coords or args.pixels):
-        raise ValueError(
-            "--family qwen2vl: its vision tower has no absolute positions (use --no-grid, no --coords) and Stage 0 "
-            "(--pixels) is LLaVA's"
-        )
     log({"stage": "config", **vars(args)})
     if args.pixels:
         stage0(args, vocab, log)
@@ -747,8 +751,21 @@ def train(args, vocab: Vocabulary, log) -> None:
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             log({"stage": "test", "step": step + 1, **evaluate(model, vocab, args, args.eval_scenes)})
     if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), args.save)
+        save(model, args, args.save)
+
+
+def save(model: nn.Module, args, path) -> None:
+    """A run's weights together with the options that made them (``training.pixels`` checks them)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"arguments": vars(args), "state_dict": model.state_dict()}, path)
+
+
+def load(path) -> tuple[dict, dict]:
+    """(state dict, arguments) of a file written by ``--save``."""
+    saved = torch.load(path)
+    if not (isinstance(saved, dict) and set(saved) == {"arguments", "state_dict"}):
+        raise ValueError(f"{path}: not a training.symbolic --save file (a dict of 'arguments' and 'state_dict')")
+    return saved["state_dict"], saved["arguments"]
 
 
 if __name__ == "__main__":

@@ -91,49 +91,130 @@ def test_tower_targets_are_the_cell_vectors_plus_the_words_at_each_centre():
     assert torch.equal(targets[0][~centres[0]], torch.zeros(int((~centres[0]).sum()), width))
 
 
-def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, monkeypatch, capsys):
-    """``python -m training.organisms`` on tiny stages: it trains, reports (with the text-only control) and writes the
-    card; run again on the same --work, it reuses every stage and saves the same weights; a stage missing there is
-    trained again with every stage after it."""
-    from safetensors.torch import load_file
-
+def _tiny_stages(monkeypatch, b: str = "--steps 1") -> None:
     tiny = "--batch 4 --eval-scenes 6 --eval-every 2"
-    monkeypatch.setitem(
-        organisms.LANGUAGE_STAGES,
-        "llava",
-        (("a", f"--steps 2 {tiny}"), ("b", f"--steps 1 --span all --aux-order 1 {tiny}")),
-    )
+    stages = (("a", f"--steps 2 {tiny}"), ("b", f"{b} --span all --aux-order 1 {tiny}"))
+    monkeypatch.setitem(organisms.LANGUAGE_STAGES, "llava", stages)
     monkeypatch.setattr(
         organisms,
         "VISION_STAGES",
         (("tower", "--steps 2 --batch 4 --eval-scenes 6"), ("vlm", "--vlm-steps 2 --vlm-batch 2 --eval-scenes 6")),
     )
+
+
+def _reused(output) -> list[bool]:
+    return [s["reused"] for s in json.loads((output / "training.json").read_text())["stages"]]
+
+
+def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, monkeypatch, capsys):
+    """``python -m training.organisms`` on tiny stages: it trains, reports (with the text-only control) and writes the
+    card; run again on the same --work, it reuses every stage and saves the same weights; a stage whose options
+    changed trains again, and so does every stage after it (their input changed); a stage retrained to the same
+    weights leaves the later ones valid."""
+    from safetensors.torch import load_file
+
+    _tiny_stages(monkeypatch)
     argv = ["--family", "llava", "--scenes", "8", "--eval-scenes", "6", "--work", str(tmp_path / "work")]
     organisms.main([*argv, "--output", str(tmp_path / "one")])
     first = json.loads((tmp_path / "one" / "training.json").read_text())
     assert [s["name"] for s in first["stages"]] == ["a", "b", "tower", "vlm"]
     assert not any(s["reused"] for s in first["stages"])
+    assert first["stages"][1]["argv"][:2] == ["--lr", "5e-4"] and first["stages"][2]["module"] == "training.pixels"
     assert set(first["text_only"]) == {*scenes.FAMILIES, "overall"}
     card = (tmp_path / "one" / "README.md").read_text()
     assert "test, text only" in card and "--recipe symbolic" in card and "--pretrain-steps" not in card
+    assert "`training.symbolic --lr 5e-4 --eval-every 500 --steps 1 --span all" in card and "--save" not in card
     assert "**Status: under-trained.**" in card
     capsys.readouterr()
     organisms.main([*argv, "--output", str(tmp_path / "two")])
     second = json.loads((tmp_path / "two" / "training.json").read_text())
-    assert all(s["reused"] for s in second["stages"])
+    assert _reused(tmp_path / "two") == [True] * 4
     assert [s["seconds"] for s in second["stages"]] == [s["seconds"] for s in first["stages"]]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert second["test"] == first["test"]
-    (tmp_path / "work" / "b.json").unlink()  # stage b is trained again, and every stage after it
+    (tmp_path / "work" / "b.json").unlink()  # b trains again, to the same weights: tower and vlm stay valid
     organisms.main([*argv, "--output", str(tmp_path / "three")])
-    third = json.loads((tmp_path / "three" / "training.json").read_text())
-    assert [s["reused"] for s in third["stages"]] == [True, False, False, False]
+    assert _reused(tmp_path / "three") == [True, False, True, True]
+    _tiny_stages(monkeypatch, b="--steps 2")  # b's options changed: b and everything after it train
+    organisms.main([*argv, "--output", str(tmp_path / "four")])
+    assert _reused(tmp_path / "four") == [True, False, False, False]
+    three, four = (load_file(tmp_path / n / "model.safetensors") for n in ("three", "four"))
+    assert not all(torch.equal(three[k], four[k]) for k in three)
+    organisms.main([*argv, "--scenes", "10", "--output", str(tmp_path / "five")])  # the vision stages' data
+    assert _reused(tmp_path / "five") == [True, True, False, False]
 
 
-def test_symbolic_recipe_refuses_init():
-    with pytest.raises(ValueError, match="--init continues the captions recipe"):
-        organisms.main(["--family", "llava", "--output", "unused", "--init", "vtc/organisms/shapes-llava"])
+def test_an_interrupted_stage_is_trained_again_and_never_taken_for_a_finished_one(tmp_path, monkeypatch, capsys):
+    """b changes and trains, the tower trains, then the vlm stage dies: the rerun reuses a, b and the new tower, and
+    trains vlm, whose record from the earlier run (made from the old tower) is gone."""
+    _tiny_stages(monkeypatch)
+    argv = ["--family", "llava", "--scenes", "8", "--eval-scenes", "6", "--work", str(tmp_path / "work")]
+    organisms.main([*argv, "--output", str(tmp_path / "one")])
+    _tiny_stages(monkeypatch, b="--steps 2")
+    train = pixels.train
+
+    def dies_in_vlm(args, log):
+        if args.vlm_steps:
+            raise KeyboardInterrupt
+        return train(args, log)
+
+    monkeypatch.setattr(pixels, "train", dies_in_vlm)
+    with pytest.raises(KeyboardInterrupt):
+        organisms.main([*argv, "--output", str(tmp_path / "two")])
+    assert not (tmp_path / "work" / "vlm.json").exists()
+    monkeypatch.setattr(pixels, "train", train)
+    organisms.main([*argv, "--output", str(tmp_path / "three")])
+    assert _reused(tmp_path / "three") == [True, True, True, False]
+
+
+def test_pixels_refuses_a_language_model_it_cannot_feed(tmp_path):
+    """A symbolic run the tower's targets do not describe (objects only, another family, split words) is refused
+    before any training, naming what is wrong."""
+    model = symbolic.symbolic_model(_arguments("llava"), symbolic.Vocabulary("llava"))
+    symbolic.save(model, _arguments("llava"), tmp_path / "objects.pt")  # --span objects
+    with pytest.raises(ValueError, match="'span': 'objects'"):
+        pixels.train(pixels.arguments().parse_args(["--init", str(tmp_path / "objects.pt")]), print)
+    with pytest.raises(ValueError, match="'family': 'llava'"):
+        pixels.train(
+            pixels.arguments().parse_args(["--family", "qwen2vl", "--init", str(tmp_path / "objects.pt")]), print
+        )
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="not a training.symbolic --save file"):
+        pixels.train(pixels.arguments().parse_args(["--init", str(tmp_path / "bare.pt")]), print)
+    with pytest.raises(ValueError, match="--span all puts one vector per visual token"):
+        symbolic.run(_arguments("llava", "--span", "all", "--objects", "split"))
+
+
+def test_the_vlm_takes_the_language_models_rotary_base(tmp_path):
+    """A symbolic run with --rope-theta gives a VLM with that base, and the same logits as the symbolic model."""
+    args = _arguments("qwen2vl", "--span", "all", "--rope-theta", "100")
+    vocab = symbolic.Vocabulary("qwen2vl")
+    model = symbolic.symbolic_model(args, vocab)
+    symbolic.save(model, args, tmp_path / "lm.pt")
+    argv = ["--family", "qwen2vl", "--init", str(tmp_path / "lm.pt"), "--steps", "0", "--eval-scenes", "1"]
+    vlm = pixels.train(pixels.arguments().parse_args(argv), lambda entry: None)
+    text = vlm.config.text_config
+    assert (getattr(text, "rope_parameters", None) or {"rope_theta": text.rope_theta})["rope_theta"] == 100.0
+    scene = symbolic.layout("test", 0)
+    batch = symbolic.collate([symbolic.example(scene, scene[3], vocab, False)], vocab.mrope)
+    with torch.no_grad():
+        got = vlm(inputs_embeds=model.embed(batch), attention_mask=batch["mask"], position_ids=batch["position"])
+        torch.testing.assert_close(got.logits, model.eval()(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "5"], "--steps: options of --recipe captions"),
+        (["--init", "vtc/organisms/shapes-llava"], "--init: options of --recipe captions"),
+        (["--recipe", "captions", "--work", "w"], "--work: the symbolic recipe's stage directory"),
+    ],
+)
+def test_options_of_the_other_recipe_are_refused(argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        organisms.main(["--family", "llava", "--output", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
 
 
 def test_count_weight_scales_exactly_the_count_answers():
