@@ -778,6 +778,9 @@ def _symbolic_training(record: dict) -> str:
     )
     minutes = record["train_seconds"] / 60
     contrastive = ", next to a CLIP-style contrastive loss of the [CLS] output against scene captions"
+    background = "a background token is its cell's row + column embedding alone"
+    if family == "qwen2vl":
+        background = "a background token is a zero vector at its M-RoPE position"
     contrastive = contrastive if "--contrastive" in " ".join(record["stages"][-1]["argv"]) else ""
     return f"""{minutes:.0f} min in all on a 2-core machine, the sum of the stages below; each stage saves its weights
 under `--work`, and a rerun reuses a stage whose options and input weights are unchanged, so an interrupted run
@@ -791,7 +794,7 @@ resumes. Training scenes: fresh `train` scenes for the language model (a pure fu
    all six questions of a scene as one multi-turn conversation, loss on the answers and end-of-turn tokens, AdamW.
    Stages with `--aux-order` add a training-only head on the answer position of position questions that predicts the
    two objects' left / above order: the answer is that order XOR the relation, which the answer loss alone never
-   found. `--span all` brings back every visual token (a background token is its position vector alone).
+   found. `--span all` brings back every visual token ({background}).
 2. **Vision tower** (`training.pixels`): a fresh tower and projector learn to regress, per visual token, the
    language model's symbolic vector (relative squared error, the object and sign centre tokens weighted
    up){contrastive}; the language model is frozen.

@@ -46,6 +46,34 @@ def test_a_symbolic_prompt_with_every_visual_token_is_the_real_prompt_with_its_p
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_a_symbolic_conversation_is_the_real_training_conversation(family):
+    """All six turns, in the order Conversations.example draws: the same tokens outside the image span, the same
+    labels (answers and end-of-turn tokens), and for Qwen the model's own M-RoPE positions."""
+    import random
+
+    vocab = symbolic.Vocabulary(family)
+    conv = organisms.Conversations(family, vocab.tokenizer)
+    scene = symbolic.layout("train", 7)
+    ids, labels = conv.example(scene[3], random.Random(5))
+    order = list(scene[3])
+    random.Random(5).shuffle(order)
+    sym = symbolic.collate(
+        [symbolic._all_tokens(symbolic.example(scene, order, vocab, False, True), vocab)], vocab.mrope
+    )
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    assert sym["first"].shape == ids.shape
+    image = ids == conv.image_id
+    assert int(image.sum()) == 256
+    assert torch.equal(sym["first"][~image], ids[~image])
+    assert torch.equal(sym["target"][0, :-1], labels[0, 1:])  # the symbolic target is the next token's label
+    if family == "qwen2vl":
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **organisms._mm_types(conv, ids)}
+        model = build.model(family, len(vocab.words))
+        real, _ = model.model.get_rope_index(image_grid_thw=torch.tensor([[1, 32, 32]]), **inputs)
+        assert torch.equal(sym["position"], real)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_the_symbolic_language_model_moves_into_the_vlm_unchanged(family):
     """The VLM fed the symbolic vectors as input embeddings, at the same positions, gives the symbolic logits."""
     vocab = symbolic.Vocabulary(family)
@@ -217,18 +245,19 @@ def test_options_of_the_other_recipe_are_refused(argv, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_count_weight_scales_exactly_the_count_answers():
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_count_weight_scales_exactly_the_count_answers(family):
     """weighted_answer_loss at weight 1 is the model's own loss; at weight w it is the same per-token losses with each
     count answer and its end-of-turn token counted w times."""
     import random
 
-    tok = build.tokenizer("llava")
-    conv = organisms.Conversations("llava", tok)
+    tok = build.tokenizer(family)
+    conv = organisms.Conversations(family, tok)
     chosen = [scenes.scene("train", i) for i in range(3)]
     examples = [conv.example(s.questions, random.Random(i)) for i, s in enumerate(chosen)]
     images = torch.stack([torch.from_numpy(organisms._array(s.image)) for s in chosen])
-    inputs = organisms.batch_inputs("llava", conv, images, examples)
-    model = build.model("llava", len(tok)).eval()
+    inputs = organisms.batch_inputs(family, conv, images, examples)
+    model = build.model(family, len(tok)).eval()
     with torch.no_grad():
         out = model(**inputs)
     torch.testing.assert_close(pixels.weighted_answer_loss(out.logits, inputs, conv, 1.0), out.loss)
