@@ -516,11 +516,19 @@ LANGUAGE_COMMON = {
 }
 # Then training.pixels: the tower learns to regress the language model's symbolic vectors, then the whole VLM trains.
 # Each from the previous stage's VLM (--start), the tower stage from the language model alone.
-VISION_STAGES = (
-    ("tower", "--steps 1500 --eval-every 500"),
-    ("vlm", "--vlm-steps 600 --eval-every 150"),
-    ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1 --count-weight 3"),
-)
+VISION_STAGES = {
+    "llava": (
+        ("tower", "--steps 1500 --eval-every 500"),
+        ("vlm", "--vlm-steps 600 --eval-every 150"),
+        ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1 --count-weight 3"),
+    ),
+    # Half LLaVA's batches: the Qwen2-VL tower attends over 1024 patches per scene, 3.5x LLaVA's time per scene.
+    "qwen2vl": (
+        ("tower", "--steps 1500 --batch 16 --eval-every 500"),
+        ("vlm", "--vlm-steps 600 --vlm-batch 16 --eval-every 150"),
+        ("vlm-2", "--vlm-steps 600 --vlm-batch 16 --eval-every 150 --round 1 --count-weight 3"),
+    ),
+}
 VISION_COMMON = {"llava": "--contrastive 1 --eval-scenes 100", "qwen2vl": "--family qwen2vl --eval-scenes 100"}
 PATH_OPTIONS = ("--name", "--save", "--init", "--start")  # where a stage reads and writes, not how it trains
 
@@ -535,7 +543,7 @@ def stage_commands(family: str, work: Path, seed: int, scene_count: int) -> list
         out.append((name, "training.symbolic", argv, weights))
         previous = weights
     language = previous
-    for name, options in VISION_STAGES:
+    for name, options in VISION_STAGES[family]:
         argv = [*VISION_COMMON[family].split(), *options.split(), "--seed", str(seed), "--scenes", str(scene_count)]
         argv += ["--init", str(language)] + (["--start", str(previous.parent)] if previous != language else [])
         weights = work / name / "model.safetensors"

@@ -123,11 +123,8 @@ def _tiny_stages(monkeypatch, b: str = "--steps 1") -> None:
     tiny = "--batch 4 --eval-scenes 6 --eval-every 2"
     stages = (("a", f"--steps 2 {tiny}"), ("b", f"{b} --span all --aux-order 1 {tiny}"))
     monkeypatch.setitem(organisms.LANGUAGE_STAGES, "llava", stages)
-    monkeypatch.setattr(
-        organisms,
-        "VISION_STAGES",
-        (("tower", "--steps 2 --batch 4 --eval-scenes 6"), ("vlm", "--vlm-steps 2 --vlm-batch 2 --eval-scenes 6")),
-    )
+    vision = (("tower", "--steps 2 --batch 4 --eval-scenes 6"), ("vlm", "--vlm-steps 2 --vlm-batch 2 --eval-scenes 6"))
+    monkeypatch.setitem(organisms.VISION_STAGES, "llava", vision)
 
 
 def _reused(output) -> list[bool]:
