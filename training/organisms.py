@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import shlex
 import time
@@ -533,6 +534,11 @@ VISION_COMMON = {"llava": "--contrastive 1 --eval-scenes 100", "qwen2vl": "--fam
 PATH_OPTIONS = ("--name", "--save", "--init", "--start")  # where a stage reads and writes, not how it trains
 
 
+def without_paths(argv: list[str]) -> list[str]:
+    """A stage's argv less PATH_OPTIONS and their values: what it does, not where (its input's digest covers that)."""
+    return [w for i, w in enumerate(argv) if w not in PATH_OPTIONS and (i == 0 or argv[i - 1] not in PATH_OPTIONS)]
+
+
 def stage_commands(family: str, work: Path, seed: int, scene_count: int) -> list[tuple[str, str, list[str], Path]]:
     """(name, module, argv, weights file) of each stage of the symbolic recipe, in order."""
     out, previous = [], None
@@ -569,9 +575,9 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
     work.mkdir(parents=True, exist_ok=True)
     stages, model, previous = [], None, None
     for name, module, argv, weights in stage_commands(args.family, work, args.seed, args.scenes):
-        identity = {"module": module, "argv": argv, "input": digest(previous) if previous else None}
+        identity = {"module": module, "options": without_paths(argv), "input": digest(previous) if previous else None}
         saved = work / f"{name}.json"
-        record = json.loads(saved.read_text()) if saved.is_file() else {}
+        record = _read_record(saved)
         same = {k: record.get(k) for k in identity} == identity
         if same and weights.is_file() and digest(weights) == record["output"]:
             stages.append({"name": name, "module": module, "argv": argv, **_timing(record), "reused": True})
@@ -586,13 +592,24 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
             model = pixels.train(pixels.arguments().parse_args(argv), log)
             build.save(model, args.family, weights.parent)
         timing = {"seconds": round(time.time() - started, 1), "threads": torch.get_num_threads()}
-        saved.write_text(json.dumps({**identity, "output": digest(weights), **timing}, indent=1) + "\n")
+        record = {**identity, "argv": argv, "output": digest(weights), **timing}
+        partial = saved.with_suffix(".json.partial")
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(partial, saved)
         stages.append({"name": name, "module": module, "argv": argv, **timing, "reused": False})
         previous = weights
     if model is None:  # the last stage was reused
         cls = LlavaForConditionalGeneration if args.family == "llava" else Qwen2VLForConditionalGeneration
         model = cls.from_pretrained(previous.parent)
     return model.eval(), stages
+
+
+def _read_record(path: Path) -> dict:
+    """A stage's record; an absent or unreadable one is no record (the stage trains again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _timing(record: dict) -> dict:
@@ -820,11 +837,7 @@ def _threads(count: int) -> str:
 
 def stage_options(stage: dict) -> str:
     """A stage's command without the paths it reads and writes."""
-    argv, shown = stage["argv"], []
-    for i, word in enumerate(argv):
-        if word not in PATH_OPTIONS and (i == 0 or argv[i - 1] not in PATH_OPTIONS):
-            shown.append(word)
-    return " ".join([stage["module"], *shown])
+    return " ".join([stage["module"], *without_paths(stage["argv"])])
 
 
 def _captions_training(record: dict) -> str:

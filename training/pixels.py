@@ -135,6 +135,8 @@ LANGUAGE_OPTIONS = {"span": "all", "objects": "sum", "coords": False, "layers": 
 def language_model_options(symbolic_args: dict, family: str) -> None:
     """Refuse a symbolic run whose inputs the tower cannot learn to give (``Targets`` builds only these)."""
     wanted = {**LANGUAGE_OPTIONS, "family": family, "grid": family == "llava", "tie": False}
+    if family == "llava":  # build.save writes a rotary base 4.57 reads for Qwen2-VL only; LLaVA keeps Llama's
+        wanted["rope_theta"] = None
     wrong = {k: symbolic_args.get(k) for k, v in wanted.items() if symbolic_args.get(k) != v}
     if wrong:
         raise ValueError(

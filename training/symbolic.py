@@ -642,7 +642,12 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--tie", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--rope-theta", type=float, default=None)
+    parser.add_argument(
+        "--rope-theta",
+        type=float,
+        default=None,
+        help="rotary base (default: the family's; training.pixels takes Qwen2-VL's along, and refuses one on LLaVA)",
+    )
     parser.add_argument("--families", default=",".join(scenes.FAMILIES), help="families trained on")
     parser.add_argument("--first", default="", help="families trained on alone for the first --first-steps")
     parser.add_argument("--first-steps", type=int, default=0)

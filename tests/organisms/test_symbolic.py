@@ -4,9 +4,12 @@ VLM unchanged, the tower's regression targets, and ``python -m training.organism
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import Qwen2VLForConditionalGeneration
 
 from training import build, organisms, pixels, symbolic
 from vtc.organisms import scenes
@@ -158,6 +161,12 @@ def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, mo
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert second["test"] == first["test"]
+    shutil.copytree(tmp_path / "work", tmp_path / "moved")  # paths are not options: a moved --work still resumes
+    organisms.main([*argv[:-1], str(tmp_path / "moved"), "--output", str(tmp_path / "moved-out")])
+    assert _reused(tmp_path / "moved-out") == [True] * 4
+    (tmp_path / "moved" / "tower.json").write_text('{"module": "training.pix')  # a record cut short: no record
+    organisms.main([*argv[:-1], str(tmp_path / "moved"), "--output", str(tmp_path / "moved-out")])
+    assert _reused(tmp_path / "moved-out") == [True, True, False, True]  # the same tower again: vlm stays valid
     (tmp_path / "work" / "b.json").unlink()  # b trains again, to the same weights: tower and vlm stay valid
     organisms.main([*argv, "--output", str(tmp_path / "three")])
     assert _reused(tmp_path / "three") == [True, False, True, True]
@@ -171,24 +180,25 @@ def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, mo
 
 
 def test_an_interrupted_stage_is_trained_again_and_never_taken_for_a_finished_one(tmp_path, monkeypatch, capsys):
-    """b changes and trains, the tower trains, then the vlm stage dies: the rerun reuses a, b and the new tower, and
-    trains vlm, whose record from the earlier run (made from the old tower) is gone."""
+    """b changes and trains, the tower trains, then the run dies once the vlm stage's weights are written but before
+    its record is: the rerun reuses a, b and the new tower, and trains vlm again (its record from the earlier run,
+    made from the old tower, is gone, and its new weights alone do not count as a finished stage)."""
     _tiny_stages(monkeypatch)
     argv = ["--family", "llava", "--scenes", "8", "--eval-scenes", "6", "--work", str(tmp_path / "work")]
     organisms.main([*argv, "--output", str(tmp_path / "one")])
     _tiny_stages(monkeypatch, b="--steps 2")
-    train = pixels.train
+    save = build.save
 
-    def dies_in_vlm(args, log):
-        if args.vlm_steps:
+    def dies_after_saving_vlm(model, family, directory):
+        save(model, family, directory)
+        if Path(directory).name == "vlm":
             raise KeyboardInterrupt
-        return train(args, log)
 
-    monkeypatch.setattr(pixels, "train", dies_in_vlm)
+    monkeypatch.setattr(build, "save", dies_after_saving_vlm)
     with pytest.raises(KeyboardInterrupt):
         organisms.main([*argv, "--output", str(tmp_path / "two")])
-    assert not (tmp_path / "work" / "vlm.json").exists()
-    monkeypatch.setattr(pixels, "train", train)
+    assert (tmp_path / "work" / "vlm" / "model.safetensors").is_file() and not (tmp_path / "work" / "vlm.json").exists()
+    monkeypatch.setattr(build, "save", save)
     organisms.main([*argv, "--output", str(tmp_path / "three")])
     assert _reused(tmp_path / "three") == [True, True, True, False]
 
@@ -204,6 +214,10 @@ def test_pixels_refuses_a_language_model_it_cannot_feed(tmp_path):
         pixels.train(
             pixels.arguments().parse_args(["--family", "qwen2vl", "--init", str(tmp_path / "objects.pt")]), print
         )
+    args = _arguments("llava", "--span", "all", "--rope-theta", "100")
+    symbolic.save(symbolic.symbolic_model(args, symbolic.Vocabulary("llava")), args, tmp_path / "theta.pt")
+    with pytest.raises(ValueError, match="'rope_theta': 100.0"):
+        pixels.train(pixels.arguments().parse_args(["--init", str(tmp_path / "theta.pt")]), print)
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="not a training.symbolic --save file"):
         pixels.train(pixels.arguments().parse_args(["--init", str(tmp_path / "bare.pt")]), print)
@@ -212,20 +226,23 @@ def test_pixels_refuses_a_language_model_it_cannot_feed(tmp_path):
 
 
 def test_the_vlm_takes_the_language_models_rotary_base(tmp_path):
-    """A symbolic run with --rope-theta gives a VLM with that base, and the same logits as the symbolic model."""
+    """A symbolic run with --rope-theta gives a VLM with that base, and the same logits as the symbolic model; the
+    saved organism loads back with it (both transformers versions)."""
     args = _arguments("qwen2vl", "--span", "all", "--rope-theta", "100")
     vocab = symbolic.Vocabulary("qwen2vl")
     model = symbolic.symbolic_model(args, vocab)
     symbolic.save(model, args, tmp_path / "lm.pt")
     argv = ["--family", "qwen2vl", "--init", str(tmp_path / "lm.pt"), "--steps", "0", "--eval-scenes", "1"]
     vlm = pixels.train(pixels.arguments().parse_args(argv), lambda entry: None)
-    text = vlm.config.text_config
-    assert (getattr(text, "rope_parameters", None) or {"rope_theta": text.rope_theta})["rope_theta"] == 100.0
+    build.save(vlm, "qwen2vl", tmp_path / "vlm")
     scene = symbolic.layout("test", 0)
     batch = symbolic.collate([symbolic.example(scene, scene[3], vocab, False)], vocab.mrope)
-    with torch.no_grad():
-        got = vlm(inputs_embeds=model.embed(batch), attention_mask=batch["mask"], position_ids=batch["position"])
-        torch.testing.assert_close(got.logits, model.eval()(batch), rtol=1e-5, atol=1e-5)
+    for loaded in (vlm, Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "vlm").eval()):
+        text = loaded.config.text_config
+        assert (getattr(text, "rope_parameters", None) or {"rope_theta": text.rope_theta})["rope_theta"] == 100.0
+        with torch.no_grad():
+            got = loaded(inputs_embeds=model.embed(batch), attention_mask=batch["mask"], position_ids=batch["position"])
+            torch.testing.assert_close(got.logits, model.eval()(batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
