@@ -446,7 +446,8 @@ def arguments() -> argparse.ArgumentParser:
     symbolic.add_argument(
         "--work",
         help="where each stage's weights go (default build/organism-FAMILY); a rerun reuses a stage found there when "
-        "its options and its input weights are the same, so an interrupted run resumes",
+        "its options and its input weights are the same, so an interrupted run resumes (after a change to the "
+        "training code or its defaults, use an empty one)",
     )
     captions = parser.add_argument_group("captions recipe (defaults in brackets)")
     for option, kind, text in CAPTIONS_OPTIONS:
@@ -568,13 +569,16 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
     Each stage's weights go to ``--work`` with NAME.json: its module, argv, the digest of the weights it started from
     and of those it wrote, its time and threads. A rerun reuses a stage whose record matches what it would run now,
     from the same input weights, and whose weights are the ones recorded; any other stage trains (its old record is
-    removed first, so an interrupted stage is never taken for a finished one)."""
+    removed first, so an interrupted stage is never taken for a finished one). The record knows the options, not the
+    code: after changing training code or a default, start from an empty --work."""
     from training import pixels, symbolic
 
     work = Path(args.work or f"build/organism-{args.family}")
+    commands = stage_commands(args.family, work, args.seed, args.scenes)
+    preflight(commands, args.family)
     work.mkdir(parents=True, exist_ok=True)
     stages, model, previous = [], None, None
-    for name, module, argv, weights in stage_commands(args.family, work, args.seed, args.scenes):
+    for name, module, argv, weights in commands:
         identity = {"module": module, "options": without_paths(argv), "input": digest(previous) if previous else None}
         saved = work / f"{name}.json"
         record = _read_record(saved)
@@ -602,6 +606,24 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
         cls = LlavaForConditionalGeneration if args.family == "llava" else Qwen2VLForConditionalGeneration
         model = cls.from_pretrained(previous.parent)
     return model.eval(), stages
+
+
+def preflight(commands, family: str) -> None:
+    """Refuse stages that would fail later, before the first one trains: each language stage's options, one model
+    through them all, and a last one training.pixels can feed."""
+    from training import pixels, symbolic
+
+    language = {n: symbolic.arguments().parse_args(a) for n, module, a, _ in commands if module == "training.symbolic"}
+    first, last = next(iter(language.values())), list(language.values())[-1]
+    for name, args in language.items():
+        symbolic.check(argparse.Namespace(**{**vars(args), "init": None}))  # the input is not trained yet
+        changed = [k for k in symbolic.MODEL_OPTIONS if getattr(args, k) != getattr(first, k)]
+        if changed:
+            raise ValueError(f"stage {name}: its {changed} differ from the first language stage's (one model)")
+    pixels.language_model_options(vars(last), family)
+    for _, module, argv, _ in commands:
+        if module == "training.pixels":
+            pixels.arguments().parse_args(argv)
 
 
 def _read_record(path: Path) -> dict:
@@ -634,8 +656,6 @@ def main(argv: list[str] | None = None) -> None:
     resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     start = time.time()
     history = []
     log = build.run_log(start, history)
@@ -655,6 +675,8 @@ def main(argv: list[str] | None = None) -> None:
     log({"stage": "test", **test})
     text_only = first_turn_accuracy(model, args.family, conv, "test", args.eval_scenes, image=False)
     log({"stage": "text-only", **text_only})
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
     build.save(model, args.family, output)
     record = {
         "family": args.family,
@@ -662,6 +684,7 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
         "stages": stages,
         "validation": validation,
         "test": test,
@@ -794,6 +817,10 @@ greedy first answer token (answers are one token):
 {status}"""
 
 
+def _machine(record: dict) -> str:
+    return f"a {record['cores']}-core machine" if "cores" in record else "the build machine"
+
+
 def _symbolic_training(record: dict) -> str:
     family, args = record["family"], record["arguments"]
     stages = "\n".join(
@@ -806,8 +833,11 @@ def _symbolic_training(record: dict) -> str:
     background = "a background token is its cell's row + column embedding alone"
     if family == "qwen2vl":
         background = "a background token is a zero vector at its M-RoPE position"
-    contrastive = contrastive if "--contrastive" in " ".join(record["stages"][-1]["argv"]) else ""
-    return f"""{minutes:.0f} min in all on a 2-core machine, the sum of the stages below; each stage saves its weights
+    from training import pixels
+
+    tower = next(s for s in record["stages"] if s["module"] == "training.pixels")
+    contrastive = contrastive if pixels.arguments().parse_args(tower["argv"]).contrastive > 0 else ""
+    return f"""{minutes:.0f} min in all on {_machine(record)}, the sum of the stages below; each stage saves its weights
 under `--work`, and a rerun reuses a stage whose options and input weights are unchanged, so an interrupted run
 resumes. Training scenes: fresh `train` scenes for the language model (a pure function of their index), scenes
 0-{args["scenes"] - 1} for the vision stages.
@@ -845,7 +875,7 @@ def _captions_training(record: dict) -> str:
     tower = "[CLS] output (CLIP's post-layernorm [CLS])" if family == "llava" else "attention-pooled merged tokens"
     continued = f" It continued from an earlier run's weights (`--init {args['init']}`)." if args.get("init") else ""
     minutes = record["train_seconds"] / 60
-    return f"""{minutes:.0f} min on {record["threads"]} CPU thread(s) of a 2-core machine.{continued}
+    return f"""{minutes:.0f} min on {record["threads"]} CPU thread(s) of {_machine(record)}.{continued}
 Training used scenes 0-{args["scenes"] - 1} of `train`.
 
 1. **Vision pretraining (CLIP-style):** the tower's {tower} against a 2-layer caption encoder, symmetric

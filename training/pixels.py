@@ -96,7 +96,7 @@ def test_error(model, targets: Targets, count: int) -> dict:
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.pixels", description=__doc__)
     parser.add_argument("--family", choices=build.FAMILIES, default="llava")
-    parser.add_argument("--init", required=True, help="a training.symbolic --save state dict (--span all)")
+    parser.add_argument("--init", required=True, help="a training.symbolic --save file (--span all)")
     parser.add_argument("--scenes", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)

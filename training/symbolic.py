@@ -381,8 +381,9 @@ def symbolic_model(args, vocab: Vocabulary) -> Symbolic:
 
 
 def initialise(model: Symbolic, path: str, log) -> None:
-    """Load a state dict saved by ``--save``; modules it lacks (e.g. ``--coords`` added now) keep their fresh init, and
-    its ``--aux`` / ``--aux-order`` heads are dropped when this run has none."""
+    """Load the weights of a ``--save`` file (``check`` has matched its model options); modules it lacks (e.g.
+    ``--coords`` added now) keep their fresh init, and its ``--aux`` / ``--aux-order`` heads are dropped when this run
+    has none."""
     state, _ = load(path)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("where.", "order."))}  # training heads
@@ -665,10 +666,10 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--log", help="append the run's record (JSON line) to this file")
-    parser.add_argument("--save", help="save the trained model's state dict here")
+    parser.add_argument("--save", help="save the trained model's weights and this run's options here")
     parser.add_argument("--prior", action="store_true", help="print the answer-prior accuracy and exit")
     parser.add_argument("--pixels", type=int, default=0, help="Stage 0: continue on N cached train scenes' features")
-    parser.add_argument("--init", help="start from a state dict saved by --save")
+    parser.add_argument("--init", help="start from a model saved by --save (the same MODEL_OPTIONS)")
     parser.add_argument("--keep", choices=("objects", "all"), default="objects")
     parser.add_argument("--freeze-projector", action="store_true")
     parser.add_argument("--reset-projector", action="store_true", help="re-initialise the projector")
@@ -692,6 +693,18 @@ def check(args) -> None:
         )
     if args.span == "all" and args.objects == "split":
         raise ValueError("--span all puts one vector per visual token: use --objects sum or pair with it")
+    if args.init:
+        _, saved = load(args.init)
+        wrong = {k: saved.get(k) for k in MODEL_OPTIONS if saved.get(k) != getattr(args, k)}
+        if wrong:
+            raise ValueError(
+                f"--init {args.init}: its model was trained with {wrong}, this run asks for "
+                f"{ {k: getattr(args, k) for k in wrong} }; a continued run keeps the model's "
+                f"{', '.join(MODEL_OPTIONS)}"
+            )
+
+
+MODEL_OPTIONS = ("family", "grid", "layers", "width", "heads", "tie", "rope_theta")  # the model, not its training
 
 
 def run(args) -> None:

@@ -122,9 +122,9 @@ def test_tower_targets_are_the_cell_vectors_plus_the_words_at_each_centre():
     assert torch.equal(targets[0][~centres[0]], torch.zeros(int((~centres[0]).sum()), width))
 
 
-def _tiny_stages(monkeypatch, b: str = "--steps 1") -> None:
+def _tiny_stages(monkeypatch, b: str = "--steps 1 --span all") -> None:
     tiny = "--batch 4 --eval-scenes 6 --eval-every 2"
-    stages = (("a", f"--steps 2 {tiny}"), ("b", f"{b} --span all --aux-order 1 {tiny}"))
+    stages = (("a", f"--steps 2 {tiny}"), ("b", f"{b} --aux-order 1 {tiny}"))
     monkeypatch.setitem(organisms.LANGUAGE_STAGES, "llava", stages)
     vision = (("tower", "--steps 2 --batch 4 --eval-scenes 6"), ("vlm", "--vlm-steps 2 --vlm-batch 2 --eval-scenes 6"))
     monkeypatch.setitem(organisms.VISION_STAGES, "llava", vision)
@@ -170,7 +170,7 @@ def test_training_command_trains_every_stage_then_resumes_from_them(tmp_path, mo
     (tmp_path / "work" / "b.json").unlink()  # b trains again, to the same weights: tower and vlm stay valid
     organisms.main([*argv, "--output", str(tmp_path / "three")])
     assert _reused(tmp_path / "three") == [True, False, True, True]
-    _tiny_stages(monkeypatch, b="--steps 2")  # b's options changed: b and everything after it train
+    _tiny_stages(monkeypatch, b="--steps 2 --span all")  # b's options changed: b and everything after it train
     organisms.main([*argv, "--output", str(tmp_path / "four")])
     assert _reused(tmp_path / "four") == [True, False, False, False]
     three, four = (load_file(tmp_path / n / "model.safetensors") for n in ("three", "four"))
@@ -186,7 +186,7 @@ def test_an_interrupted_stage_is_trained_again_and_never_taken_for_a_finished_on
     _tiny_stages(monkeypatch)
     argv = ["--family", "llava", "--scenes", "8", "--eval-scenes", "6", "--work", str(tmp_path / "work")]
     organisms.main([*argv, "--output", str(tmp_path / "one")])
-    _tiny_stages(monkeypatch, b="--steps 2")
+    _tiny_stages(monkeypatch, b="--steps 2 --span all")
     save = build.save
 
     def dies_after_saving_vlm(model, family, directory):
@@ -201,6 +201,38 @@ def test_an_interrupted_stage_is_trained_again_and_never_taken_for_a_finished_on
     monkeypatch.setattr(build, "save", save)
     organisms.main([*argv, "--output", str(tmp_path / "three")])
     assert _reused(tmp_path / "three") == [True, True, True, False]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_the_shipped_stages_pass_the_preflight(family):
+    organisms.preflight(organisms.stage_commands(family, Path("work"), 0, 16000), family)
+
+
+@pytest.mark.parametrize(
+    "b, message",
+    [
+        ("--steps 1 --span objects", "'span': 'objects'"),  # the tower's targets need every visual token
+        ("--steps 1 --span all --rope-theta 100", "stage b: its \\['rope_theta'\\] differ"),
+        ("--steps 1 --span all --objects split", "--span all puts one vector per visual token"),
+    ],
+)
+def test_the_recipe_refuses_stages_that_would_fail_before_any_trains(b, message, tmp_path, monkeypatch):
+    _tiny_stages(monkeypatch, b=b)
+    argv = ["--family", "llava", "--scenes", "8", "--work", str(tmp_path / "work"), "--output", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=message):
+        organisms.main(argv)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_continued_run_keeps_its_models_options(tmp_path):
+    """--init from a run with another rotary base (or grid, size, family) is refused before training."""
+    args = _arguments("qwen2vl", "--rope-theta", "100")
+    symbolic.save(symbolic.symbolic_model(args, symbolic.Vocabulary("qwen2vl")), args, tmp_path / "lm.pt")
+    symbolic.check(_arguments("qwen2vl", "--rope-theta", "100", "--init", str(tmp_path / "lm.pt")))
+    with pytest.raises(
+        ValueError, match=r"trained with \{'rope_theta': 100.0\}, this run asks for \{'rope_theta': 10.0\}"
+    ):
+        symbolic.run(_arguments("qwen2vl", "--rope-theta", "10", "--init", str(tmp_path / "lm.pt")))
 
 
 def test_pixels_refuses_a_language_model_it_cannot_feed(tmp_path):
