@@ -712,6 +712,15 @@ ARCHITECTURE = {
 }
 
 
+def _rotary_base(record: dict) -> str:
+    """The language model's rotary base when a symbolic stage set one (the family's default otherwise)."""
+    from training import symbolic
+
+    stages = [s for s in record.get("stages", []) if s["module"] == "training.symbolic"]
+    base = symbolic.arguments().parse_args(stages[-1]["argv"]).rope_theta if stages else None
+    return f", rotary base {base:g}" if base else ""
+
+
 SYMBOLIC_OPTIONS = ("family", "output", "recipe", "work", "scenes", "eval_scenes", "threads", "seed")
 
 
@@ -759,7 +768,7 @@ def model_card(record: dict) -> str:
 A small vision-language model trained by the vtc project on synthetic scenes, shipped so that vtc's accuracy
 measurements run offline. Not a general-purpose VLM: it knows only the scenes of `vtc.organisms.scenes`.
 
-- **Architecture:** {ARCHITECTURE[family]}.
+- **Architecture:** {ARCHITECTURE[family]}{_rotary_base(record)}.
 - **Parameters:** {record["parameters"]:,} ({record["parameters"] * 4 / 2**20:.1f} MiB in float32).
 - **Visual tokens:** 256 per 128 x 128 image.
 - **Vocabulary:** {len(scenes.vocabulary())} scene words plus the prompt and special tokens (word-level tokenizer).

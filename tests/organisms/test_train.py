@@ -177,3 +177,14 @@ def test_a_record_without_a_recipe_was_trained_by_the_captions_recipe():
     assert "--recipe captions" in command
     again = vars(train.arguments().parse_args(command.split()[3:]))
     assert again["recipe"] == "captions" and again["steps"] == 1200
+
+
+def test_the_card_names_the_rotary_base_the_language_stages_set():
+    """Qwen2-VL's symbolic stages train at rotary base 100, not the config's 1e6: the card's architecture says so."""
+    from pathlib import Path
+
+    def stages(family):
+        return [{"module": m, "argv": a} for _, m, a, _ in train.stage_commands(family, Path("w"), 0, 10)]
+
+    assert train._rotary_base({"stages": stages("qwen2vl")}) == ", rotary base 100"
+    assert train._rotary_base({"stages": stages("llava")}) == "" == train._rotary_base({})
