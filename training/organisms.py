@@ -1,12 +1,13 @@
 """Train a shapes organism, then report its accuracy and write its model card.
 
     python -m training.organisms --family llava --output vtc/organisms/shapes-llava --threads 1
-    python -m training.organisms --family qwen2vl --output vtc/organisms/shapes-qwen2vl --recipe captions
+    python -m training.organisms --family qwen2vl --output vtc/organisms/shapes-qwen2vl --threads 2
     python -m training.record_check vtc/organisms/shapes-llava   # then record the accuracy check the tests recompute
+    python -m training.record_check vtc/organisms/shapes-qwen2vl
 
 Run from the repository root: training is not part of the vtc distribution.
 
---recipe symbolic (the default; shapes-llava's): the language model learns the task first, then a vision tower learns
+--recipe symbolic (the default; both organisms'): the language model learns the task first, then a vision tower learns
 to feed it. Its stages (``LANGUAGE_STAGES``, ``VISION_STAGES``) run in this process, each saved under ``--work``:
   1. ``training.symbolic``: the language model answers from symbolic scenes, one token per object at the position of
      the visual token covering its centre, its vector the sum of its words' embeddings; the last language stage
@@ -16,10 +17,10 @@ to feed it. Its stages (``LANGUAGE_STAGES``, ``VISION_STAGES``) run in this proc
 A rerun reuses every stage whose options and input weights are unchanged (the stage's NAME.json under --work), so an
 interrupted run resumes where it stopped. training/SYMBOLIC_NOTES.md has the runs behind each stage.
 
---recipe captions (shapes-qwen2vl's): CLIP-style pretraining of the tower (a contrastive loss against scene captions,
+--recipe captions (the earlier one): CLIP-style pretraining of the tower (a contrastive loss against scene captions,
 plus dense per-token colour / shape / glyph targets), then the whole VLM on multi-turn conversations with a
 background-token curriculum and a loss aligning object tokens with their words' embeddings (``finetune``). It left
-shapes-qwen2vl at 40% on the test split (its model card), which is why the symbolic recipe exists.
+shapes-llava at 45% and shapes-qwen2vl at 40% of the test split, which is why the symbolic recipe exists.
 
 Either way the VLM is saved with its tokenizer and processor, next to training.json (the record: arguments, stages,
 times, validation / test / text-only accuracy) and README.md (the model card written from it).
@@ -436,7 +437,7 @@ def arguments() -> argparse.ArgumentParser:
         choices=RECIPES,
         default="symbolic",
         help="symbolic: the language model first, on symbolic scenes, then a tower that feeds it; captions "
-        "(shapes-qwen2vl's): CLIP-style pretraining, then the whole VLM. See the module docstring",
+        "(the earlier one): CLIP-style pretraining, then the whole VLM. See the module docstring",
     )
     parser.add_argument("--scenes", type=int, default=16000, help="training scenes for the pixel stages")
     parser.add_argument("--eval-scenes", type=int, default=500, help="validation and test scenes for the report")
@@ -639,7 +640,7 @@ def _timing(record: dict) -> dict:
 
 
 def captions_recipe(args, tokenizer, conv: Conversations, log) -> nn.Module:
-    """The earlier recipe (shapes-qwen2vl's): CLIP-style pretraining with dense targets, then the whole VLM."""
+    """The earlier recipe: CLIP-style pretraining with dense targets, then the whole VLM."""
     model = build.model(args.family, len(tokenizer), seed=args.seed)
     if args.init:  # continue from a checkpoint of the same family (e.g. the shipped one), usually --pretrain-steps 0
         model.load_state_dict(type(model).from_pretrained(args.init).state_dict())

@@ -170,7 +170,7 @@ def test_model_card_command_of_the_symbolic_recipe_names_only_its_options():
 
 
 def test_a_record_without_a_recipe_was_trained_by_the_captions_recipe():
-    """Records from before --recipe existed (shapes-qwen2vl's) reproduce with --recipe captions."""
+    """Records from before --recipe existed (the first shapes-qwen2vl's) reproduce with --recipe captions."""
     args = vars(train.arguments().parse_args(["--family", "qwen2vl", "--output", "out", "--steps", "1200"]))
     del args["recipe"], args["work"]
     command = train.command({"family": "qwen2vl", "arguments": args, "threads": 2})
