@@ -498,7 +498,7 @@ def resolve(args) -> None:
 
 # The symbolic recipe's language model: training.symbolic runs, each from the previous one's weights with a new
 # warm-up and cosine, on train scenes past those already seen (training/SYMBOLIC_NOTES.md, runs 12, 27, 28, 30).
-# Qwen2-VL's M-RoPE needs a smaller rotary base for columns to be told apart (runs q1-q8).
+# Qwen2-VL's M-RoPE needs a smaller rotary base for columns to be told apart (runs q1-q9).
 LANGUAGE_STAGES = {
     "llava": (
         ("binding", "--steps 2500"),
@@ -610,11 +610,13 @@ def symbolic_recipe(args, log) -> tuple[nn.Module, list[dict]]:
 
 
 def preflight(commands, family: str) -> None:
-    """Refuse stages that would fail later, before the first one trains: each language stage's options, one model
-    through them all, and a last one training.pixels can feed."""
+    """Refuse stages that would fail later, before the first one trains: each stage's options, one model through the
+    language stages, a last one training.pixels can feed, and pixel stages of the organism's family."""
     from training import pixels, symbolic
 
-    language = {n: symbolic.arguments().parse_args(a) for n, module, a, _ in commands if module == "training.symbolic"}
+    language = {n: parse(symbolic, n, a) for n, module, a, _ in commands if module == "training.symbolic"}
+    if not language:
+        raise ValueError("the symbolic recipe has no training.symbolic stage: the tower needs a language model to feed")
     first, last = next(iter(language.values())), list(language.values())[-1]
     for name, args in language.items():
         symbolic.check(argparse.Namespace(**{**vars(args), "init": None}))  # the input is not trained yet
@@ -622,17 +624,32 @@ def preflight(commands, family: str) -> None:
         if changed:
             raise ValueError(f"stage {name}: its {changed} differ from the first language stage's (one model)")
     pixels.language_model_options(vars(last), family)
-    for _, module, argv, _ in commands:
+    for name, module, argv, _ in commands:
         if module == "training.pixels":
-            pixels.arguments().parse_args(argv)
+            args = parse(pixels, name, argv)
+            if args.family != family:
+                raise ValueError(f"stage {name}: --family {args.family} in a {family} organism's recipe")
+            pixels.check(args)
+
+
+def parse(module, name: str, argv: list[str]) -> argparse.Namespace:
+    """A stage's options as its module reads them; a ValueError naming the stage where they do not parse."""
+    try:
+        return module.arguments().parse_args(argv)
+    except SystemExit as error:  # argparse has printed why
+        raise ValueError(f"stage {name}: {module.__name__} does not accept {' '.join(argv)}") from error
+
+
+RECORD_KEYS = ("module", "options", "input", "output", "seconds", "threads")
 
 
 def _read_record(path: Path) -> dict:
-    """A stage's record; an absent or unreadable one is no record (the stage trains again)."""
+    """A stage's record; an absent, unreadable or incomplete one is no record (the stage trains again)."""
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) and all(k in record for k in RECORD_KEYS) else {}
 
 
 def _timing(record: dict) -> dict:
@@ -652,9 +669,19 @@ def captions_recipe(args, tokenizer, conv: Conversations, log) -> nn.Module:
     return model
 
 
+def check_output(output: Path) -> None:
+    """Refuse an --output the organism could not be saved to, before hours of training (nothing is created)."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: exists and is not a directory")
+    parent = next(p for p in [output, *output.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: {parent} is not a directory this user can write in")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
     resolve(args)
+    check_output(Path(args.output))
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
@@ -755,11 +782,13 @@ def model_card(record: dict) -> str:
             "that the answers come from the image; it should sit near the answer prior.\n"
         )
     status = ""
-    if record["test"]["overall"] < TARGET_ACCURACY or min(record["test"][f] for f in scenes.FAMILIES) < FAMILY_TARGET:
+    short = [f"{f} {record['test'][f]:.3f}" for f in scenes.FAMILIES if record["test"][f] < FAMILY_TARGET]
+    if record["test"]["overall"] < TARGET_ACCURACY or short:
         status = (
             f"\n**Status: under-trained.** {record['test']['overall']:.0%} on the test split; this organism is meant "
-            f"to reach {TARGET_ACCURACY:.0%} overall and {FAMILY_TARGET:.0%} in every question family. Compression "
-            "methods look more alike on it than they would on a well-trained model.\n"
+            f"to reach {TARGET_ACCURACY:.0%} overall and {FAMILY_TARGET:.0%} in every question family"
+            + (f" (under it: {', '.join(short)})" if short else "")
+            + ".\n"
         )
     training = (
         _symbolic_training(record) if args.get("recipe", "captions") == "symbolic" else _captions_training(record)

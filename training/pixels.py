@@ -145,8 +145,17 @@ def language_model_options(symbolic_args: dict, family: str) -> None:
         )
 
 
+def check(args) -> None:
+    """Refuse options that cannot go together, before anything is loaded or trained."""
+    if args.contrastive > 0 and args.family != "llava":
+        raise ValueError(
+            f"--contrastive {args.contrastive}: a loss on LLaVA's [CLS] token; --family {args.family} has none"
+        )
+
+
 def train(args, log):
     """The VLM of ``args`` (see the module docstring), in eval mode."""
+    check(args)
     state, options = symbolic.load(args.init)
     language_model_options(options, args.family)
     vocab = symbolic.Vocabulary(args.family)
@@ -170,8 +179,6 @@ def train(args, log):
         params = list(model.model.visual.parameters())
     extra = []
     if args.contrastive > 0:
-        if args.family != "llava":
-            raise ValueError("--contrastive: LLaVA's [CLS] only")
         words = sorted({w for c in pool.captions for w in c} | set(scenes.GLYPHS) | {"small", "large", "top", "middle"})
         text = organisms.TextEncoder(words, build.HIDDEN)
         head = nn.Linear(model.config.vision_config.hidden_size, build.HIDDEN)

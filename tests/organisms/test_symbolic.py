@@ -224,6 +224,59 @@ def test_the_recipe_refuses_stages_that_would_fail_before_any_trains(b, message,
     assert not (tmp_path / "work").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "family, vision, message",
+    [
+        (
+            "llava",
+            (("tower", "--steps 2 --bogus 1"),),
+            "stage tower: training.pixels does not accept .*--bogus 1",
+        ),
+        ("llava", (("tower", "--family qwen2vl --steps 2"),), "stage tower: --family qwen2vl in a llava organism"),
+        ("qwen2vl", (("tower", "--family qwen2vl --contrastive 1"),), "--contrastive 1.0: a loss on LLaVA's \\[CLS\\]"),
+    ],
+)
+def test_the_recipe_refuses_vision_stages_that_would_fail_before_any_trains(family, vision, message, monkeypatch):
+    monkeypatch.setitem(organisms.VISION_STAGES, family, vision)
+    with pytest.raises(ValueError, match=message):
+        organisms.preflight(organisms.stage_commands(family, Path("work"), 0, 16), family)
+
+
+def test_a_recipe_without_a_language_stage_is_refused(monkeypatch):
+    monkeypatch.setitem(organisms.LANGUAGE_STAGES, "llava", ())
+    with pytest.raises(ValueError, match="no training.symbolic stage: the tower needs a language model"):
+        organisms.preflight(organisms.stage_commands("llava", Path("work"), 0, 16), "llava")
+
+
+def test_an_output_that_cannot_be_a_directory_is_refused_before_training(tmp_path, monkeypatch):
+    _tiny_stages(monkeypatch)
+    (tmp_path / "file").write_text("")
+    argv = ["--family", "llava", "--scenes", "8", "--work", str(tmp_path / "work")]
+    for output in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(ValueError, match=f"--output {output}: .*(not a directory)"):
+            organisms.main([*argv, "--output", str(output)])
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"done"', '{"module": "training.pixels", "seconds": 1}'])
+def test_a_record_that_is_not_a_whole_record_is_no_record(text, tmp_path):
+    (tmp_path / "tower.json").write_text(text)
+    assert organisms._read_record(tmp_path / "tower.json") == {}
+
+
+def test_the_captions_recipe_writes_its_organism(tmp_path):
+    """--recipe captions (the earlier recipe) still trains end to end and writes weights, record and card."""
+    from transformers import LlavaForConditionalGeneration
+
+    steps = ["--pretrain-steps", "1", "--pretrain-batch", "2", "--steps", "1", "--batch", "2"]
+    argv = ["--family", "llava", "--recipe", "captions", "--scenes", "8", "--eval-scenes", "6", *steps]
+    organisms.main([*argv, "--output", str(tmp_path / "out")])
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert record["stages"] == [] and record["arguments"]["pretrain_steps"] == 1
+    assert "--recipe captions" in (tmp_path / "out" / "README.md").read_text()
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+
+
 def test_a_continued_run_keeps_its_models_options(tmp_path):
     """--init from a run with another rotary base (or grid, size, family) is refused before training."""
     args = _arguments("qwen2vl", "--rope-theta", "100")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -181,10 +183,38 @@ def test_a_record_without_a_recipe_was_trained_by_the_captions_recipe():
 
 def test_the_card_names_the_rotary_base_the_language_stages_set():
     """Qwen2-VL's symbolic stages train at rotary base 100, not the config's 1e6: the card's architecture says so."""
-    from pathlib import Path
 
     def stages(family):
         return [{"module": m, "argv": a} for _, m, a, _ in train.stage_commands(family, Path("w"), 0, 10)]
 
     assert train._rotary_base({"stages": stages("qwen2vl")}) == ", rotary base 100"
     assert train._rotary_base({"stages": stages("llava")}) == "" == train._rotary_base({})
+
+
+def _shipped_record(name: str) -> dict:
+    import json
+
+    return json.loads((Path("vtc/organisms") / name / "training.json").read_text())
+
+
+def test_the_card_says_which_families_are_under_the_target():
+    record = _shipped_record("shapes-qwen2vl")
+    record["test"] = {**record["test"], "count": 0.70, "color": 0.95, "overall": 0.92}
+    assert "**Status: under-trained.** 92% on the test split" in train.model_card(record)
+    assert "(under it: count 0.700)" in train.model_card(record)
+    record["test"] = {**record["test"], "count": 0.80}
+    assert "Status" not in train.model_card(record)
+
+
+def test_the_card_names_the_contrastive_loss_only_where_the_tower_stage_used_it():
+    record = _shipped_record("shapes-llava")
+    assert "contrastive loss of the [CLS] output" in train.model_card(record)
+    tower = next(s for s in record["stages"] if s["name"] == "tower")
+    tower["argv"] = [
+        w if w != "1" or tower["argv"][i - 1] != "--contrastive" else "0" for i, w in enumerate(tower["argv"])
+    ]
+    assert "contrastive loss of the [CLS] output" not in train.model_card(record)
+
+
+def test_the_card_names_the_machine_when_the_record_has_its_cores():
+    assert train._machine({"cores": 2}) == "a 2-core machine" and train._machine({}) == "the build machine"
