@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -192,8 +193,6 @@ def test_the_card_names_the_rotary_base_the_language_stages_set():
 
 
 def _shipped_record(name: str) -> dict:
-    import json
-
     return json.loads((Path("vtc/organisms") / name / "training.json").read_text())
 
 
