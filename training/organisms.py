@@ -13,7 +13,7 @@ to feed it. Its stages (``LANGUAGE_STAGES``, ``VISION_STAGES``) run in this proc
      the visual token covering its centre, its vector the sum of its words' embeddings; the last language stage
      brings every visual token back (a background token is its position vector alone);
   2. ``training.pixels``: a fresh tower and projector regress, per visual token, the vector the language model was
-     trained on; then the whole VLM trains on multi-turn conversations, in two rounds.
+     trained on; then the whole VLM trains on multi-turn conversations, in rounds (LLaVA two, Qwen2-VL six).
 A rerun reuses every stage whose options and input weights are unchanged (the stage's NAME.json under --work), so an
 interrupted run resumes where it stopped. training/SYMBOLIC_NOTES.md has the runs behind each stage.
 
@@ -525,11 +525,17 @@ VISION_STAGES = {
         ("vlm", "--vlm-steps 600 --eval-every 150"),
         ("vlm-2", "--vlm-steps 600 --eval-every 150 --round 1 --count-weight 3"),
     ),
-    # Half LLaVA's batches: the Qwen2-VL tower attends over 1024 patches per scene, 3.5x LLaVA's time per scene.
+    # Half LLaVA's batches (the Qwen2-VL tower attends over 1024 patches per scene, 3.5x LLaVA's time per scene), twice
+    # its tower steps so the tower sees as many scenes; count lagged, so more VLM rounds, the later ones with the
+    # tokens around each centre held to background (--ring) and count answers weighted up (SYMBOLIC_NOTES finding 11).
     "qwen2vl": (
-        ("tower", "--steps 1500 --batch 16 --eval-every 500"),
+        ("tower", "--steps 3000 --batch 16 --eval-every 500"),
         ("vlm", "--vlm-steps 600 --vlm-batch 16 --eval-every 150"),
         ("vlm-2", "--vlm-steps 600 --vlm-batch 16 --eval-every 150 --round 1 --count-weight 3"),
+        ("vlm-3", "--vlm-steps 600 --vlm-batch 16 --eval-every 150 --round 2 --count-weight 3 --ring 4"),
+        ("vlm-4", "--vlm-steps 600 --vlm-batch 16 --eval-every 150 --round 3 --count-weight 8 --ring 4"),
+        ("vlm-5", "--vlm-steps 800 --vlm-batch 16 --eval-every 200 --round 4 --count-weight 8 --ring 4"),
+        ("vlm-6", "--vlm-steps 800 --vlm-batch 16 --eval-every 200 --round 5 --count-weight 8 --ring 4"),
     ),
 }
 VISION_COMMON = {"llava": "--contrastive 1 --eval-scenes 100", "qwen2vl": "--family qwen2vl --eval-scenes 100"}
@@ -874,8 +880,14 @@ def _symbolic_training(record: dict) -> str:
         background = "a background token is a zero vector at its M-RoPE position"
     from training import pixels
 
-    tower = next(s for s in record["stages"] if s["module"] == "training.pixels")
-    contrastive = contrastive if pixels.arguments().parse_args(tower["argv"]).contrastive > 0 else ""
+    vision = [pixels.arguments().parse_args(s["argv"]) for s in record["stages"] if s["module"] == "training.pixels"]
+    contrastive = contrastive if vision[0].contrastive > 0 else ""  # the tower stage's
+    ring = ""
+    if any(options.ring > 0 for options in vision):
+        ring = (
+            "; `--ring` weights up the regression error of the eight tokens around each centre token (background "
+            "targets), so that the tower does not hand the language model an object several times"
+        )
     return f"""{minutes:.0f} min in all on {_machine(record)}, the sum of the stages below; each stage saves its weights
 under `--work`, and a rerun reuses a stage whose options and input weights are unchanged, so an interrupted run
 resumes. Training scenes: fresh `train` scenes for the language model (a pure function of their index), scenes
@@ -893,7 +905,7 @@ resumes. Training scenes: fresh `train` scenes for the language model (a pure fu
    language model's symbolic vector (relative squared error, the object and sign centre tokens weighted
    up){contrastive}; the language model is frozen.
 3. **Whole VLM** (`--vlm-steps`): the real model on multi-turn conversations (answer loss, the tower at 0.3x the
-   learning rate), the regression kept as an auxiliary loss; `--count-weight` weights count answers up.
+   learning rate), the regression kept as an auxiliary loss; `--count-weight` weights count answers up{ring}.
 
 | stage | options | time |
 |---|---|---|

@@ -8,9 +8,10 @@ being its position vector alone - LLaVA: its cell's row + column embedding; Qwen
 says where it is - and an object's or the sign's centre token its words' embeddings on top) is copied into a fresh
 organism (``LlavaForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``, ``--family``). The vision tower
 and the projector (Qwen2-VL: its merger) then learn, per visual token, to regress that token's symbolic vector
-(relative squared error, the object / sign centre tokens weighted up), for LLaVA optionally with the CLIP-style
-caption loss of ``training.organisms`` next to it (``--contrastive``). ``--vlm-steps`` then trains the whole VLM on
-conversations. Evaluation is the real VLM on all 256 tokens (``organisms.first_turn_accuracy``).
+(relative squared error, the object / sign centre tokens weighted up, and with ``--ring`` the tokens around them,
+whose target is background), for LLaVA optionally with the CLIP-style caption loss of ``training.organisms`` next to
+it (``--contrastive``). ``--vlm-steps`` then trains the whole VLM on conversations. Evaluation is the real VLM on
+all 256 tokens (``organisms.first_turn_accuracy``).
 """
 
 from __future__ import annotations
@@ -77,10 +78,24 @@ def features(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return merged.view(len(images), symbolic.IMAGE_TOKENS, -1), None
 
 
-def regression(output: torch.Tensor, target: torch.Tensor, centres: torch.Tensor, weight: float) -> dict:
+def ring(centres: torch.Tensor) -> torch.Tensor:
+    """[b, 256] bool: the tokens next to a centre token (its 3 x 3 neighbourhood), centres themselves excluded."""
+    grid = centres.view(-1, 1, symbolic.SIDE, symbolic.SIDE).float()
+    near = F.max_pool2d(grid, 3, stride=1, padding=1).view(centres.shape) > 0
+    return near & ~centres
+
+
+def regression(
+    output: torch.Tensor, target: torch.Tensor, centres: torch.Tensor, weight: float, ring_weight: float = 0.0
+) -> dict:
+    """Relative squared error per token; the loss adds ``weight`` x the centre tokens' mean error and ``ring_weight``
+    x the mean error of the tokens around them (whose target is background: a tower that smears an object over its
+    neighbours hands the language model one object several times)."""
     scale = target.pow(2).mean()
     error = (output - target).pow(2).mean(-1) / scale  # [b, 256]
-    return {"all": error.mean(), "centre": error[centres].mean(), "loss": error.mean() + weight * error[centres].mean()}
+    out = {"all": error.mean(), "centre": error[centres].mean(), "ring": error[ring(centres)].mean()}
+    out["loss"] = out["all"] + weight * out["centre"] + (ring_weight * out["ring"] if ring_weight else 0)
+    return out
 
 
 @torch.no_grad()
@@ -90,7 +105,10 @@ def test_error(model, targets: Targets, count: int) -> dict:
     target, centres = targets("test", range(count))
     out = regression(features(model, images)[0], target, centres, 1.0)
     model.train()
-    return {"test_all": round(out["all"].item(), 4), "test_centre": round(out["centre"].item(), 4)}
+    return {
+        key: round(out[name].item(), 4)
+        for key, name in (("test_all", "all"), ("test_centre", "centre"), ("test_ring", "ring"))
+    }
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -102,6 +120,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--centre", type=float, default=4.0, help="extra weight of the centre cells' error")
+    parser.add_argument("--ring", type=float, default=0.0, help="extra weight of the error of the cells around them")
     parser.add_argument("--contrastive", type=float, default=0.0, help="weight of the CLIP-style caption loss")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-scenes", type=int, default=300)
@@ -192,7 +211,7 @@ def train(args, log):
         rows = rng.sample(range(len(pool)), args.batch)
         output, cls = features(model, pool.images[rows])
         target, centres = targets("train", rows)
-        losses = regression(output, target, centres, args.centre)
+        losses = regression(output, target, centres, args.centre, args.ring)
         loss = losses["loss"]
         if extra:
             image = F.normalize(head(cls), dim=-1)
@@ -257,11 +276,12 @@ def tune(model, args, pool, conv, targets: Targets, log) -> None:
         captured.clear()
         answers = weighted_answer_loss(model(**inputs).logits, inputs, conv, args.count_weight)
         target, centres = targets("train", rows)
-        losses = regression(captured[-1].reshape(target.shape), target, centres, args.centre)
+        losses = regression(captured[-1].reshape(target.shape), target, centres, args.centre, args.ring)
         loss = answers + args.vlm_regression * losses["loss"]
         build.optimizer_step(loss, optimizer, schedule, model.parameters())
         if step % 25 == 0:
-            entry = {"answers": round(answers.item(), 4), "centre": round(losses["centre"].item(), 4)}
+            entry = {key: round(losses[key].item(), 4) for key in ("centre", "ring")}
+            entry = {"answers": round(answers.item(), 4), **entry}
             log({"stage": "vlm", "step": step, **entry})
         if (step + 1) % args.eval_every == 0 or step == args.vlm_steps - 1:
             entry = test_error(model, targets, 64)

@@ -122,6 +122,31 @@ def test_tower_targets_are_the_cell_vectors_plus_the_words_at_each_centre():
     assert torch.equal(targets[0][~centres[0]], torch.zeros(int((~centres[0]).sum()), width))
 
 
+def test_ring_is_the_eight_neighbours_of_each_centre_and_its_error_is_weighted():
+    centres = torch.zeros(2, 256, dtype=torch.bool)
+    centres[0, 0] = True  # a corner: three neighbours
+    centres[0, 5 * 16 + 5] = centres[0, 5 * 16 + 6] = True  # two adjacent centres: neither is the other's ring
+    centres[1, 8 * 16 + 8] = True
+    ring = pixels.ring(centres)
+    expected = torch.zeros(2, 16, 16, dtype=torch.bool)
+    expected[0, 0:2, 0:2] = True
+    expected[0, 4:7, 4:8] = True
+    expected[1, 7:10, 7:10] = True
+    assert torch.equal(ring, expected.view(2, 256) & ~centres)
+    target = torch.zeros(2, 256, 4)
+    target[centres] = 1.0
+    output = target.clone()
+    output[ring] = 0.5  # a tower smearing each object over its neighbours
+    scale = target.pow(2).mean()
+    ring_error = 0.25 / scale  # each ring token's relative squared error
+    losses = pixels.regression(output, target, centres, 4.0, 2.0)
+    torch.testing.assert_close(losses["centre"], torch.tensor(0.0))
+    torch.testing.assert_close(losses["ring"], ring_error)
+    torch.testing.assert_close(losses["all"], ring_error * ring.sum() / 512)
+    torch.testing.assert_close(losses["loss"], losses["all"] + 2.0 * ring_error)
+    torch.testing.assert_close(pixels.regression(output, target, centres, 4.0)["loss"], losses["all"])
+
+
 def _tiny_stages(monkeypatch, b: str = "--steps 1 --span all") -> None:
     tiny = "--batch 4 --eval-scenes 6 --eval-every 2"
     stages = (("a", f"--steps 2 {tiny}"), ("b", f"{b} --aux-order 1 {tiny}"))

@@ -215,5 +215,13 @@ def test_the_card_names_the_contrastive_loss_only_where_the_tower_stage_used_it(
     assert "contrastive loss of the [CLS] output" not in train.model_card(record)
 
 
+def test_the_card_names_the_ring_weight_only_where_a_vision_stage_used_it():
+    record = _shipped_record("shapes-llava")
+    assert "`--ring`" not in train.model_card(record)
+    vlm = next(s for s in record["stages"] if s["name"] == "vlm-2")
+    vlm["argv"] = [*vlm["argv"], "--ring", "4"]
+    assert "`--ring` weights up the regression error of the eight tokens" in train.model_card(record)
+
+
 def test_the_card_names_the_machine_when_the_record_has_its_cores():
     assert train._machine({"cores": 2}) == "a 2-core machine" and train._machine({}) == "the build machine"
