@@ -885,8 +885,9 @@ def _symbolic_training(record: dict) -> str:
     ring = ""
     if any(options.ring > 0 for options in vision):
         ring = (
-            "; `--ring` weights up the regression error of the eight tokens around each centre token (background "
-            "targets), so that the tower does not hand the language model an object several times"
+            ".\n   Stages with `--ring` weight up the regression error of the tokens around each centre token (up to "
+            "eight,\n   their targets background), so that the tower does not hand the language model an object "
+            "several times"
         )
     return f"""{minutes:.0f} min in all on {_machine(record)}, the sum of the stages below; each stage saves its weights
 under `--work`, and a rerun reuses a stage whose options and input weights are unchanged, so an interrupted run

@@ -145,6 +145,30 @@ def test_ring_is_the_eight_neighbours_of_each_centre_and_its_error_is_weighted()
     torch.testing.assert_close(losses["all"], ring_error * ring.sum() / 512)
     torch.testing.assert_close(losses["loss"], losses["all"] + 2.0 * ring_error)
     torch.testing.assert_close(pixels.regression(output, target, centres, 4.0)["loss"], losses["all"])
+    # without --ring the loss is bit for bit the one the stages before --ring trained on
+    output, target = torch.randn(2, 256, 4), torch.randn(2, 256, 4)
+    error = (output - target).pow(2).mean(-1) / target.pow(2).mean()
+    assert torch.equal(
+        pixels.regression(output, target, centres, 4.0)["loss"], error.mean() + 4.0 * error[centres].mean()
+    )
+
+
+def test_ring_reaches_the_regression_of_the_tower_and_the_vlm_stages(tmp_path, monkeypatch):
+    args = _arguments("llava", "--span", "all")
+    symbolic.save(symbolic.symbolic_model(args, symbolic.Vocabulary("llava")), args, tmp_path / "lm.pt")
+    weights = []
+    regression = pixels.regression
+
+    def recording(output, target, centres, weight, ring_weight=0.0):
+        weights.append((weight, ring_weight))
+        return regression(output, target, centres, weight, ring_weight)
+
+    monkeypatch.setattr(pixels, "regression", recording)
+    argv = ["--init", str(tmp_path / "lm.pt"), "--steps", "1", "--batch", "2", "--vlm-steps", "1", "--vlm-batch", "2"]
+    argv += ["--scenes", "4", "--eval-every", "100", "--eval-scenes", "1", "--centre", "3", "--ring", "2.5"]
+    pixels.train(pixels.arguments().parse_args(argv), lambda entry: None)
+    # the tower step, the VLM step, and test_error after each (which reports, unweighted)
+    assert sorted(weights) == [(1.0, 0.0), (1.0, 0.0), (3.0, 2.5), (3.0, 2.5)]
 
 
 def _tiny_stages(monkeypatch, b: str = "--steps 1 --span all") -> None:

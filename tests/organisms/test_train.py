@@ -220,7 +220,9 @@ def test_the_card_names_the_ring_weight_only_where_a_vision_stage_used_it():
     assert "`--ring`" not in train.model_card(record)
     vlm = next(s for s in record["stages"] if s["name"] == "vlm-2")
     vlm["argv"] = [*vlm["argv"], "--ring", "4"]
-    assert "`--ring` weights up the regression error of the eight tokens" in train.model_card(record)
+    assert "Stages with `--ring` weight up the regression error of the tokens around each centre" in train.model_card(
+        record
+    )
 
 
 def test_the_card_names_the_machine_when_the_record_has_its_cores():
