@@ -170,6 +170,8 @@ def check(args) -> None:
         raise ValueError(
             f"--contrastive {args.contrastive}: a loss on LLaVA's [CLS] token; --family {args.family} has none"
         )
+    if not args.ring >= 0:  # NaN too
+        raise ValueError(f"--ring {args.ring}: a weight of an error, 0 (off) or more")
 
 
 def train(args, log):
@@ -280,8 +282,8 @@ def tune(model, args, pool, conv, targets: Targets, log) -> None:
         loss = answers + args.vlm_regression * losses["loss"]
         build.optimizer_step(loss, optimizer, schedule, model.parameters())
         if step % 25 == 0:
-            entry = {key: round(losses[key].item(), 4) for key in ("centre", "ring")}
-            entry = {"answers": round(answers.item(), 4), **entry}
+            entry = {"answers": answers, "centre": losses["centre"], "ring": losses["ring"]}
+            entry = {key: round(value.item(), 4) for key, value in entry.items()}
             log({"stage": "vlm", "step": step, **entry})
         if (step + 1) % args.eval_every == 0 or step == args.vlm_steps - 1:
             entry = test_error(model, targets, 64)

@@ -283,6 +283,8 @@ def test_the_recipe_refuses_stages_that_would_fail_before_any_trains(b, message,
         ),
         ("llava", (("tower", "--family qwen2vl --steps 2"),), "stage tower: --family qwen2vl in a llava organism"),
         ("qwen2vl", (("tower", "--family qwen2vl --contrastive 1"),), "--contrastive 1.0: a loss on LLaVA's \\[CLS\\]"),
+        ("llava", (("tower", "--steps 2 --ring -1"),), "--ring -1.0: a weight of an error, 0 \\(off\\) or more"),
+        ("llava", (("tower", "--steps 2 --ring nan"),), "--ring nan: a weight of an error"),
     ],
 )
 def test_the_recipe_refuses_vision_stages_that_would_fail_before_any_trains(family, vision, message, monkeypatch):
