@@ -170,8 +170,8 @@ def check(args) -> None:
         raise ValueError(
             f"--contrastive {args.contrastive}: a loss on LLaVA's [CLS] token; --family {args.family} has none"
         )
-    if not args.ring >= 0:  # NaN too
-        raise ValueError(f"--ring {args.ring}: a weight of an error, 0 (off) or more")
+    if not (math.isfinite(args.ring) and args.ring >= 0):
+        raise ValueError(f"--ring {args.ring}: a weight of an error, 0 (off) or more, finite")
 
 
 def train(args, log):

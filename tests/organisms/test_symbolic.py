@@ -285,6 +285,11 @@ def test_the_recipe_refuses_stages_that_would_fail_before_any_trains(b, message,
         ("qwen2vl", (("tower", "--family qwen2vl --contrastive 1"),), "--contrastive 1.0: a loss on LLaVA's \\[CLS\\]"),
         ("llava", (("tower", "--steps 2 --ring -1"),), "--ring -1.0: a weight of an error, 0 \\(off\\) or more"),
         ("llava", (("tower", "--steps 2 --ring nan"),), "--ring nan: a weight of an error"),
+        (
+            "llava",
+            (("tower", "--steps 2 --ring inf"),),
+            "--ring inf: a weight of an error, 0 \\(off\\) or more, finite",
+        ),
     ],
 )
 def test_the_recipe_refuses_vision_stages_that_would_fail_before_any_trains(family, vision, message, monkeypatch):
